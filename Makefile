@@ -1,0 +1,41 @@
+# `make test` and `make demo` each set up everything they need on a fresh Debian/Ubuntu machine:
+# apt packages (QEMU), a virtual environment in .venv/ with VIMS installed (editable), the guest image
+# (built on first use, cached under ~/.cache/vims).
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SYSTEM := $(VENV)/.system-packages
+
+.PHONY: test demo lint typecheck pytest setup bench clean
+
+setup: $(STAMP) $(SYSTEM)
+
+$(SYSTEM): scripts/system-packages.sh
+	bash scripts/system-packages.sh
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	bash scripts/typecheck.sh
+
+pytest: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: setup
+	$(BIN)/vims demo
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

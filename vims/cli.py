@@ -1,0 +1,75 @@
+"""The ``vims`` command.
+
+Each part of the package contributes its commands through a ``register(app)`` function in its own
+``cli.py`` (``vims.datasets.cli``, ``vims.training.cli``, ...). A part registers a group only once it
+does something, so ``vims --help`` lists what works. Part CLIs import heavy libraries (scikit-learn,
+pandas) inside the command functions, so that ``vims --help`` and the quick commands start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from vims import __version__
+from vims.console import err
+from vims.errors import VimsError
+
+app = typer.Typer(
+    name="vims",
+    help="VIMS attests a running virtual machine by its behaviour: it watches a guest from outside, "
+    "scores what it does against trained models and reports to a remote server that gates connections.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+#: The parts that contribute commands, in the order their groups appear in ``--help``.
+PARTS = ("vims.datasets", "vims.training", "vims.collector", "vims.remote", "vims.avm", "vims.demo")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vims {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """VIMS: behaviour-based attestation of virtual machines."""
+
+
+def _register_parts() -> None:
+    for part in PARTS:
+        try:
+            module = importlib.import_module(f"{part}.cli")
+        except ModuleNotFoundError as exc:
+            if exc.name in (part, f"{part}.cli"):
+                continue  # that part has no commands yet
+            raise
+        module.register(app)
+
+
+_register_parts()
+
+
+def main() -> None:
+    """Entry point: user errors become one line and exit status 2, never a traceback."""
+    try:
+        app()
+    except VimsError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
