@@ -7,5 +7,5 @@ view="$root/.venv/typecheck"
 rm -rf "$view"
 mkdir -p "$view/vims"
 for f in "$root"/vims/*; do ln -s "$f" "$view/vims/"; done
-for part in collector models training remote datasets; do ln -s "$root/$part" "$view/vims/$part"; done
+for part in collector models training remote datasets avm; do ln -s "$root/$part" "$view/vims/$part"; done
 cd "$view" && "$root/.venv/bin/mypy" --config-file "$root/pyproject.toml" -p vims

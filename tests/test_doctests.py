@@ -10,7 +10,7 @@ import pytest
 
 import vims
 
-PARTS = ["vims", "vims.collector", "vims.models", "vims.training", "vims.remote", "vims.datasets"]
+PARTS = ["vims", "vims.collector", "vims.models", "vims.training", "vims.remote", "vims.datasets", "vims.avm"]
 
 
 def _modules() -> list[str]:

@@ -8,12 +8,12 @@ pandas) inside the command functions, so that ``vims --help`` and the quick comm
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
 
 from vims import __version__
+from vims.commands import register_commands
 from vims.console import err
 from vims.errors import VimsError
 
@@ -27,8 +27,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-#: The parts that contribute commands, in the order their groups appear in ``--help``.
-PARTS = ("vims.datasets", "vims.training", "vims.collector", "vims.remote", "vims.avm", "vims.demo")
+#: The modules that contribute commands, in the order their groups appear in ``--help``.
+PARTS = ("vims.datasets.cli", "vims.training.cli", "vims.collector.cli", "vims.avm.cli", "vims.remote.cli",
+         "vims.demo")
 
 
 def _version(value: bool) -> None:
@@ -45,18 +46,7 @@ def _root(
     """VIMS: behaviour-based attestation of virtual machines."""
 
 
-def _register_parts() -> None:
-    for part in PARTS:
-        try:
-            module = importlib.import_module(f"{part}.cli")
-        except ModuleNotFoundError as exc:
-            if exc.name in (part, f"{part}.cli"):
-                continue  # that part has no commands yet
-            raise
-        module.register(app)
-
-
-_register_parts()
+register_commands(app, PARTS)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""vims.avm: the A-VM agent: collector, scorer workers and aggregator joined into integrity reports."""
