@@ -1,0 +1,93 @@
+"""``vims datasets``: import public trace data sets and our own captures, and summarise trace files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vims.console import out, print_json
+
+datasets_app = typer.Typer(help="Import system-call data sets (ADFA-LD, UNM, VIMS captures) into Parquet "
+                                "trace tables, and summarise them.", no_args_is_help=True)
+import_app = typer.Typer(help="Import a data set into a Parquet trace table (one row per process trace).",
+                         no_args_is_help=True)
+datasets_app.add_typer(import_app, name="import")
+
+OUTPUT = typer.Option(..., "-o", "--output", help="The Parquet trace table to write (written atomically).")
+JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
+
+
+def _show(summary: dict[str, Any], title: str, as_json: bool) -> None:
+    if as_json:
+        print_json(summary)
+        return
+    from rich.table import Table
+
+    length = summary["length"]
+    out.print(f"[bold]{title}[/]: {summary['traces']:,} traces, {summary['syscalls']:,} system calls "
+              f"({summary['distinct_syscalls']} distinct), {summary['empty_traces']} empty; length "
+              f"min {length['min']}, median {length['median']:g}, mean {length['mean']:g}, max {length['max']}",
+              highlight=False)
+    for column, counts in summary["by"].items():
+        if list(counts) == ["(none)"]:
+            continue
+        table = Table(title=f"by {column}", title_justify="left", show_edge=False)
+        table.add_column(column)
+        table.add_column("traces", justify="right")
+        for value, n in counts.items():
+            table.add_row(value, f"{n:,}")
+        out.print(table)
+
+
+def _write(table: Any, output: Path, as_json: bool) -> None:
+    from vims.datasets.summary import summarize
+    from vims.schemas import TRACE_SCHEMA
+    from vims.tables import write_table
+
+    write_table(table, output, TRACE_SCHEMA)
+    summary = summarize(table) | {"output": str(output)}
+    _show(summary, str(output), as_json)
+
+
+@import_app.command("adfa-ld")
+def import_adfa_ld(
+    path: Path = typer.Argument(..., help="ADFA-LD in its official layout: the folder, or the .zip holding it."),
+    output: Path = OUTPUT,
+    as_json: bool = JSON,
+) -> None:
+    """ADFA-LD: Training -> split train, Validation -> validation, Attack -> attack (family from the run)."""
+    from vims.datasets.adfa import read_adfa_ld
+
+    _write(read_adfa_ld(path, progress=True), output, as_json)
+
+
+@import_app.command("unm")
+def import_unm(
+    path: Path = typer.Argument(..., help="A UNM program folder holding normal/ and intrusion/."),
+    output: Path = OUTPUT,
+    program: str = typer.Option(None, help="Program name (default: the folder's name)."),
+    as_json: bool = JSON,
+) -> None:
+    """UNM (Forrest et al.): one trace per (file, PID), labelled by folder."""
+    from vims.datasets.unm import read_unm
+
+    _write(read_unm(path, program=program, progress=True), output, as_json)
+
+
+@datasets_app.command("info")
+def info(
+    file: Path = typer.Argument(..., help="A Parquet trace table written by `vims datasets import`."),
+    as_json: bool = JSON,
+) -> None:
+    """Counts by split, label, family and program, and length statistics of a trace file."""
+    from vims.datasets.summary import summarize
+    from vims.schemas import TRACE_SCHEMA
+    from vims.tables import read_table
+
+    _show(summarize(read_table(file, TRACE_SCHEMA)), str(file), as_json)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(datasets_app, name="datasets")
