@@ -76,6 +76,27 @@ def import_unm(
     _write(read_unm(path, program=program, progress=True), output, as_json)
 
 
+@import_app.command("vims")
+def import_vims(
+    events: Path = typer.Argument(..., help="An event table written by `vims collect` (Parquet)."),
+    output: Path = OUTPUT,
+    label: str = typer.Option("normal", help="Label of every trace: normal (a known-clean guest) or attack."),
+    split: str = typer.Option(None, help="Split given to every trace (train, validation, attack)."),
+    family: str = typer.Option(None, help="Attack family given to every trace."),
+    as_json: bool = JSON,
+) -> None:
+    """A VIMS capture: events cut into per-process traces (one per task and program it runs)."""
+    from vims.datasets.capture import traces_from_events
+    from vims.errors import InputError
+    from vims.schemas import EVENT_SCHEMA
+    from vims.tables import read_table
+
+    if label not in ("normal", "attack"):
+        raise InputError(f"--label must be normal or attack, not {label!r}")
+    table = read_table(events, EVENT_SCHEMA)
+    _write(traces_from_events(table, label=label, split=split, family=family, where=str(events)), output, as_json)
+
+
 @datasets_app.command("info")
 def info(
     file: Path = typer.Argument(..., help="A Parquet trace table written by `vims datasets import`."),

@@ -184,3 +184,19 @@ def test_shared_unm_sendmail_has_both_labels(unm_dir: Path, tmp_path: Path) -> N
     # Every line of every file ends up in exactly one per-PID trace.
     lines = sum(1 for f in (unm_dir / "synthetic-sendmail").glob("*/*.int") for ln in f.open() if ln.split())
     assert frame["length"].sum() == lines
+
+
+def test_cli_import_vims_capture(tmp_path: Path) -> None:
+    from vims.datasets.capture import example_events
+    from vims.tables import write_table
+
+    events = write_table(example_events([(5, "sh", 0, None), (6, "cat", 1, None), (5, "sh", 59, "/bin/ls"),
+                                         (5, "ls", 2, "/etc")]), tmp_path / "events.parquet")
+    output = tmp_path / "traces.parquet"
+    result = vims("datasets", "import", "vims", events, "-o", output, "--label", "attack", "--json")
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_parquet(output)
+    assert sorted(map(list, frame["syscalls"])) == [[0], [1], [59, 2]]
+    assert set(frame["label"]) == {"attack"} and set(frame["source"]) == {"vims"}
+    bad = vims("datasets", "import", "vims", output, "-o", tmp_path / "x.parquet")  # a trace file, not events
+    assert bad.returncode == 2 and "not an event table" in bad.stderr
