@@ -34,8 +34,9 @@ test: lint typecheck pytest
 demo: setup
 	$(BIN)/vims demo
 
+# Every benchmark prints its numbers against a baseline measured in the same run.
 bench: setup
-	$(BIN)/python -m benchmarks
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,97 @@
+"""The QEMU backend: guest RAM mapped from the memory-backend file, vCPUs through the GDB stub.
+
+Memory reads never touch the GDB stub (nanoseconds instead of a packet round trip, and they work
+while a tracer holds the stub, which serves one client at a time). The stub is connected only when
+registers or pause/resume are asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vims.collector.backends.base import Backend, BackendError, check_register
+from vims.collector.memory import PhysicalMemory
+
+# QEMU's GDB stub calls the flags register "eflags".
+_GDB_NAMES = {"rflags": "eflags"}
+
+
+class QemuBackend(Backend):
+    """A QEMU guest started with a shared memory-backend file and ``-gdb tcp:HOST:PORT``.
+
+    Parameters
+    ----------
+    memory_path : str or Path
+        The memory-backend file (``mem-path=`` of ``-object memory-backend-file``).
+    profile : KernelProfile, optional
+        The guest kernel's profile.
+    gdb_address : (host, port), optional
+        The GDB stub; without it only memory reads work.
+    gdb : GdbStub, optional
+        An open stub connection to use instead of connecting to ``gdb_address``.
+    """
+
+    name = "qemu"
+
+    def __init__(self, memory_path: str | Path, profile: Any = None,
+                 gdb_address: tuple[str, int] | None = None, gdb: Any = None) -> None:
+        self.memory_path = Path(memory_path)
+        self.memory = PhysicalMemory.open(self.memory_path)
+        self.profile = profile
+        self.gdb_address = gdb_address
+        self._gdb = gdb
+        self._owns_gdb = gdb is None
+        self._pauses = 0
+        self._halted = False
+
+    @classmethod
+    def from_guest(cls, guest: Any) -> QemuBackend:
+        """The backend of a running :class:`vims.collector.guest.Guest`."""
+        return cls(guest.memory_path, guest.profile, tuple(guest.gdb_address))
+
+    @property
+    def gdb(self) -> Any:
+        """The :class:`~vims.collector.gdbstub.GdbStub` connection (opened on first use)."""
+        if self._gdb is None:
+            if self.gdb_address is None:
+                raise BackendError("no GDB stub address: this QEMU backend can only read memory")
+            from vims.collector.gdbstub import GdbStub
+
+            host, port = self.gdb_address
+            self._gdb = GdbStub(host, int(port))
+        return self._gdb
+
+    def get_vcpureg(self, name: str, vcpu: int = 0) -> int:
+        name = check_register(name)
+        gdb = self.gdb
+        running = gdb.running
+        if running:
+            gdb.halt()
+        try:
+            regs = gdb.registers(vcpu)
+        finally:
+            if running:
+                gdb.resume()
+        return int(regs[_GDB_NAMES.get(name, name)])
+
+    def pause(self) -> None:
+        # Nested pauses (a check inside a paused block) resume only at the outermost level.
+        if self._pauses == 0:
+            self._halted = self.gdb.running
+            if self._halted:
+                self.gdb.halt()
+        self._pauses += 1
+
+    def resume(self) -> None:
+        if self._pauses == 0:
+            return
+        self._pauses -= 1
+        if self._pauses == 0 and self._halted:
+            self.gdb.resume()
+
+    def close(self) -> None:
+        if self._gdb is not None and self._owns_gdb:
+            self._gdb.close()
+            self._gdb = None
+        super().close()

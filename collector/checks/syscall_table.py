@@ -1,0 +1,80 @@
+"""``syscall-table``: every ``sys_call_table`` entry points to the handler the kernel's symbols name.
+
+The expected handler of system call ``NAME`` is ``__x64_sys_NAME`` (a few use another name, e.g.
+``uname`` -> ``__x64_sys_newuname``), or ``__x64_sys_ni_syscall`` when the kernel does not have it.
+Addresses are compared, not names, so symbol aliases do not matter. Numbers and names come from
+the x86-64 ABI table shipped beside this module (``syscalls_x86_64.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from vims.collector.checks.base import Check, Context, Row, symbol_name
+from vims.collector.kernel import unpack_u64s
+
+#: Handlers whose symbol is not ``__x64_sys_<name>`` of the ABI name (arch/x86/entry/syscalls/syscall_64.tbl).
+ALIASES = {"umount2": "umount", "uname": "newuname", "stat": "newstat", "lstat": "newlstat",
+           "fstat": "newfstat", "sendfile": "sendfile64"}
+
+#: Numbers the x86-64 table leaves without an entry point (some have handlers for 32-bit code only).
+NOT_IMPLEMENTED = frozenset({
+    "uselib", "create_module", "get_kernel_syms", "query_module", "nfsservctl", "getpmsg", "putpmsg",
+    "afs_syscall", "tuxcall", "security", "set_thread_area", "get_thread_area", "epoll_ctl_old",
+    "epoll_wait_old", "vserver",
+})
+
+
+@cache
+def syscall_names() -> tuple[str | None, ...]:
+    """The x86-64 system call names by number (None for unused numbers).
+
+    >>> names = syscall_names(); names[0], names[59], names[450]
+    ('read', 'execve', 'set_mempolicy_home_node')
+    """
+    text = resources.files("vims.collector.checks").joinpath("syscalls_x86_64.json").read_text()
+    return tuple(json.loads(text)["names"])
+
+
+def expected_handler(profile: Any, name: str | None) -> tuple[str, int]:
+    """The symbol and address of the handler the kernel should have for syscall ``name``."""
+    if name is not None and name not in NOT_IMPLEMENTED:
+        for candidate in (ALIASES.get(name, name), name):
+            symbol = f"__x64_sys_{candidate}"
+            if profile.has_symbol(symbol):
+                return symbol, int(profile.symbol(symbol))
+    return "__x64_sys_ni_syscall", int(profile.symbol("__x64_sys_ni_syscall"))
+
+
+class SyscallTable(Check):
+    """Every sys_call_table entry points to its system call's handler."""
+
+    name = "syscall-table"
+    cost = "light"
+    symbols = ("sys_call_table", "__x64_sys_ni_syscall")
+
+    def run(self, ctx: Context) -> Iterator[Row]:
+        profile, kernel = ctx.profile, ctx.kernel
+        table = profile.symbol("sys_call_table")
+        names = syscall_names()
+        count = len(names)
+        # The table ends where the next symbol begins (a kernel may have fewer calls than the ABI list).
+        # (A linear scan: sorting every symbol for a bisect costs ten times more, once per process.)
+        following = [a for a in profile.symbols().values() if table < a < table + 8 * count]
+        if following:
+            count = min(count, (min(following) - table) // 8)
+        entries = unpack_u64s(kernel.read(table, 8 * count))
+        bad = 0
+        for nr, (name, entry) in enumerate(zip(names, entries, strict=False)):
+            symbol, expected = expected_handler(profile, name)
+            if entry != expected:
+                bad += 1
+                label = f"{name or 'unused'} ({nr})"
+                yield self.row(label, "fail", f"sys_call_table[{nr}] points to {symbol_name(profile, entry)} "
+                               f"({entry:#x}), not {symbol} ({expected:#x})")
+        if not bad:
+            yield self.row("sys_call_table", "pass", f"all {count} entries point to their handlers")
