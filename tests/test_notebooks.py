@@ -1,0 +1,29 @@
+"""Every notebook runs top to bottom on small data (``VIMS_NOTEBOOK_QUICK=1``), in a real kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from vims.paths import REPO_ROOT, datasets_dir
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not datasets_dir().exists():
+        pytest.skip(f"public data sets not found at {datasets_dir()} (set VIMS_DATASETS)")
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code"), "outputs must be stripped"
+    monkeypatch.setenv("VIMS_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("VIMS_DATASETS", str(datasets_dir()))
+    monkeypatch.chdir(tmp_path)
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}})
+    client.execute()  # raises CellExecutionError, naming the cell, when a cell fails
+    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
