@@ -3,7 +3,7 @@
 # QEMU runs the bundled guest; the guest image itself is built from Debian packages fetched with
 # `apt-get download` (see collector/guest), so apt's package lists must be current.
 set -euo pipefail
-packages=(python3-venv qemu-system-x86 qemu-utils zstd xz-utils)
+packages=(python3-venv qemu-system-x86 bpftool xz-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

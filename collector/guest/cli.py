@@ -1,0 +1,132 @@
+"""``vims guest``: build the C-VM image, start and stop a detached guest, ask it things."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from vims.console import err, out, print_json
+
+guest_app = typer.Typer(
+    help="The monitored guest (C-VM): a Debian kernel and a busybox workload under QEMU.",
+    no_args_is_help=True,
+)
+
+NAME = typer.Option("vims-guest", "--name", help="Name of the detached guest.")
+JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _show(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        out.print(f"[bold]{key}[/bold]: {value}")
+
+
+@guest_app.command("build")
+def build(
+    force: bool = typer.Option(False, "--force", help="Rebuild even when the cache is up to date."),
+    as_json: bool = JSON,
+) -> None:
+    """Build the guest image (kernel, initramfs, kernel profile, kernel-text reference), or reuse it.
+
+    The first build downloads the Debian kernel that linux-image-amd64 depends on and busybox-static,
+    boots the guest once to read its kernel symbols, and caches everything under the VIMS cache.
+    """
+    from vims.collector.guest import build_guest
+
+    image = build_guest(force=force, log=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    _show(
+        {
+            "release": image.release,
+            "directory": image.directory,
+            "kernel": image.kernel,
+            "initramfs": image.initramfs,
+            "profile": image.profile,
+            "rootfs": image.rootfs,
+            "kernel_text_ref": image.kernel_text_ref,
+            **{k: image.info.get(k) for k in ("kernel_version", "cpu", "paging_levels", "built", "key")},
+        },
+        as_json,
+    )
+
+
+@guest_app.command("up")
+def up(
+    name: str = NAME,
+    memory: int = typer.Option(256, "--memory", help="Guest RAM in MiB."),
+    gate_port: int = typer.Option(
+        0, "--gate-port", help="Host port the guest's client connects to (0: a free one)."
+    ),
+    gdb_port: int = typer.Option(0, "--gdb-port", help="GDB stub port (0: a free one)."),
+    cpu: str = typer.Option("max", "--cpu", help="QEMU CPU model (the profile's reference is for 'max')."),
+    as_json: bool = JSON,
+) -> None:
+    """Boot the guest in the background (build the image first if needed) and print its endpoints."""
+    from vims.collector.guest import Guest, build_guest
+
+    image = build_guest(log=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    guest = Guest.start(
+        image, name=name, memory_mb=memory, gate_port=gate_port or None, cpu=cpu,
+        gdb_port=gdb_port or None, detach=True,
+    )  # fmt: skip
+    _show(guest.status(), as_json)
+
+
+@guest_app.command("down")
+def down(name: str = NAME, as_json: bool = JSON) -> None:
+    """Stop the detached guest and remove its memory file."""
+    from vims.collector.guest import Guest
+
+    guest = Guest.attach(name)
+    guest.stop()
+    _show({"name": name, "stopped": True, "pid": guest.pid}, as_json)
+
+
+@guest_app.command("status")
+def status(name: str = NAME, as_json: bool = JSON) -> None:
+    """Show the detached guest: QEMU pid, GDB stub, memory file, profile, serial endpoints."""
+    from vims.collector.guest import Guest
+
+    _show(Guest.attach(name).status(), as_json)
+
+
+@guest_app.command("run")
+def run(
+    command: str = typer.Argument(..., help="A shell command to run in the guest."),
+    name: str = NAME,
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds the command may take."),
+    as_json: bool = JSON,
+) -> None:
+    """Run a shell command in the detached guest through its control serial port."""
+    from vims.collector.guest import Guest
+
+    rc, text = Guest.attach(name).execute(command, timeout=timeout)
+    if as_json:
+        print_json({"exit": rc, "output": text})
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if rc:
+        raise typer.Exit(rc)
+
+
+@guest_app.command("scenario")
+def scenario(
+    which: str = typer.Argument(..., help="normal, webshell, adduser, tamper-binary (or reset)."),
+    name: str = NAME,
+    as_json: bool = JSON,
+) -> None:
+    """Play a scenario in the detached guest and print its answer."""
+    from vims.collector.guest import Guest
+
+    guest = Guest.attach(name)
+    answer = guest.reset() if which == "reset" else guest.scenario(which)
+    _show({"scenario": which, "answer": answer}, as_json)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(guest_app, name="guest")

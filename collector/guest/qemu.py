@@ -1,0 +1,544 @@
+"""One running C-VM: QEMU with the guest image, its RAM in a shared file, its ports on loopback.
+
+The machine: TCG (KVM only where a hardware KVM module is loaded), ``nokaslr pti=off``, guest RAM as
+``-object memory-backend-file,share=on`` under ``/dev/shm`` (the A-VM maps it), the GDB stub and every
+serial port on 127.0.0.1, ports chosen free at start.
+
+Serial ports of the guest:
+
+- ``ttyS0``: the console, written to a file (:meth:`Guest.console_tail`);
+- ``ttyS1``: the control channel, a TCP server on the host (:meth:`Guest.run`, :meth:`Guest.scenario`);
+- ``ttyS2``: the gate, where QEMU *connects* (and reconnects every second) to a service on the host
+  (``gate_port``); the guest's client program talks to whatever listens there (REM-S's gate);
+- ``ttyS3``: the kernel's symbols, at the first boot of an image only.
+
+Request protocol of the control channel: see ``rootfs/agent.sh``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from vims.errors import MissingDependencyError, VimsError
+from vims.paths import cache_dir
+
+if TYPE_CHECKING:
+    from vims.collector.guest.image import GuestImage
+    from vims.collector.profile import KernelProfile
+
+__all__ = ["SCENARIOS", "Guest", "GuestBootError", "free_port", "kvm_available", "reap_stale"]
+
+QEMU = "qemu-system-x86_64"
+SCENARIOS = ("normal", "webshell", "adduser", "tamper-binary")
+KERNEL_ARGS = "console=ttyS0,115200 nokaslr pti=off panic=-1 8250.nr_uarts=4 loglevel=5"
+#: With ``nokaslr``, kernel text at virtual ``VA`` lives at physical ``VA - KERNEL_MAP_BASE``.
+KERNEL_MAP_BASE = 0xFFFFFFFF80000000
+
+
+class GuestBootError(VimsError):
+    """The guest did not come up (QEMU exited, or the guest never answered)."""
+
+
+def kvm_available() -> bool:
+    """Whether a hardware KVM module is loaded and ``/dev/kvm`` is usable (else: TCG)."""
+    loaded = any(Path(f"/sys/module/{m}").exists() for m in ("kvm_intel", "kvm_amd"))
+    return loaded and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # A guest started by a test or a script dies with its parent instead of lingering.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return False
+    return b"qemu" in cmdline and status != "Z"
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_bytes()[-256 * 1024 :].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    rows = [r.rstrip("\r") for r in text.replace("\r\n", "\n").split("\n")]
+    while rows and not rows[-1].strip():
+        rows.pop()
+    return "\n".join(rows[-lines:])
+
+
+def run_root() -> Path:
+    """Where running guests keep their files and the state of detached guests."""
+    return cache_dir("guest", "run")
+
+
+def reap_stale() -> list[str]:
+    """Remove the files (RAM file included) of guests whose QEMU is gone, e.g. after a crash.
+
+    A guest started by a process that died is killed with it (``PR_SET_PDEATHSIG``), but its RAM file
+    in ``/dev/shm`` would stay. Returns the run folders removed.
+    """
+    removed = []
+    for state_path in run_root().glob("*/state.json"):
+        try:
+            state = json.loads(state_path.read_text())
+            pid = int(state["pid"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if _pid_alive(pid):
+            continue
+        memory = Path(state.get("memory_path", ""))
+        if memory.parent == Path("/dev/shm") and memory.name.startswith("vims-"):
+            memory.unlink(missing_ok=True)
+        shutil.rmtree(state_path.parent, ignore_errors=True)
+        named = run_root() / f"{state.get('name')}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads(named.read_text())["pid"] == pid:
+                named.unlink()
+        removed.append(str(state_path.parent))
+    return removed
+
+
+class Guest:
+    """One running QEMU guest; start it with :meth:`start`, find a detached one with :meth:`attach`.
+
+    Attributes
+    ----------
+    gdb_address : tuple of (str, int)
+        Where the GDB stub listens (``GdbStub(*guest.gdb_address)``).
+    memory_path : Path
+        The guest's RAM, byte ``n`` of the file being guest physical address ``n``.
+    pid : int
+        The QEMU process.
+    """
+
+    def __init__(self, state: dict[str, Any], process: subprocess.Popen[bytes] | None = None) -> None:
+        self.state = state
+        self.name: str = state["name"]
+        self.pid: int = int(state["pid"])
+        self.gdb_address: tuple[str, int] = ("127.0.0.1", int(state["gdb_port"]))
+        self.control_address: tuple[str, int] = ("127.0.0.1", int(state["control_port"]))
+        self.gate_address: tuple[str, int] = ("127.0.0.1", int(state["gate_port"]))
+        self.memory_path = Path(state["memory_path"])
+        self.run_dir = Path(state["run_dir"])
+        self.console_path = Path(state["console_path"])
+        self.profile_path = Path(state["profile"])
+        self._process = process
+        self._profile: KernelProfile | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    # -- starting --------------------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        image: GuestImage,
+        name: str = "vims-guest",
+        memory_mb: int = 256,
+        gate_port: int | None = None,
+        cpu: str = "max",
+        *,
+        gdb_port: int | None = None,
+        control_port: int | None = None,
+        detach: bool = False,
+        boot_timeout: float = 240.0,
+        accel: str | None = None,
+        capture_kallsyms: Path | None = None,
+    ) -> Guest:
+        """Boot ``image`` and wait until its control agent answers.
+
+        Parameters
+        ----------
+        image : GuestImage
+            From :func:`vims.collector.guest.build_guest`.
+        name : str
+            A name for the guest (``vims guest up`` keeps detached guests by name).
+        memory_mb : int
+            Guest RAM in MiB.
+        gate_port : int, optional
+            The host port QEMU connects the guest's client to (REM-S's gate). Default: a free port
+            that nothing listens on yet (the client then sees the line down until something does).
+        cpu : str
+            QEMU CPU model; ``max`` gives 5-level paging. The kernel-text reference holds for one model.
+        gdb_port, control_port : int, optional
+            Fixed ports; default free ones.
+        detach : bool
+            Let QEMU outlive this process and record it for :meth:`attach` (``vims guest up``).
+        boot_timeout : float
+            Seconds to wait for the guest's agent.
+        accel : str, optional
+            ``tcg`` or ``kvm``; default KVM only where a hardware KVM module is loaded.
+        capture_kallsyms : Path, optional
+            Boot in capture mode, writing ``/proc/kallsyms`` to this file (the image build does).
+        """
+        if shutil.which(QEMU) is None:
+            raise MissingDependencyError(f"{QEMU} not found: apt-get install qemu-system-x86")
+        if memory_mb < 64:
+            raise VimsError(f"memory_mb={memory_mb}: the guest needs at least 64 MiB")
+        if detach:
+            existing = cls._state_file(name)
+            if existing.exists():
+                old = json.loads(existing.read_text())
+                if _pid_alive(int(old["pid"])):
+                    raise VimsError(
+                        f"a guest named {name!r} is already running (QEMU pid {old['pid']}): "
+                        f"`vims guest down --name {name}` or choose another name"
+                    )
+                existing.unlink()
+        for port, what in ((gdb_port, "GDB stub"), (control_port, "control")):
+            if port is not None and _port_in_use(port):
+                raise MissingDependencyError(f"port {port} on 127.0.0.1 ({what}) is taken: choose another")
+        attempts = 3 if gdb_port is None or control_port is None else 1
+        last: Exception | None = None
+        for _ in range(attempts):
+            try:
+                return cls._launch(
+                    image, name, memory_mb, gate_port, cpu, gdb_port or free_port(),
+                    control_port or free_port(), detach, boot_timeout, accel, capture_kallsyms,
+                )  # fmt: skip
+            except _PortTakenError as exc:  # another program took a free port between check and bind
+                last = exc
+        raise MissingDependencyError(f"{last}: no free port found after {attempts} tries")
+
+    @classmethod
+    def _state_file(cls, name: str) -> Path:
+        return run_root() / f"{name}.json"
+
+    @classmethod
+    def _launch(
+        cls,
+        image: GuestImage,
+        name: str,
+        memory_mb: int,
+        gate_port: int | None,
+        cpu: str,
+        gdb_port: int,
+        control_port: int,
+        detach: bool,
+        boot_timeout: float,
+        accel: str | None,
+        capture_kallsyms: Path | None,
+    ) -> Guest:
+        reap_stale()
+        token = secrets.token_hex(4)
+        run_dir = run_root() / f"{name}-{token}"
+        run_dir.mkdir(parents=True)
+        memory_path = Path("/dev/shm") / f"vims-{name}-{token}"
+        console = run_dir / "console.log"
+        gate = gate_port if gate_port is not None else free_port()
+        accel = accel or ("kvm" if kvm_available() else "tcg")
+        append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
+        cmd = [
+            QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", f"{memory_mb}M",
+            "-object",
+            f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={memory_path},share=on",
+            "-machine", "pc,memory-backend=mem",
+            "-kernel", str(image.kernel), "-initrd", str(image.initramfs), "-append", append,
+            "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+            "-chardev", f"socket,id=control,host=127.0.0.1,port={control_port},server=on,wait=off",
+            "-serial", "chardev:control",
+            "-chardev", f"socket,id=gate,host=127.0.0.1,port={gate},reconnect=1",
+            "-serial", "chardev:gate",
+            "-gdb", f"tcp:127.0.0.1:{gdb_port}",
+            "-pidfile", str(run_dir / "qemu.pid"),
+        ]  # fmt: skip
+        if capture_kallsyms is not None:
+            cmd += ["-chardev", f"file,id=ksyms,path={capture_kallsyms}", "-serial", "chardev:ksyms"]
+        log = open(run_dir / "qemu.log", "wb")  # noqa: SIM115  (QEMU writes it for its whole life)
+        try:
+            process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=detach,
+                preexec_fn=None if detach else _pdeathsig,
+            )
+        finally:
+            log.close()
+        started = time.time()
+        state: dict[str, Any] = {
+            "name": name,
+            "pid": process.pid,
+            "accel": accel,
+            "cpu": cpu,
+            "memory_mb": memory_mb,
+            "memory_path": str(memory_path),
+            "gdb_port": gdb_port,
+            "control_port": control_port,
+            "gate_port": gate,
+            "run_dir": str(run_dir),
+            "console_path": str(console),
+            "profile": str(image.profile),
+            "kernel": str(image.kernel),
+            "initramfs": str(image.initramfs),
+            "release": image.release,
+            "image": str(image.directory),
+            "started": started,
+            "detached": detach,
+            "command": cmd,
+        }
+        (run_dir / "state.json").write_text(json.dumps(state, indent=2))  # for reap_stale()
+        guest = cls(state, process)
+        try:
+            guest._wait_boot(boot_timeout)
+        except BaseException:
+            guest.stop()
+            raise
+        state["boot_seconds"] = round(time.time() - started, 2)
+        (run_dir / "state.json").write_text(json.dumps(state, indent=2))
+        if detach:
+            cls._state_file(name).write_text(json.dumps(state, indent=2))
+        return guest
+
+    def _qemu_log(self) -> str:
+        # the gate's reconnect notices are expected while nothing listens there
+        lines = _tail(self.run_dir / "qemu.log", 40).splitlines()
+        return "\n".join(line for line in lines if "character device gate" not in line)[-2000:]
+
+    def _check_alive(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        if self._process is None and _pid_alive(self.pid):
+            return
+        log = self._qemu_log()
+        for port in (self.gdb_address[1], self.control_address[1]):
+            if f"{port}" in log and ("in use" in log or "Failed to bind" in log):
+                raise _PortTakenError(f"port {port} on 127.0.0.1 is taken")
+        raise GuestBootError(
+            f"QEMU exited (status {self._process.returncode if self._process else '?'}) "
+            f"while the guest {self.name!r} booted.\n"
+            f"QEMU said:\n{log or '(nothing)'}\nconsole tail:\n{self.console_tail(30) or '(empty)'}"
+        )
+
+    def _wait_boot(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                self.execute("echo ready", timeout=10, wait=4.0)
+                return
+            except GuestBootError:
+                raise
+            except (VimsError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise GuestBootError(
+                    f"the guest {self.name!r} did not answer within {timeout:g} s of starting.\n"
+                    f"console tail:\n{self.console_tail(30) or '(empty)'}"
+                )
+            time.sleep(0.5)
+
+    # -- finding a detached guest ----------------------------------------------------------------
+    @classmethod
+    def attach(cls, name: str = "vims-guest") -> Guest:
+        """The detached guest called ``name`` (started by ``vims guest up``)."""
+        path = cls._state_file(name)
+        if not path.exists():
+            raise VimsError(f"no guest named {name!r} is running (start one: `vims guest up --name {name}`)")
+        state = json.loads(path.read_text())
+        return cls(state)
+
+    @classmethod
+    def detached(cls) -> list[str]:
+        """Names of the detached guests that have a state file."""
+        return sorted(p.stem for p in run_root().glob("*.json"))
+
+    # -- stopping --------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether QEMU still runs."""
+        if self._process is not None:
+            return self._process.poll() is None
+        return _pid_alive(self.pid)
+
+    def stop(self) -> None:
+        """Stop QEMU, remove the memory file and the guest's files."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait(5)
+        elif _pid_alive(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
+            for _ in range(100):
+                if not _pid_alive(self.pid):
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            self.memory_path.unlink()
+        if self.state.get("detached"):
+            with contextlib.suppress(FileNotFoundError):
+                self._state_file(self.name).unlink()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- what it is ------------------------------------------------------------------------------
+    @property
+    def profile(self) -> KernelProfile:
+        """The kernel profile of the guest's kernel."""
+        if self._profile is None:
+            from vims.collector.profile import KernelProfile
+
+            self._profile = KernelProfile.load(self.profile_path)
+        return self._profile
+
+    def status(self) -> dict[str, Any]:
+        """What ``vims guest status --json`` prints."""
+        s = self.state
+        return {
+            "name": self.name,
+            "running": self.running,
+            "pid": self.pid,
+            "accel": s["accel"],
+            "cpu": s["cpu"],
+            "memory_mb": s["memory_mb"],
+            "memory_path": s["memory_path"],
+            "gdb": {"host": self.gdb_address[0], "port": self.gdb_address[1]},
+            "profile": s["profile"],
+            "release": s["release"],
+            "kernel": s["kernel"],
+            "initramfs": s["initramfs"],
+            "serial": {
+                "console": {"ttyS": 0, "file": s["console_path"]},
+                "control": {"ttyS": 1, "host": "127.0.0.1", "port": s["control_port"], "mode": "server"},
+                "gate": {"ttyS": 2, "host": "127.0.0.1", "port": s["gate_port"], "mode": "client"},
+            },
+            "started": s["started"],
+            "boot_seconds": s.get("boot_seconds"),
+            "detached": s.get("detached", False),
+        }
+
+    def console_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the guest's console."""
+        return _tail(self.console_path, lines)
+
+    # -- control channel -------------------------------------------------------------------------
+    def execute(self, command: str, timeout: float = 60.0, wait: float | None = None) -> tuple[int, str]:
+        """Run a shell command in the guest; return its exit status and output (stdout + stderr).
+
+        ``timeout`` bounds the command in the guest; ``wait`` the time this side waits for the answer
+        (default ``timeout`` plus a margin for a slow, emulated guest).
+        """
+        ident = secrets.token_hex(6)
+        script = base64.b64encode(command.encode()).decode()
+        limit = max(1, int(timeout + 0.999))
+        request = f"VIMS {ident} {limit} {script}\n".encode()
+        wait = timeout + 30.0 if wait is None else wait
+        deadline = time.monotonic() + wait
+        begin, end = f"@@BEGIN {ident}".encode(), f"@@END {ident} ".encode()
+        with self._lock:
+            try:
+                sock = socket.create_connection(self.control_address, timeout=min(wait, 10.0))
+            except OSError as exc:
+                raise VimsError(
+                    f"cannot reach the control port of guest {self.name!r} at "
+                    f"{self.control_address[0]}:{self.control_address[1]}: {exc}"
+                ) from exc
+            with sock:
+                sock.sendall(b"\n" + request)  # the newline ends any half line left on the port
+                buf = bytearray()
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise VimsError(
+                            f"guest {self.name!r} did not answer {command[:60]!r} within {wait:g} s "
+                            "(is it halted by a GDB client?)"
+                        )
+                    sock.settimeout(left)
+                    try:
+                        chunk = sock.recv(65536)
+                    except TimeoutError:
+                        continue
+                    if not chunk:
+                        raise VimsError(f"guest {self.name!r} closed the control channel (QEMU gone?)")
+                    buf += chunk
+                    start = buf.find(begin)
+                    if start < 0:
+                        continue
+                    stop = buf.find(end, start)
+                    if stop < 0 or buf.find(b"\n", stop) < 0:
+                        continue
+                    line_end = buf.find(b"\n", stop)
+                    rc = int(buf[stop + len(end) : line_end].strip() or b"255")
+                    body = bytes(buf[start + len(begin) : stop])
+                    text = base64.b64decode(b"".join(body.split()) or b"").decode("utf-8", "replace")
+                    return rc, text
+
+    def run(self, command: str, timeout: float = 60.0, check: bool = False) -> str:
+        """Run a shell command in the guest through the control channel and return its output.
+
+        With ``check``, a non-zero exit status raises :class:`VimsError` with the output.
+        """
+        rc, text = self.execute(command, timeout)
+        if check and rc != 0:
+            raise VimsError(f"{command[:60]!r} failed in guest {self.name!r} (exit {rc}): {text[-500:]}")
+        return text
+
+    def scenario(self, name: str, timeout: float = 120.0) -> str:
+        """Play a scenario in the guest (``normal``, ``webshell``, ``adduser``, ``tamper-binary``).
+
+        Returns the guest's one-line answer; a scenario that fails raises :class:`VimsError`.
+        """
+        if name not in SCENARIOS:
+            raise VimsError(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
+        return self.run(f"/sbin/vims-scenario {name}", timeout=timeout, check=True).strip()
+
+
+    def reset(self, timeout: float = 60.0) -> str:
+        """Undo every scenario (restore the tampered program, remove added users, stop ``nc``)."""
+        return self.run("/sbin/vims-scenario reset", timeout=timeout, check=True).strip()
+
+
+class _PortTakenError(VimsError):
+    pass
