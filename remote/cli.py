@@ -1,0 +1,322 @@
+"""``vims remote``: REM-S's keys, enrolments, policies, the server, its status and history.
+
+REM-S keeps its files in one folder (``--home``; default ``$VIMS_REMOTE_HOME`` or
+``~/.cache/vims/remote``): ``rems.secret.json``/``rems.public.json`` (CURVE keys, 0600) and
+``rems.sqlite`` (the history). The commands that change enrolments or policies work while
+``vims remote serve`` runs: the server picks the change up within a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vims.errors import InputError, VimsError
+
+remote_app = typer.Typer(help="REM-S, the remote attestation server: keys, enrolment, serving, history.",
+                         no_args_is_help=True)
+
+HOME_HELP = "REM-S's folder (keys and history); default $VIMS_REMOTE_HOME or ~/.cache/vims/remote."
+
+
+def _home(home: Path | None) -> Path:
+    if home is not None:
+        return home.expanduser()
+    env = os.environ.get("VIMS_REMOTE_HOME")
+    if env:
+        return Path(env).expanduser()
+    from vims.paths import cache_dir
+
+    return cache_dir("remote")
+
+
+def _store(home: Path, must_exist: bool = True) -> Any:
+    from vims.remote.store import Store
+
+    path = home / "rems.sqlite"
+    if must_exist and not path.exists():
+        raise VimsError(f"no REM-S database in {home} (run `vims remote init` first)")
+    return Store(path)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"not HOST:PORT: {text!r}")
+    return host, int(port)
+
+
+def _read_policy(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VimsError(f"{path}: no such policy file") from None
+    except ValueError as exc:
+        raise InputError(f"not JSON: {exc}", where=path) from exc
+    if not isinstance(obj, dict):
+        raise InputError("a policy is a JSON object", where=path)
+    return obj
+
+
+@remote_app.command("init")
+def init(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+         force: bool = typer.Option(False, "--force", help="Replace existing keys (enrolled A-VMs must "
+                                                           "then be given the new public key)."),
+         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Create REM-S's CURVE keypair (files 0600) and its history database."""
+    from vims.console import out, print_json
+    from vims.remote.keys import ServerKeys
+
+    folder = _home(home)
+    keys = ServerKeys.generate()
+    public = keys.write(folder, force=force)
+    _store(folder, must_exist=False).close()
+    result = {"home": str(folder), "public_key_file": str(public), "curve_public": keys.public,
+              "database": str(folder / "rems.sqlite")}
+    if json_out:
+        print_json(result)
+    else:
+        out.print(f"REM-S keys in {folder}; give A-VMs [bold]{public}[/]")
+
+
+@remote_app.command("enroll")
+def enroll(public_file: Path = typer.Argument(..., help="The A-VM's avm.public.json (from `vims avm init`)."),
+           vm: str = typer.Option(..., "--vm", help="The id of the VM this A-VM watches."),
+           gate_port: int = typer.Option(..., "--gate-port", help="The loopback port the VM's client "
+                                         "connections arrive on (for the bundled guest: its serial line)."),
+           policy: Path | None = typer.Option(None, "--policy", help="A policy JSON file (default policy "
+                                              "otherwise)."),
+           force: bool = typer.Option(False, "--force", help="Replace an enrolment of the same A-VM id."),
+           home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+           json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Register an A-VM: its id, the VM it watches, its public keys and the VM's gate port."""
+    from vims.console import out, print_json
+    from vims.remote.keys import AvmPublic
+
+    pub = AvmPublic.load(public_file)
+    store = _store(_home(home))
+    try:
+        result = store.enroll(pub, vm, gate_port, _read_policy(policy) if policy else None, force=force)
+    finally:
+        store.close()
+    if json_out:
+        print_json(result)
+    else:
+        out.print(f"enrolled A-VM {pub.avm_id} for VM {vm}, gate port {gate_port}, "
+                  f"policy v{result['policy_version']}")
+
+
+@remote_app.command("revoke")
+def revoke(avm_id: str = typer.Argument(..., help="The A-VM to revoke."),
+           home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+           json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Revoke an A-VM: its key is refused, its VM's open connections are cut, new ones refused."""
+    from vims.console import out, print_json
+
+    store = _store(_home(home))
+    try:
+        store.revoke(avm_id)
+    finally:
+        store.close()
+    if json_out:
+        print_json({"avm_id": avm_id, "revoked": True})
+    else:
+        out.print(f"revoked A-VM {avm_id}")
+
+
+@remote_app.command("policy")
+def policy_cmd(vm: str = typer.Argument(..., help="The VM id."),
+               set_file: Path | None = typer.Option(None, "--set", help="Store this policy JSON as the VM's "
+                                                    "new policy (a running server pushes it at once)."),
+               home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+               json_out: bool = typer.Option(False, "--json", help="Print the policy as JSON.")) -> None:
+    """Show a VM's policy, or set a new one."""
+    from vims.console import out, print_json
+
+    store = _store(_home(home))
+    try:
+        if set_file is not None:
+            store.set_policy(vm, _read_policy(set_file), where=str(set_file))
+        current = store.policy(vm)
+    finally:
+        store.close()
+    if json_out:
+        print_json(current)
+    else:
+        out.print_json(data=current)
+
+
+@remote_app.command("serve")
+def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+          control: str = typer.Option("tcp://127.0.0.1:5555", "--control",
+                                      help="ZeroMQ endpoint of the control channel (CURVE)."),
+          service: str | None = typer.Option(None, "--service", help="HOST:PORT of the protected service "
+                                             "allowed connections are relayed to."),
+          demo_service: bool = typer.Option(False, "--demo-service", help="Protect a small line service of "
+                                            "our own on loopback (answers each line with 'data: ...')."),
+          metrics_port: int = typer.Option(9464, "--metrics-port", help="Prometheus endpoint on loopback "
+                                           "(0: any free port)."),
+          seconds: float | None = typer.Option(None, "--seconds", help="Stop after this many seconds."),
+          quiet: bool = typer.Option(False, "--quiet", help="Log only warnings."),
+          json_out: bool = typer.Option(False, "--json", help="Print the bound endpoints as one JSON line "
+                                        "when ready (for scripts)."),
+          ) -> None:
+    """Run REM-S: the control channel, one gate per enrolled VM and the metrics endpoint."""
+    import asyncio
+    import logging
+    import sys
+
+    from vims.console import err, to_json
+    from vims.remote.keys import SECRET_REMS, ServerKeys
+    from vims.remote.server import RemsServer
+
+    folder = _home(home)
+    keys = ServerKeys.load(folder / SECRET_REMS)
+    if service and demo_service:
+        raise InputError("give --service or --demo-service, not both")
+    target = _host_port(service) if service else None
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        store = _store(folder)
+        svc = None
+        nonlocal target
+        if demo_service:
+            from vims.remote.service import start_line_service
+
+            svc = await start_line_service()
+            target = ("127.0.0.1", svc.sockets[0].getsockname()[1])
+        server = RemsServer(store, keys, control=control, service=target, metrics_port=metrics_port)
+        await server.start()
+        info = {"control": server.endpoint, "curve_public": keys.public, "gates": server.gate_ports(),
+                "metrics": f"http://127.0.0.1:{server.metrics_bound}/metrics",
+                "service": f"{target[0]}:{target[1]}" if target else None}
+        if json_out:  # one line, so a script can read it while the server runs
+            sys.stdout.write(to_json(info, indent=None) + "\n")
+            sys.stdout.flush()
+        else:
+            err.print(f"REM-S on {info['control']}, gates {info['gates']}, metrics {info['metrics']}, "
+                      f"service {info['service']}")
+        try:
+            if seconds is None:
+                await asyncio.Event().wait()
+            else:
+                await asyncio.sleep(seconds)
+        finally:
+            await server.stop()
+            if svc is not None:
+                svc.close()
+            store.close()
+
+    asyncio.run(main())
+
+
+@remote_app.command("simulate")
+def simulate(keys: Path | None = typer.Option(None, "--keys", help="The A-VM's avm.secret.json (default "
+                                              "$VIMS_AVM_HOME or ~/.cache/vims/avm)."),
+             server_key: Path | None = typer.Option(None, "--server-key", help="REM-S's rems.public.json "
+                                                    "(default: in --home)."),
+             control: str = typer.Option("tcp://127.0.0.1:5555", "--control", help="REM-S's control channel."),
+             score: float = typer.Option(0.95, "--score", min=0.0, max=1.0, help="Behaviour score to report."),
+             fail_check: str | None = typer.Option(None, "--fail-check", help="Report this check as failing."),
+             seconds: float = typer.Option(30.0, "--seconds", help="How long to run."),
+             home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+             json_out: bool = typer.Option(False, "--json", help="Print the counts as JSON at the end.")) -> None:
+    """Run a simulated A-VM (real keys, real protocol, made-up measurements): to try REM-S without a guest."""
+    import time
+
+    from vims.console import err, out, print_json
+    from vims.remote.avm_cli import avm_home
+    from vims.remote.keys import PUBLIC_REMS, SECRET_AVM, AvmIdentity, load_server_public
+    from vims.remote.simavm import SimulatedAvm
+
+    ident = AvmIdentity.load(keys or avm_home(None) / SECRET_AVM)
+    server_public = load_server_public(server_key or _home(home) / PUBLIC_REMS)
+    avm = SimulatedAvm(ident, control, server_public, score=score)
+    avm.failing_check = fail_check
+    with avm:
+        policy = avm.wait_policy(20)
+        err.print(f"A-VM {ident.avm_id} connected, policy v{policy['version']}; reporting for {seconds:g} s")
+        time.sleep(seconds)
+    result = {"avm_id": ident.avm_id, "sent": avm.sent, "accepted": avm.session.accepted,
+              "rejected": dict(avm.session.rejected), "policy_version": policy["version"]}
+    if json_out:
+        print_json(result)
+    else:
+        out.print(result)
+
+
+def _when(t: float | None) -> str:
+    import datetime
+
+    return "-" if t is None else datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@remote_app.command("status")
+def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+           json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Every enrolled A-VM: its VM, gate port, policy, last report and last decision; and totals."""
+    from rich.table import Table
+
+    from vims.console import out, print_json
+
+    store = _store(_home(home))
+    try:
+        rows, counts = store.status(), store.counts()
+    finally:
+        store.close()
+    if json_out:
+        print_json({"avms": rows, "totals": counts})
+        return
+    table = Table("A-VM", "VM", "gate", "policy", "acked", "last seq", "last report", "last decision")
+    for r in rows:
+        rep = r["last_report"]
+        dec = r["last_decision"]
+        table.add_row(
+            r["avm_id"] + (" [red](revoked)[/]" if r["revoked"] else ""), r["vm_id"], str(r["gate_port"]),
+            f"v{r['policy_version']}", f"v{r['acked_version']}" if r["acked_version"] else "-", str(r["last_seq"]),
+            "-" if rep is None else f"{_when(rep['received_at'])} {rep['status']} {rep['reason'] or ''}",
+            "-" if dec is None else f"{_when(dec['time'])} {dec['kind']}: {dec['reason']}")
+    out.print(table)
+    out.print(f"reports: {counts['reports']}  decisions: {counts['decisions']}")
+
+
+@remote_app.command("history")
+def history(vm: str = typer.Argument(..., help="The VM id."),
+            limit: int = typer.Option(50, "--limit", help="How many of the latest reports and decisions."),
+            home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+            json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """A VM's latest reports and gate decisions, each with its reason (newest first)."""
+    from rich.table import Table
+
+    from vims.console import out, print_json
+
+    store = _store(_home(home))
+    try:
+        hist = store.history(vm, limit)
+    finally:
+        store.close()
+    if json_out:
+        print_json(hist)
+        return
+    reports = Table("time", "seq", "status", "score", "verdict / reason", title=f"reports of {vm}")
+    for r in hist["reports"]:
+        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        reports.add_row(_when(r["received_at"]), str(r["seq"] or "-"), r["status"], score,
+                        f"{r['verdict'] or r['reason']}: {r['detail'] or ''}")
+    decisions = Table("time", "connection", "decision", "reason", "latency", title=f"decisions on {vm}")
+    for d in hist["decisions"]:
+        lat = "-" if d["latency_s"] is None else f"{d['latency_s'] * 1000:.1f} ms"
+        decisions.add_row(_when(d["time"]), d["conn_id"], d["kind"], d["reason"], lat)
+    out.print(reports)
+    out.print(decisions)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(remote_app, name="remote")

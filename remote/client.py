@@ -1,0 +1,335 @@
+"""The A-VM side of the control channel: hello, policy, nonce requests, signed reports.
+
+Two layers:
+
+- :class:`AvmSession`: the protocol state without any I/O (sequence numbers, the latest nonce, the
+  policy, signing). Feed it the frames REM-S sends, send the frames it returns. The load benchmark drives
+  a hundred of these from one event loop.
+- :class:`AvmClient`: a ZeroMQ DEALER (CURVE client) in a background thread, for the A-VM agent. It says
+  hello, acknowledges every policy, and either
+
+  * calls ``source(nonce)`` to build a report (periodically, every policy ``interval_s``, with the latest
+    nonce, and at once when REM-S sends a nonce request), or
+  * leaves reports to the agent: events arrive on :attr:`AvmClient.events` (or ``on_event``) as
+    ``(kind, body)`` with kind ``policy``, ``nonce``, ``ack`` or ``error``, and the agent calls
+    :meth:`AvmClient.send_report` (thread-safe, never blocks) with the report's content.
+
+A report's content is the report document without the fields the session fills in (``vm_id``,
+``avm_id``, ``seq``, ``time``, ``nonce``, ``interval_s``, ``policy_version``), i.e. ``behaviour``,
+``checks``, ``events`` and ``collector`` (see :mod:`vims.remote.protocol`).
+
+>>> from vims.remote.keys import AvmIdentity
+>>> s = AvmSession(AvmIdentity.generate("avm-1"), {"checks": ["kernel-text"]})
+>>> parse_envelope(s.hello())["type"]
+'hello'
+>>> policy = envelope("policy", "rem-s", 1, {"vm_id": "vm-1", "policy": {"interval_s": 1.0}, "version": 1,
+...                                          "last_seq": 41, "nonce": "ab"})
+>>> events, replies = s.handle(policy)
+>>> events[0][0], parse_envelope(replies[0])["type"], s.next_seq
+('policy', 'policy_ack', 42)
+>>> report = parse_envelope(s.report({"behaviour": {"score": 1.0, "threshold": 0.5}, "checks": []}))["body"]
+>>> report["seq"], report["nonce"], report["vm_id"]
+(42, 'ab', 'vm-1')
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from vims.errors import VimsError
+from vims.remote.keys import AvmIdentity
+from vims.remote.protocol import SERVER_TYPES, ProtocolError, envelope, parse_envelope, sign_report
+
+log = logging.getLogger(__name__)
+
+Event = tuple[str, dict[str, Any]]
+
+
+class AvmSession:
+    """Protocol state of one A-VM towards REM-S, without I/O.
+
+    Parameters
+    ----------
+    identity : AvmIdentity
+        The A-VM's id and keys.
+    capabilities : dict, optional
+        What the A-VM can do: ``{"checks": [...], "collectors": [...], "models": [...]}``.
+    first_seq : int
+        The first report sequence number; REM-S's ``last_seq`` in the policy moves it forward.
+    """
+
+    def __init__(self, identity: AvmIdentity, capabilities: dict[str, Any] | None = None,
+                 first_seq: int = 1) -> None:
+        self.identity = identity
+        self.capabilities = capabilities or {}
+        self.signing_key = identity.signing_key
+        self.next_seq = first_seq
+        self.out_seq = 0
+        self.in_seq = 0
+        self.gaps = 0
+        self.policy: dict[str, Any] | None = None
+        self.vm_id: str | None = None
+        self.nonce: str | None = None
+        self.accepted = 0
+        self.rejected: collections.Counter[str] = collections.Counter()
+
+    def _frame(self, kind: str, body: dict[str, Any], sig: str | None = None) -> bytes:
+        self.out_seq += 1
+        return envelope(kind, self.identity.avm_id, self.out_seq, body, sig)
+
+    def hello(self) -> bytes:
+        """The first message of a connection (again after REM-S forgot us)."""
+        self.in_seq = 0
+        return self._frame("hello", {"capabilities": self.capabilities, "software": "vims-avm"})
+
+    def handle(self, frame: bytes) -> tuple[list[Event], list[bytes]]:
+        """Take one frame from REM-S; return the events for the agent and the frames to send back."""
+        msg = parse_envelope(frame, SERVER_TYPES)
+        if self.in_seq and msg["seq"] != self.in_seq + 1 and msg["type"] != "error":
+            self.gaps += 1
+        if msg["type"] != "error":
+            self.in_seq = msg["seq"]
+        body = msg["body"]
+        replies: list[bytes] = []
+        kind = msg["type"]
+        if kind == "policy":
+            if not isinstance(body.get("policy"), dict) or not isinstance(body.get("version"), int):
+                raise ProtocolError("malformed", "policy message without policy/version")
+            self.policy = {**body["policy"], "version": body["version"]}
+            self.vm_id = str(body.get("vm_id"))
+            last = body.get("last_seq")
+            if isinstance(last, int) and last + 1 > self.next_seq:
+                self.next_seq = last + 1
+            self._take_nonce(body)
+            replies.append(self._frame("policy_ack", {"version": body["version"]}))
+        elif kind == "nonce":
+            self._take_nonce(body)
+        elif kind == "ack":
+            if body.get("accepted"):
+                self.accepted += 1
+            else:
+                self.rejected[str(body.get("reason"))] += 1
+            self._take_nonce(body)
+        return [(kind, body)], replies
+
+    def _take_nonce(self, body: dict[str, Any]) -> None:
+        if isinstance(body.get("nonce"), str):
+            self.nonce = body["nonce"]
+
+    def report(self, content: dict[str, Any], nonce: str | None = None) -> bytes:
+        """Complete, sign and frame a report; ``nonce`` defaults to the latest one from REM-S."""
+        if self.policy is None or self.vm_id is None:
+            raise VimsError("no policy from REM-S yet: cannot report")
+        doc: dict[str, Any] = {"events": {"seen": 0, "dropped": 0, "missing": 0}, "collector": {}, "checks": []}
+        doc.update(content)
+        doc.update({"vm_id": self.vm_id, "avm_id": self.identity.avm_id, "seq": self.next_seq,
+                    "time": time.time(), "nonce": nonce or self.nonce,
+                    "interval_s": float(self.policy.get("interval_s", 1.0)),
+                    "policy_version": self.policy["version"]})
+        self.next_seq += 1
+        return self._frame("report", doc, sign_report(doc, self.signing_key))
+
+
+def dealer(ctx: zmq.Context[Any], identity: AvmIdentity, server_public: str, endpoint: str) -> zmq.Socket[Any]:
+    """A DEALER socket set up as the CURVE client of REM-S, connected to ``endpoint``."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_secretkey = identity.curve_secret.encode()
+    sock.curve_publickey = identity.curve_public.encode()
+    sock.curve_serverkey = server_public.encode()
+    sock.sndhwm = 1000
+    sock.connect(endpoint)
+    return sock
+
+
+class AvmClient:
+    """The A-VM's connection to REM-S, run by a background thread.
+
+    Parameters
+    ----------
+    identity : AvmIdentity
+        The A-VM's id and keys (``vims avm init``).
+    endpoint : str
+        REM-S's control channel, e.g. ``tcp://127.0.0.1:5555``.
+    server_public : str
+        REM-S's CURVE public key (Z85, from ``rems.public.json``).
+    capabilities : dict, optional
+        Sent in the hello.
+    source : callable, optional
+        ``source(nonce) -> content or None``: builds a report's content; called every policy interval
+        (``nonce`` None: the latest one is used) and on every nonce request. Returning None sends nothing.
+        Runs in the client thread: keep it quick.
+    on_event : callable, optional
+        ``on_event(kind, body)`` for every message from REM-S, in the client thread. Without it, events
+        go to the queue :attr:`events`.
+    """
+
+    def __init__(self, identity: AvmIdentity, endpoint: str, server_public: str,
+                 capabilities: dict[str, Any] | None = None,
+                 source: Callable[[str | None], dict[str, Any] | None] | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 context: zmq.Context[Any] | None = None) -> None:
+        self.identity = identity
+        self.endpoint = endpoint
+        self.server_public = server_public
+        self.session = AvmSession(identity, capabilities)
+        self.source = source
+        self.on_event = on_event
+        self.events: queue.Queue[Event] = queue.Queue(maxsize=10000)
+        self.sent = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self._ctx = context or zmq.Context.instance()
+        self._outbox: queue.Queue[tuple[dict[str, Any], str | None]] = queue.Queue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = threading.Event()
+        self._has_policy = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"avm-client-{identity.avm_id}", daemon=True)
+
+    @property
+    def policy(self) -> dict[str, Any] | None:
+        """The policy REM-S gave (with its ``version``), or None before the first."""
+        return self.session.policy
+
+    def start(self) -> AvmClient:
+        """Start the client thread (again: no effect)."""
+        if not self._thread.is_alive() and not self._stopping.is_set():
+            self._thread.start()
+        return self
+
+    def wait_policy(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Block until REM-S has sent a policy; raise :class:`~vims.errors.VimsError` on timeout."""
+        if not self._has_policy.wait(timeout):
+            raise VimsError(f"no policy from REM-S at {self.endpoint} within {timeout:g} s "
+                            "(is it running, and is this A-VM enrolled?)")
+        assert self.session.policy is not None
+        return self.session.policy
+
+    def send_report(self, content: dict[str, Any], nonce: str | None = None) -> None:
+        """Queue a report (thread-safe, never blocks); the client thread signs and sends it."""
+        self._outbox.put((content, nonce))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"x")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> AvmClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the thread -----------------------------------------------------------------------------------
+
+    def _deliver(self, kind: str, body: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, body)
+            except Exception:  # the agent's bug must not end the connection to REM-S
+                self.errors["on_event_raised"] += 1
+                log.exception("on_event(%r) raised", kind)
+        else:
+            with contextlib.suppress(queue.Full):
+                self.events.put_nowait((kind, body))
+
+    def _send(self, sock: zmq.Socket[Any], frame: bytes) -> None:
+        try:
+            sock.send(frame, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.errors["send_queue_full"] += 1
+
+    def _produce(self, nonce: str | None) -> dict[str, Any] | None:
+        assert self.source is not None
+        try:
+            return self.source(nonce)
+        except Exception:
+            self.errors["source_raised"] += 1
+            log.exception("report source raised")
+            return None
+
+    def _report(self, sock: zmq.Socket[Any], content: dict[str, Any] | None, nonce: str | None) -> None:
+        if content is None:
+            return
+        if self.session.policy is None:  # REM-S has not answered the hello yet: nothing to sign for
+            self.errors["no_policy_yet"] += 1
+            return
+        try:
+            frame = self.session.report(content, nonce)
+        except (TypeError, ValueError) as exc:  # NaN or an object JSON cannot hold: the agent's bug
+            self.errors["unencodable_report"] += 1
+            log.error("report not sent: %s", exc)
+            return
+        self._send(sock, frame)
+        self.sent += 1
+
+    def _run(self) -> None:
+        sock = dealer(self._ctx, self.identity, self.server_public, self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._send(sock, self.session.hello())
+        next_periodic = 0.0
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                wait = 0.2 if not (self.source and self.session.policy) else max(0.0, min(0.2, next_periodic - now))
+                ready = dict(poller.poll(int(wait * 1000)))
+                if self._wake_r.fileno() in ready or self._wake_r in ready:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
+                if sock in ready:
+                    while True:
+                        try:
+                            frame = sock.recv(flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frame(sock, frame)
+                while True:
+                    try:
+                        content, nonce = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._report(sock, content, nonce)
+                if self.source and self.session.policy and time.monotonic() >= next_periodic:
+                    next_periodic = time.monotonic() + float(self.session.policy.get("interval_s", 1.0))
+                    self._report(sock, self._produce(None), None)
+        finally:
+            sock.close(linger=0)
+
+    def _on_frame(self, sock: zmq.Socket[Any], frame: bytes) -> None:
+        try:
+            events, replies = self.session.handle(frame)
+        except ProtocolError as exc:
+            self.errors[exc.reason] += 1
+            log.warning("unusable message from REM-S: %s", exc)
+            return
+        for reply in replies:
+            self._send(sock, reply)
+        for kind, body in events:
+            if kind == "policy":
+                self._has_policy.set()
+            if kind == "nonce" and self.source is not None:
+                self._report(sock, self._produce(body["nonce"]), body["nonce"])
+            if kind == "error":
+                log.warning("REM-S: %s: %s", body.get("reason"), body.get("detail"))
+            self._deliver(kind, body)

@@ -1,0 +1,121 @@
+"""REM-S's counters, served as Prometheus text on a loopback HTTP endpoint (``GET /metrics``).
+
+Series:
+
+- ``vims_reports_accepted_total{vm}``; ``vims_reports_rejected_total{reason}``
+- ``vims_decisions_total{kind}`` (allow, deny, cut); ``vims_open_connections``
+- ``vims_report_latency_seconds``: from a nonce request to the accepted report that carries it
+- ``vims_decision_latency_seconds``: from a client's connect to the gate's decision
+- ``vims_frame_gaps_total``: sequence gaps seen on the control channel
+
+>>> m = Metrics()
+>>> m.inc("vims_reports_rejected_total", reason="replayed")
+>>> m.observe("vims_report_latency_seconds", 0.003)
+>>> text = m.render()
+>>> 'vims_reports_rejected_total{reason="replayed"} 1' in text
+True
+>>> 'vims_report_latency_seconds_bucket{le="0.005"} 1' in text
+True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import defaultdict
+
+#: Series without labels, shown as 0 before their first change.
+UNLABELLED = frozenset({"vims_open_connections", "vims_frame_gaps_total", "vims_internal_errors_total"})
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HELP = {
+    "vims_reports_accepted_total": ("counter", "Integrity reports accepted, by VM."),
+    "vims_reports_rejected_total": ("counter", "Reports (and connecting keys) refused, by reason."),
+    "vims_decisions_total": ("counter", "Gate decisions, by kind (allow, deny, cut)."),
+    "vims_open_connections": ("gauge", "Client connections currently relayed."),
+    "vims_frame_gaps_total": ("counter", "Sequence-number gaps seen on the control channel."),
+    "vims_internal_errors_total": ("counter", "Messages whose handling hit a bug (the server carried on)."),
+    "vims_report_latency_seconds": ("histogram", "Nonce request to accepted report carrying it."),
+    "vims_decision_latency_seconds": ("histogram", "Client connect to gate decision."),
+}
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """Counters, gauges and histograms kept in memory (one REM-S process)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        self.hist: dict[str, list[float]] = {}  # bucket counts + [sum, count]
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        series = self.values[name]
+        series[key] = series.get(key, 0.0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self.values[name][tuple(sorted(labels.items()))] = value
+
+    def get(self, name: str, **labels: str) -> float:
+        return self.values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def observe(self, name: str, value: float) -> None:
+        h = self.hist.setdefault(name, [0.0] * (len(BUCKETS) + 2))
+        i = bisect.bisect_left(BUCKETS, value)
+        if i < len(BUCKETS):
+            h[i] += 1
+        h[-2] += value
+        h[-1] += 1
+
+    def render(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+        for name in sorted(set(self.values) | set(self.hist) | set(HELP)):
+            kind, text = HELP.get(name, ("untyped", name))
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if name in self.hist or kind == "histogram":
+                h = self.hist.get(name, [0.0] * (len(BUCKETS) + 2))
+                running = 0.0
+                for bound, count in zip(BUCKETS, h, strict=False):
+                    running += count
+                    lines.append(f'{name}_bucket{{le="{bound}"}} {running:g}')
+                lines += [f'{name}_bucket{{le="+Inf"}} {h[-1]:g}', f"{name}_sum {h[-2]:.6f}",
+                          f"{name}_count {h[-1]:g}"]
+                continue
+            series = self.values.get(name) or ({(): 0.0} if name in UNLABELLED else {})
+            for key, value in sorted(series.items()):
+                lines.append(f"{name}{_labels(dict(key))} {value:g}")
+        return "\n".join(lines) + "\n"
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+        """Start the HTTP endpoint; ``server.sockets[0].getsockname()[1]`` is the port."""
+        return await asyncio.start_server(self._handle, host, port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5.0)
+            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
+                pass  # headers: nothing in them matters
+            parts = request.split()
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+                body, status = self.render().encode(), b"200 OK"
+            else:
+                body, status = b"not found: GET /metrics\n", b"404 Not Found"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,146 @@
+"""The policy REM-S gives an A-VM, and the gate's decision on a report.
+
+Policy document (JSON; REM-S adds ``version`` when it stores one; the text belongs in
+``docs/schemas.md``)::
+
+    {"checks": [{"check": "kernel-text", "every_s": 10.0}],   # static checks to run, how often;
+                                                              # each must appear in every report
+     "tracing": {"mode": "duty",          # "full" (trace all the time) or "duty" (W ms of every P ms)
+                 "window_ms": 200, "period_ms": 1000,
+                 "programs": [],          # comm names to trace; [] = every process
+                 "max_events_per_s": 5000},   # cap; events beyond it are dropped and counted
+     "model_set": "default",              # the name of the fitted model set the A-VM scores with
+     "threshold": 0.5,                    # behaviour.score must be >= this to connect
+     "interval_s": 1.0,                   # report at least this often
+     "deadline_s": 3.0,                   # an open connection is cut when no accepted report is newer
+     "attest_timeout_s": 2.0}             # a connecting client waits at most this for its report
+
+Every key is optional; missing ones take :data:`DEFAULT_POLICY`'s value.
+
+>>> p = normalise_policy({"threshold": 0.8})
+>>> p["threshold"], p["interval_s"], p["tracing"]["mode"]
+(0.8, 1.0, 'duty')
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from vims.errors import InputError
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "checks": [],
+    "tracing": {"mode": "duty", "window_ms": 200, "period_ms": 1000, "programs": [], "max_events_per_s": 5000},
+    "model_set": "default",
+    "threshold": 0.5,
+    "interval_s": 1.0,
+    "deadline_s": 3.0,
+    "attest_timeout_s": 2.0,
+}
+
+
+def _num(obj: dict[str, Any], key: str, where: str, lo: float = 0.0, hi: float = math.inf,
+         open_lo: bool = True) -> float:
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{key} is not a number: {value!r}", where=where)
+    if value < lo or (open_lo and value == lo) or value > hi:
+        raise InputError(f"{key} = {value} is out of range", where=where)
+    return float(value)
+
+
+def normalise_policy(policy: Any, where: str = "policy") -> dict[str, Any]:
+    """Fill defaults into ``policy`` and validate it; raise :class:`~vims.errors.InputError` naming the field.
+
+    >>> normalise_policy({"deadline_s": 0.5, "interval_s": 1.0})
+    Traceback (most recent call last):
+    ...
+    vims.errors.InputError: policy: deadline_s (0.5) must exceed interval_s (1.0)
+    >>> normalise_policy({"tracing": {"mode": "sometimes"}})
+    Traceback (most recent call last):
+    ...
+    vims.errors.InputError: policy: tracing.mode must be 'full' or 'duty', not 'sometimes'
+    """
+    if not isinstance(policy, dict):
+        raise InputError("a policy is a JSON object", where=where)
+    unknown = set(policy) - set(DEFAULT_POLICY) - {"version"}
+    if unknown:
+        raise InputError(f"unknown policy keys: {', '.join(sorted(unknown))}", where=where)
+    out = copy.deepcopy(DEFAULT_POLICY)
+    for key, value in policy.items():
+        if key == "tracing":
+            if not isinstance(value, dict):
+                raise InputError("tracing is not an object", where=where)
+            extra = set(value) - set(DEFAULT_POLICY["tracing"])
+            if extra:
+                raise InputError(f"unknown tracing keys: {', '.join(sorted(extra))}", where=where)
+            out["tracing"].update(value)
+        elif key != "version":
+            out[key] = copy.deepcopy(value)
+    if "version" in policy:
+        out["version"] = policy["version"]
+    t = out["tracing"]
+    if t["mode"] not in ("full", "duty"):
+        raise InputError(f"tracing.mode must be 'full' or 'duty', not {t['mode']!r}", where=where)
+    for key in ("window_ms", "period_ms", "max_events_per_s"):
+        _num(t, key, where)
+    if t["window_ms"] > t["period_ms"]:
+        raise InputError("tracing.window_ms exceeds tracing.period_ms", where=where)
+    if not isinstance(t["programs"], list) or not all(isinstance(p, str) for p in t["programs"]):
+        raise InputError("tracing.programs is not a list of names", where=where)
+    if not isinstance(out["model_set"], str) or not out["model_set"]:
+        raise InputError("model_set is not a name", where=where)
+    out["threshold"] = _num(out, "threshold", where, 0.0, 1.0, open_lo=False)
+    for key in ("interval_s", "deadline_s", "attest_timeout_s"):
+        out[key] = _num(out, key, where)
+    if out["deadline_s"] <= out["interval_s"]:
+        raise InputError(f"deadline_s ({out['deadline_s']}) must exceed interval_s ({out['interval_s']})",
+                         where=where)
+    checks = out["checks"]
+    if not isinstance(checks, list):
+        raise InputError("checks is not a list", where=where)
+    for i, c in enumerate(checks):
+        if not isinstance(c, dict) or not isinstance(c.get("check"), str) or set(c) - {"check", "every_s"}:
+            raise InputError(f"checks[{i}] is not {{check, every_s}}", where=where)
+        c.setdefault("every_s", 10.0)
+        _num(c, "every_s", f"{where}: checks[{i}]")
+    return out
+
+
+def evaluate(report: dict[str, Any], policy: dict[str, Any]) -> tuple[bool, str]:
+    """The gate's verdict on an accepted report: ``(allowed, reason)``; ``reason`` is one line.
+
+    >>> from vims.remote.protocol import example_report
+    >>> evaluate(example_report(), normalise_policy({}))
+    (True, 'score 0.970 >= 0.500, 1 check(s) pass')
+    >>> bad = example_report(behaviour={"score": 0.1, "threshold": 0.5,
+    ...     "top_processes": [{"pid": 7, "comm": "nc", "score": 0.1, "evidence": []}]})
+    >>> evaluate(bad, normalise_policy({}))
+    (False, 'behaviour score 0.100 < threshold 0.500 (worst: nc pid 7)')
+    >>> evaluate(example_report(), normalise_policy({"checks": [{"check": "syscall-table"}]}))
+    (False, 'check syscall-table missing from the report')
+    """
+    for c in report["checks"]:
+        if c["status"] != "pass":
+            detail = f": {c['detail']}" if c.get("detail") else ""
+            return False, one_line(f"check {c['check']} {c['status']} on {c['target']}{detail}")
+    present = {c["check"] for c in report["checks"]}
+    for c in policy["checks"]:
+        if c["check"] not in present:
+            return False, one_line(f"check {c['check']} missing from the report")
+    score = float(report["behaviour"]["score"])
+    threshold = float(policy["threshold"])
+    if score < threshold:
+        top = report["behaviour"].get("top_processes") or []
+        worst = min(top, key=lambda p: p["score"], default=None)
+        who = f" (worst: {worst['comm']} pid {worst['pid']})" if worst else ""
+        return False, one_line(f"behaviour score {score:.3f} < threshold {threshold:.3f}{who}")
+    return True, f"score {score:.3f} >= {threshold:.3f}, {len(report['checks'])} check(s) pass"
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """One printable line of at most ``limit`` characters (reasons go to clients and logs)."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

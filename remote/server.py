@@ -1,0 +1,492 @@
+"""REM-S: the control channel to the A-VMs, the connection gate and the metrics endpoint, in one loop.
+
+One asyncio event loop serves everything:
+
+- a ZeroMQ ROUTER (CURVE server) for the A-VMs, with its own ZAP handler that admits only the CURVE keys
+  of enrolled, unrevoked A-VMs (refusals are counted and recorded as ``unenrolled``);
+- one TCP listener per enrolled VM on loopback, the gate (:mod:`vims.remote.gate`): a connection is let
+  through to the protected service only on a fresh, valid, passing report, and cut when reports stop
+  or fail;
+- the Prometheus endpoint (:mod:`vims.remote.metrics`);
+- a watcher of the database: policies set and A-VMs enrolled or revoked with the CLI while the server
+  runs take effect at once (a new policy is pushed to the A-VM).
+
+Nothing a peer sends stops the server: every message is handled inside a guard that records it as
+rejected (``malformed`` at worst) and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from zmq.utils import z85
+
+from vims.errors import VimsError
+from vims.remote.gate import GateMixin, OpenConn
+from vims.remote.keys import ServerKeys, verify_key
+from vims.remote.metrics import Metrics
+from vims.remote.policy import evaluate, one_line
+from vims.remote.protocol import (
+    MAX_MESSAGE,
+    SERVER_ID,
+    ProtocolError,
+    canonical,
+    check_report,
+    digest,
+    envelope,
+    parse_envelope,
+    verify_report,
+)
+from vims.remote.store import Store
+
+log = logging.getLogger(__name__)
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+NONCES_KEPT = 256
+
+
+@dataclass
+class AvmState:
+    """What REM-S knows about one enrolled A-VM while it runs."""
+
+    avm_id: str
+    vm_id: str
+    curve_public: str
+    verify: Ed25519PublicKey
+    gate_port: int
+    revoked: bool
+    last_seq: int
+    acked_version: int | None
+    rid: bytes | None = None  # ZeroMQ routing id of its current connection
+    out_seq: int = 0
+    in_seq: int = 0
+    nonces: collections.OrderedDict[str, float] = field(default_factory=collections.OrderedDict)
+    last_ok: float | None = None  # monotonic time of the last accepted report
+    last_verdict: tuple[bool, str] | None = None
+
+
+class RemsServer(GateMixin):
+    """REM-S.
+
+    Parameters
+    ----------
+    store : Store
+        The history (also the source of enrolments and policies).
+    keys : ServerKeys
+        REM-S's CURVE keypair.
+    control : str
+        ZeroMQ endpoint the ROUTER binds (``tcp://127.0.0.1:0`` picks a free port).
+    service : tuple of (str, int), optional
+        The protected service allowed connections are relayed to. Without one, allowed connections
+        get one line ``VIMS ALLOW <reason>`` and are closed (useful to probe a decision).
+    gate_host : str
+        Where the gates listen (loopback by default: QEMU connects the guest's serial line there).
+    metrics_port : int or None
+        Port of the Prometheus endpoint on loopback (0: any free port; None: no endpoint).
+    poll_s : float
+        How often open connections are checked against the deadline and the database for changes.
+    """
+
+    def __init__(self, store: Store, keys: ServerKeys, control: str = "tcp://127.0.0.1:0",
+                 service: tuple[str, int] | None = None, gate_host: str = "127.0.0.1",
+                 metrics_port: int | None = 0, poll_s: float = 0.1) -> None:
+        self.store = store
+        self.keys = keys
+        self.control = control
+        self.service = service
+        self.gate_host = gate_host
+        self.metrics_port = metrics_port
+        self.poll_s = poll_s
+        self.metrics = Metrics()
+        self.avms: dict[str, AvmState] = {}
+        self.by_key: dict[str, str] = {}  # CURVE public (Z85) of unrevoked A-VMs -> avm_id
+        self.by_vm: dict[str, str] = {}  # vm_id -> unrevoked avm_id
+        self.policies: dict[str, dict[str, Any]] = {}
+        self.waiters: dict[str, tuple[str, asyncio.Future[tuple[bool, str, int | None]]]] = {}
+        self.gates: dict[int, asyncio.Server] = {}
+        self.gate_vm: dict[int, str] = {}
+        self.open: dict[str, OpenConn] = {}
+        self.endpoint = ""
+        self.metrics_bound: int | None = None
+        self._conn_ids = itertools.count(1)
+        self._unenrolled_logged: dict[str, float] = {}
+        self._data_version = -1
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_server: asyncio.Server | None = None
+        self.ready = threading.Event()
+
+    # -- life cycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind everything; after this ``endpoint``, ``gate_ports()`` and ``metrics_bound`` are set."""
+        self.ctx = zmq.asyncio.Context()
+        self.zap = self.ctx.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind(ZAP_ENDPOINT)  # before the ROUTER binds, so no handshake escapes the check
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.curve_server = True
+        self.router.curve_secretkey = self.keys.secret.encode()
+        self.router.zap_domain = b"vims"
+        self.router.maxmsgsize = MAX_MESSAGE + 4096
+        self.router.sndhwm = 10000
+        try:
+            self.router.bind(self.control)
+        except zmq.ZMQError as exc:
+            raise VimsError(f"cannot bind the control channel at {self.control}: {exc}") from None
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        await self._reload()
+        if self.metrics_port is not None:
+            self._metrics_server = await self.metrics.serve("127.0.0.1", self.metrics_port)
+            self.metrics_bound = self._metrics_server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        for coro in (self._zap_loop(), self._control_loop(), self._watch_loop()):
+            self._tasks.append(loop.create_task(coro))
+        self.ready.set()
+        log.info("REM-S control channel at %s, metrics on port %s", self.endpoint, self.metrics_bound)
+
+    async def stop(self) -> None:
+        for conn in list(self.open.values()):
+            await self._cut(conn, "REM-S shutting down", record=True)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for server in [*self.gates.values(), *([self._metrics_server] if self._metrics_server else [])]:
+            server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        self.router.close(linger=0)
+        self.zap.close(linger=0)
+        self.ctx.term()
+
+    def gate_ports(self) -> dict[str, int]:
+        """vm_id -> the port its gate listens on."""
+        return {vm: port for port, vm in self.gate_vm.items()}
+
+    # -- enrolments and policies ----------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        """Bring enrolments, revocations and policies in line with the database."""
+        self._data_version = self.store.data_version()
+        rows = self.store.avms()
+        by_key: dict[str, str] = {}
+        by_vm: dict[str, str] = {}
+        for row in rows:
+            st = self.avms.get(row["avm_id"])
+            revoked = row["revoked_at"] is not None
+            if st is None or st.curve_public != row["curve_public"] or st.vm_id != row["vm_id"]:
+                st = AvmState(row["avm_id"], row["vm_id"], row["curve_public"], verify_key(row["sign_public"]),
+                              row["gate_port"], revoked, row["last_seq"], row["acked_version"])
+                self.avms[row["avm_id"]] = st
+            st.verify = verify_key(row["sign_public"])
+            st.last_seq = max(st.last_seq, row["last_seq"])
+            st.gate_port = row["gate_port"]
+            if revoked and not st.revoked:
+                st.rid = None
+                log.warning("A-VM %s revoked", st.avm_id)
+                await self._cut_vm(st.vm_id, f"A-VM {st.avm_id} revoked")
+            st.revoked = revoked  # enrolled again (--force) after a revocation: admitted again
+            if not revoked:
+                by_key[row["curve_public"]] = st.avm_id
+                by_vm[row["vm_id"]] = st.avm_id
+        self.by_key, self.by_vm = by_key, by_vm
+        for vm_id, avm_id in by_vm.items():
+            policy = self.store.policy(vm_id)
+            old = self.policies.get(vm_id)
+            self.policies[vm_id] = policy
+            st = self.avms[avm_id]
+            if old is not None and old["version"] != policy["version"] and st.rid is not None:
+                log.info("pushing policy v%d to %s", policy["version"], avm_id)
+                self._send_policy(st)
+            await self._open_gate(st.gate_port, vm_id)
+
+    async def _watch_loop(self) -> None:
+        """Cut connections whose VM has no fresh report; pick up changes made in the database."""
+        last_db = 0.0
+        while True:
+            await asyncio.sleep(self.poll_s)
+            now = time.monotonic()
+            try:
+                await self._check_deadlines()
+                if now - last_db >= 0.5:
+                    last_db = now
+                    if self.store.data_version() != self._data_version:
+                        await self._reload()
+            except Exception:
+                log.exception("watch loop")
+
+    # -- ZAP: who may connect -------------------------------------------------------------------------
+
+    async def _zap_loop(self) -> None:
+        while True:
+            frames = await self.zap.recv_multipart()
+            try:
+                reply = self._zap_reply(frames)
+            except Exception:
+                log.exception("ZAP request")
+                reply = [b"1.0", frames[1] if len(frames) > 1 else b"", b"500", b"internal error", b"", b""]
+            await self.zap.send_multipart(reply)
+
+    def _zap_reply(self, frames: list[bytes]) -> list[bytes]:
+        version, request_id, _domain, address, _identity, mechanism = frames[:6]
+        key = z85.encode(frames[6]).decode() if mechanism == b"CURVE" and len(frames) == 7 else ""
+        avm_id = self.by_key.get(key)
+        if avm_id is not None:
+            return [version, request_id, b"200", b"OK", key.encode(), b""]
+        self.metrics.inc("vims_reports_rejected_total", reason="unenrolled")
+        now = time.monotonic()
+        # A refused peer retries every few hundred ms: count every refusal, record one per key per second.
+        if now - self._unenrolled_logged.get(key, -10.0) >= 1.0:
+            self._unenrolled_logged[key] = now
+            if len(self._unenrolled_logged) > 10000:
+                self._unenrolled_logged.clear()
+            revoked = any(st.curve_public == key for st in self.avms.values())
+            self.store.record_report(avm_id=None, vm_id=None, seq=None, status="rejected", reason="unenrolled",
+                                     detail=one_line(f"{'revoked' if revoked else 'unknown'} CURVE key {key} "
+                                                  f"from {address.decode(errors='replace')}"))
+            log.warning("refused CURVE key %s from %s", key, address.decode(errors="replace"))
+        return [version, request_id, b"400", b"key not enrolled", b"", b""]
+
+    # -- the control channel --------------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart(copy=False)
+            received = time.time()
+            try:
+                self._on_message(frames, received)
+            except Exception:  # a bug must not take the server down with it
+                log.exception("handling a control message")
+                self.metrics.inc("vims_internal_errors_total")
+
+    def _send(self, st: AvmState, kind: str, body: dict[str, Any]) -> None:
+        if st.rid is None:
+            return
+        st.out_seq += 1
+        try:
+            self.router.send_multipart([st.rid, envelope(kind, SERVER_ID, st.out_seq, body)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone or its queue full: it will say hello again
+            log.warning("cannot send %s to %s: %s", kind, st.avm_id, exc)
+
+    def _send_raw_error(self, rid: bytes, reason: str, detail: str) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.router.send_multipart([rid, envelope("error", SERVER_ID, 1, {"reason": reason, "detail": detail})],
+                                       flags=zmq.NOBLOCK)
+
+    def _new_nonce(self, st: AvmState) -> str:
+        nonce = secrets.token_hex(16)
+        st.nonces[nonce] = time.monotonic()
+        while len(st.nonces) > NONCES_KEPT:
+            st.nonces.popitem(last=False)
+        return nonce
+
+    def _send_policy(self, st: AvmState) -> None:
+        policy = self.policies[st.vm_id]
+        self._send(st, "policy", {"vm_id": st.vm_id, "policy": policy, "version": policy["version"],
+                                  "last_seq": st.last_seq, "nonce": self._new_nonce(st)})
+
+    def _reject(self, st: AvmState | None, reason: str, detail: str, *, seq: int | None = None,
+                nonce: str | None = None, document: str | None = None, received: float | None = None) -> None:
+        self.metrics.inc("vims_reports_rejected_total", reason=reason)
+        detail = one_line(detail)
+        self.store.record_report(avm_id=st.avm_id if st else None, vm_id=st.vm_id if st else None, seq=seq,
+                                 status="rejected", reason=reason, detail=detail, nonce=nonce,
+                                 document=document, received_at=received)
+        log.info("rejected message from %s: %s: %s", st.avm_id if st else "?", reason, detail)
+
+    def _on_message(self, frames: list[zmq.Frame], received: float) -> None:
+        rid = frames[0].bytes
+        try:
+            key = str(frames[-1].get("User-Id"))
+        except zmq.ZMQError:
+            key = ""
+        avm_id = self.by_key.get(key)
+        if avm_id is None:
+            # Admitted at the handshake, revoked since: nothing it says counts any more.
+            st = next((s for s in self.avms.values() if s.curve_public == key), None)
+            self._reject(st, "revoked" if st else "unenrolled", "message from a key no longer enrolled",
+                         received=received)
+            self._send_raw_error(rid, "revoked", "this A-VM is no longer enrolled")
+            return
+        st = self.avms[avm_id]
+        if len(frames) != 2:
+            self._reject(st, "malformed", f"{len(frames) - 1} frames, expected 1", received=received)
+            self._send_raw_error(rid, "malformed", "expected one frame")
+            return
+        raw = frames[1].bytes
+        try:
+            msg = parse_envelope(raw)
+            if msg["sender"] != avm_id:
+                raise ProtocolError("wrong_sender", f"sender {msg['sender']!r} on the key of {avm_id}")
+        except ProtocolError as exc:
+            self._reject(st, exc.reason, exc.detail, document=raw[:1024].decode("utf-8", "replace"),
+                         received=received)
+            self._send_raw_error(rid, exc.reason, exc.detail)
+            return
+        if rid != st.rid:
+            st.rid, st.out_seq, st.in_seq = rid, 0, 0
+        if st.in_seq and msg["seq"] != st.in_seq + 1:
+            self.metrics.inc("vims_frame_gaps_total")
+        st.in_seq = msg["seq"]
+        kind = msg["type"]
+        if kind == "hello":
+            caps = msg["body"].get("capabilities", {})
+            self.store.record_hello(avm_id, caps)
+            log.info("hello from %s (VM %s)", avm_id, st.vm_id)
+            self._send_policy(st)
+        elif kind == "policy_ack":
+            version = msg["body"].get("version")
+            if not isinstance(version, int) or isinstance(version, bool):
+                self._reject(st, "malformed", "policy_ack without an integer version", received=received)
+                return
+            st.acked_version = version
+            self.store.record_ack(avm_id, version)
+        else:
+            self._on_report(st, msg, received)
+
+    def _on_report(self, st: AvmState, msg: dict[str, Any], received: float) -> None:
+        body = msg["body"]
+        nonce = body.get("nonce") if isinstance(body.get("nonce"), str) else None
+        seq = body.get("seq") if isinstance(body.get("seq"), int) and not isinstance(body.get("seq"), bool) \
+            and 0 <= body["seq"] < 2**63 else None
+        try:
+            text = canonical(body).decode()
+            verify_report(body, msg.get("sig"), st.verify)
+            check_report(body)
+            if body["avm_id"] != st.avm_id or body["vm_id"] != st.vm_id:
+                raise ProtocolError("wrong_sender", f"report names {body['avm_id']}/{body['vm_id']}, the key "
+                                                    f"is enrolled as {st.avm_id}/{st.vm_id}")
+            d = digest(body)
+            if body["seq"] <= st.last_seq:
+                if self.store.seen_report(st.avm_id, body["seq"], d):
+                    raise ProtocolError("replayed", f"report seq {body['seq']} was accepted before")
+                raise ProtocolError("out_of_sequence", f"seq {body['seq']} <= last accepted {st.last_seq}")
+            policy = self.policies[st.vm_id]
+            deadline = policy["deadline_s"]
+            skew = received - body["time"]
+            if abs(skew) > deadline:
+                when = f"made {skew:.1f} s ago" if skew > 0 else f"dated {-skew:.1f} s in the future"
+                raise ProtocolError("stale", f"report {when} by REM-S's clock (limit {deadline:g} s)")
+            if nonce is None:
+                raise ProtocolError("stale", "report carries no nonce")
+            issued = st.nonces.get(nonce)
+            if issued is None:
+                raise ProtocolError("stale", "nonce was not issued to this A-VM (or is long gone)")
+            age = time.monotonic() - issued
+            if age > deadline:
+                raise ProtocolError("stale", f"nonce issued {age:.1f} s ago (limit {deadline:g})")
+        except ProtocolError as exc:
+            self._reject(st, exc.reason, exc.detail, seq=seq, nonce=nonce, received=received,
+                         document=canonical(body).decode()[:65536] if exc.reason != "malformed" else None)
+            self._send(st, "ack", {"seq": seq, "accepted": False, "reason": exc.reason, "detail": exc.detail,
+                                   "nonce": self._new_nonce(st)})
+            waiter = self.waiters.get(nonce) if nonce else None
+            if waiter is not None and waiter[0] == st.avm_id and not waiter[1].done():
+                waiter[1].set_result((False, f"report refused ({exc.reason}: {exc.detail})", seq))
+            return
+        allowed, reason = evaluate(body, policy)
+        self.store.record_report(avm_id=st.avm_id, vm_id=st.vm_id, seq=body["seq"], status="accepted",
+                                 nonce=nonce, score=float(body["behaviour"]["score"]),
+                                 verdict="allow" if allowed else "deny", detail=reason, digest=d,
+                                 document=text, received_at=received)
+        self.metrics.inc("vims_reports_accepted_total", vm=st.vm_id)
+        st.last_seq = body["seq"]
+        st.last_ok = time.monotonic()
+        st.last_verdict = (allowed, reason)
+        self._send(st, "ack", {"seq": body["seq"], "accepted": True, "reason": None, "verdict": reason,
+                               "nonce": self._new_nonce(st)})
+        waiter = self.waiters.get(nonce) if nonce else None
+        if waiter is not None and waiter[0] == st.avm_id and not waiter[1].done():
+            self.metrics.observe("vims_report_latency_seconds", time.monotonic() - st.nonces[nonce])
+            waiter[1].set_result((allowed, reason, body["seq"]))
+        if not allowed:
+            asyncio.get_running_loop().create_task(self._cut_vm(st.vm_id, reason))
+
+class ServerThread:
+    """Run a :class:`RemsServer` in a thread with its own event loop (tests, benchmarks, the demo).
+
+    ``demo_service=True`` also starts :mod:`vims.remote.service` in the same loop and protects it.
+    ``with ServerThread(path, keys, demo_service=True) as srv:`` then ``srv.server.gate_ports()``.
+    """
+
+    def __init__(self, store_path: Any, keys: ServerKeys, demo_service: bool = False, **kwargs: Any) -> None:
+        self.store_path = store_path
+        self.demo_service = demo_service
+        self.service_server: asyncio.Server | None = None
+        self.keys = keys
+        self.kwargs = kwargs
+        self.server: RemsServer
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="rem-s", daemon=True)
+        self._error: BaseException | None = None
+        self._started = threading.Event()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        store = Store(self.store_path)
+        if self.demo_service:
+            from vims.remote.service import start_line_service
+
+            self.service_server = await start_line_service()
+            self.kwargs["service"] = ("127.0.0.1", self.service_server.sockets[0].getsockname()[1])
+        self.server = RemsServer(store, self.keys, **self.kwargs)
+        try:
+            await self.server.start()
+            self._started.set()
+            await self._stop.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.server.stop()
+            if self.service_server is not None:
+                self.service_server.close()
+            store.close()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn: Any, timeout: float = 10.0) -> Any:
+        """Run ``fn()`` in the server's loop and return its result (to read state safely)."""
+        assert self._loop is not None
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

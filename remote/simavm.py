@@ -1,0 +1,52 @@
+"""A simulated A-VM: speaks the real protocol with made-up measurements (tests, benchmark, demo).
+
+Its knobs can be turned while it runs: ``score`` (the behaviour score it reports), ``failing_check``
+(a check name reported as ``fail``), ``silent`` (stops reporting and answering nonce requests, as a
+crashed or blocked A-VM would).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vims.remote.client import AvmClient
+from vims.remote.keys import AvmIdentity
+
+
+class SimulatedAvm(AvmClient):
+    """An :class:`~vims.remote.client.AvmClient` whose reports come from its knobs.
+
+    Parameters
+    ----------
+    identity, endpoint, server_public
+        As for :class:`~vims.remote.client.AvmClient`.
+    score : float
+        The behaviour score to report (1 = entirely normal).
+    checks : list of str
+        The static checks it claims to run (each reported ``pass`` unless it is ``failing_check``).
+    """
+
+    def __init__(self, identity: AvmIdentity, endpoint: str, server_public: str, score: float = 0.95,
+                 checks: tuple[str, ...] = ("kernel-text", "syscall-table"), **kwargs: Any) -> None:
+        super().__init__(identity, endpoint, server_public,
+                         capabilities={"checks": list(checks), "collectors": ["simulated"], "models": []},
+                         source=self._content, **kwargs)
+        self.score = score
+        self.check_names = tuple(checks)
+        self.failing_check: str | None = None
+        self.silent = False
+
+    def _content(self, nonce: str | None) -> dict[str, Any] | None:
+        if self.silent:
+            return None
+        threshold = float((self.policy or {}).get("threshold", 0.5))
+        return {
+            "behaviour": {"score": self.score, "threshold": threshold,
+                          "top_processes": [{"pid": 1, "comm": "init", "score": self.score, "evidence": []}]},
+            "checks": [{"check": c, "target": "simulated",
+                        "status": "fail" if c == self.failing_check else "pass",
+                        "detail": "simulated failure" if c == self.failing_check else None}
+                       for c in self.check_names],
+            "events": {"seen": 100, "dropped": 0, "missing": 0},
+            "collector": {"kind": "simulated", "answering": nonce is not None},
+        }

@@ -1,0 +1,113 @@
+"""REM-S pieces without the network: keys, signatures, report checks, policies, the history file."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from vims.errors import InputError, VimsError
+from vims.remote.keys import AvmIdentity, AvmPublic, ServerKeys
+from vims.remote.policy import evaluate, normalise_policy
+from vims.remote.protocol import ProtocolError, check_report, example_report, sign_report, verify_report
+from vims.remote.store import Store
+
+
+def test_key_files_are_owner_only_and_load_back(tmp_path):
+    server = ServerKeys.generate()
+    server.write(tmp_path / "rems")
+    avm = AvmIdentity.generate("avm-7")
+    public = avm.write(tmp_path / "avm")
+    for path in [*(tmp_path / "rems").iterdir(), *(tmp_path / "avm").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE((tmp_path / "avm").stat().st_mode) == 0o700
+    assert ServerKeys.load(tmp_path / "rems" / "rems.secret.json") == server
+    assert AvmIdentity.load(tmp_path / "avm" / "avm.secret.json") == avm
+    assert AvmPublic.load(public) == avm.public
+    with pytest.raises(VimsError, match="exists"):
+        avm.write(tmp_path / "avm")
+
+
+def test_broken_key_file_names_the_file(tmp_path):
+    path = tmp_path / "avm.public.json"
+    path.write_text(json.dumps({"avm_id": "a", "curve_public": "short", "sign_public": "00"}))
+    with pytest.raises(InputError, match=r"avm\.public\.json: curve_public"):
+        AvmPublic.load(path)
+
+
+def test_signature_covers_every_field():
+    ident = AvmIdentity.generate("avm-1")
+    report = example_report()
+    sig = sign_report(report, ident.signing_key)
+    verify_report(report, sig, ident.signing_key.public_key())
+    tampered = json.loads(json.dumps(report))
+    tampered["behaviour"]["score"] = 1.0
+    with pytest.raises(ProtocolError) as bad:
+        verify_report(tampered, sig, ident.signing_key.public_key())
+    assert bad.value.reason == "bad_signature"
+    with pytest.raises(ProtocolError) as unsigned:
+        verify_report(report, None, ident.signing_key.public_key())
+    assert unsigned.value.reason == "unsigned"
+    other = AvmIdentity.generate("avm-1")
+    with pytest.raises(ProtocolError):
+        verify_report(report, sign_report(report, other.signing_key), ident.signing_key.public_key())
+
+
+@pytest.mark.parametrize("change", [
+    {"behaviour": {"score": 1.5, "threshold": 0.5}},
+    {"checks": [{"check": "x", "target": "y", "status": "maybe"}]},
+    {"events": {"seen": -1, "dropped": 0, "missing": 0}},
+    {"time": float("nan")},
+    {"nonce": "not hex"},
+    {"seq": True},
+])
+def test_malformed_reports_are_named(change):
+    with pytest.raises(ProtocolError) as exc:
+        check_report(example_report(**change))
+    assert exc.value.reason == "malformed"
+
+
+def test_decision_needs_every_check_and_the_threshold():
+    policy = normalise_policy({"threshold": 0.9, "checks": [{"check": "kernel-text", "every_s": 5}]})
+    assert evaluate(example_report(), policy)[0]
+    failing = example_report(checks=[{"check": "kernel-text", "target": "_text+0x1000", "status": "fail",
+                                      "detail": "page differs"}])
+    allowed, reason = evaluate(failing, policy)
+    assert not allowed and "kernel-text fail" in reason and "\n" not in reason
+    low = example_report(behaviour={"score": 0.89, "threshold": 0.1, "top_processes": []})
+    assert not evaluate(low, policy)[0]
+
+
+def test_policy_validation_names_the_field():
+    with pytest.raises(InputError, match="threshold"):
+        normalise_policy({"threshold": 2})
+    with pytest.raises(InputError, match="unknown policy keys: colour"):
+        normalise_policy({"colour": "red"})
+    with pytest.raises(InputError, match="window_ms exceeds"):
+        normalise_policy({"tracing": {"window_ms": 2000, "period_ms": 1000}})
+
+
+def test_store_enrolment_conflicts_and_revocation(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    a, b = AvmIdentity.generate("a"), AvmIdentity.generate("b")
+    store.enroll(a.public, "vm-1", 40001)
+    with pytest.raises(VimsError, match="already enrolled"):
+        store.enroll(a.public, "vm-2", 40002)
+    with pytest.raises(VimsError, match="already watched"):
+        store.enroll(b.public, "vm-1", 40002)
+    with pytest.raises(VimsError, match="gate port 40001"):
+        store.enroll(b.public, "vm-2", 40001)
+    store.revoke("a")
+    with pytest.raises(VimsError, match="no enrolled"):
+        store.revoke("a")
+    store.enroll(b.public, "vm-1", 40001)  # the VM and port are free again
+    assert [r["revoked"] for r in store.status()] == [True, False]
+    store.close()
+
+
+def test_not_a_database_is_a_user_error(tmp_path):
+    path = tmp_path / "r.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(InputError, match="not a REM-S database"):
+        Store(path)
