@@ -1,47 +1,434 @@
-"""``vims demo``: the main job on the embedded default.
+"""``vims demo``: the main job, end to end, on the bundled guest.
 
-For now it runs the part of the story that exists: import the public ADFA-LD data set and summarise
-it, and says what is still missing.
+The story, each step with a deadline:
+
+1. build the guest image (cached) and start REM-S with a protected service, its gate on the loopback
+   port the guest's client line is mapped to;
+2. boot the guest and learn its normal behaviour: trace it while its workload runs and fit a
+   per-program model set (cached beside the image for later runs);
+3. start the A-VM agent (tracer, scorer workers, static checks) reporting to REM-S; the guest's client
+   connects through REM-S and is let through;
+4. the ``webshell`` scenario: the web server runs a shell that reads ``/etc/shadow``, drops a file and
+   starts a listener; the behaviour score falls, REM-S cuts the connection and refuses new ones;
+5. kernel text is patched from outside (through the guest's RAM, standing in for a rootkit):
+   ``kernel-text`` fails and connections stay refused.
+
+It ends with a summary (``--json`` for scripts) and a report folder: ``timeline.png``, ``index.html``,
+``summary.json``, ``reports.jsonl`` and ``decisions.json``.
 """
 
 from __future__ import annotations
 
-import tempfile
+import mmap
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from vims.console import out, print_json
-from vims.errors import MissingDependencyError
-from vims.paths import datasets_dir
+from vims.console import err, out, print_json
+from vims.errors import MissingDependencyError, VimsError
 
-MISSING = [
-    "the guest under QEMU with REM-S gating its client (issues 4-7)",
-    "the webshell and kernel-patch story with a live view (issue 8)",
-]
+VM_ID = "demo-vm"
+AVM_ID = "avm-demo"
+#: The reporting interval and the policy REM-S gives the demo's A-VM.
+INTERVAL_S = 2.0
+POLICY: dict[str, Any] = {
+    "checks": [{"check": "kernel-text", "every_s": 2.0}, {"check": "syscall-table", "every_s": 2.0},
+               {"check": "hidden-processes", "every_s": 2.0}],
+    "tracing": {"mode": "full"},
+    "threshold": 0.5,
+    "interval_s": INTERVAL_S,
+    "deadline_s": 3 * INTERVAL_S,
+    "attest_timeout_s": 2 * INTERVAL_S,
+}
+#: How long the story dwells on a state (normal life before the attack, refusals after it).
+DWELL_S = 3 * INTERVAL_S
+#: The kernel function the demo's "rootkit" patches: a system call nobody makes in the guest.
+PATCH_SYMBOL = "__x64_sys_vhangup"
+#: Deadlines of the steps, in seconds.
+DEADLINES = {"build": 600.0, "boot": 240.0, "allowed": 120.0, "cut": 60.0, "refused": 60.0}
 
 
-def demo(as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
-    """Run the main job end to end on the bundled default and summarise it."""
-    from vims.datasets.adfa import read_adfa_ld
-    from vims.datasets.summary import summarize
+class DemoStepError(VimsError):
+    """A step of the demo did not happen in time; says which and what was seen."""
+
+
+@dataclass
+class Timeline:
+    """What happened, with times relative to the start of the story (seconds)."""
+
+    start: float = field(default_factory=time.time)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    marks: list[tuple[float, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def mark(self, what: str) -> float:
+        now = time.time()
+        with self.lock:
+            self.marks.append((now - self.start, what))
+        return now
+
+    def add_report(self, report: dict[str, Any]) -> None:
+        with self.lock:
+            self.reports.append(report)
+
+
+def _wait(pred: Callable[[], Any], timeout: float, step: str, seen: Callable[[], str] = lambda: "") -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > end:
+            detail = seen()
+            raise DemoStepError(f"step '{step}' did not happen within {timeout:g} s" + (f": {detail}" if detail
+                                                                                        else ""))
+        time.sleep(0.2)
+
+
+def _decisions(db: Path) -> list[dict[str, Any]]:
+    from vims.remote.store import Store
+
+    store = Store(db)
+    try:
+        return list(reversed(store.history(VM_ID, limit=10_000)["decisions"]))
+    finally:
+        store.close()
+
+
+def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path:
+    """A per-program model set of the guest's normal behaviour, cached beside the image."""
+    from vims.collector.gdbstub import GdbStub
+    from vims.collector.kernel import KernelView
+    from vims.collector.memory import PhysicalMemory
+    from vims.collector.tracer import SyscallTracer
+    from vims.datasets.capture import traces_from_events
+    from vims.models.persist import save_model
     from vims.tables import write_table
+    from vims.training.per_program import fit_model_set
 
-    source = datasets_dir() / "adfa-ld" / "ADFA-LD-dev.zip"
-    if not source.exists():
-        raise MissingDependencyError(f"ADFA-LD not found at {source}: set VIMS_DATASETS to the data sets folder")
-    with tempfile.TemporaryDirectory() as tmp:
-        output = write_table(read_adfa_ld(source, progress=True), Path(tmp) / "adfa.parquet")
-        from vims.tables import read_table
+    folder = Path(image.directory) / "demo-model"
+    model = folder / "model-set.skops"
+    if model.exists() and not refit:
+        err.print(f"using the model set learned earlier: {model}", highlight=False)
+        return model
+    err.print(f"learning the guest's normal behaviour for {capture_s:g} s ...", highlight=False)
+    stop = threading.Event()
+    failures: list[str] = []
 
-        summary = summarize(read_table(output))
-    result = {"dataset": str(source), "summary": summary, "missing": MISSING}
+    def workload() -> None:
+        # The guest's own periodic jobs run anyway; requests to its web server add the rest of normal.
+        while not stop.wait(3.0):
+            try:
+                guest.scenario("normal", timeout=30)
+            except VimsError as exc:
+                failures.append(str(exc))
+
+    driver = threading.Thread(target=workload, name="demo-normal", daemon=True)
+    memory = PhysicalMemory.open(guest.memory_path)
+    try:
+        with GdbStub(*guest.gdb_address) as gdb:
+            tracer = SyscallTracer(gdb, KernelView(memory, guest.profile), VM_ID)
+            driver.start()
+            result = tracer.run(duration=capture_s)
+    finally:
+        stop.set()
+        memory.close()
+    driver.join(timeout=60)
+    if failures:
+        err.print(f"[yellow]warning:[/] {len(failures)} request(s) of the normal workload failed while "
+                  f"learning; the first: {failures[0]}", highlight=False)
+    if result.events.num_rows == 0:
+        raise DemoStepError(f"tracing the guest for {capture_s:g} s caught no system call ({result.reason})")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(result.events, folder / "normal-events.parquet")
+    traces = traces_from_events(result.events)
+    model_set, card = fit_model_set(traces, min_traces=3)
+    save_model(model_set, model, card)
+    err.print(f"learned {len(model_set.programs())} program models from {traces.num_rows} traces "
+              f"({result.events.num_rows:,} events): {model}", highlight=False)
+    return model
+
+
+def _patch_kernel_text(guest: Any, symbol: str) -> tuple[int, bytes]:
+    """Flip one byte of ``symbol``'s code through the guest's RAM file; returns (offset, original byte)."""
+    address = guest.profile.symbol(symbol) + 1
+    physical = address - 0xFFFFFFFF80000000  # nokaslr: kernel text sits at VA - __START_KERNEL_map
+    with open(guest.memory_path, "r+b") as f, mmap.mmap(f.fileno(), 0) as ram:
+        original = ram[physical:physical + 1]
+        ram[physical:physical + 1] = bytes([original[0] ^ 0xFF])
+    return physical, original
+
+
+def _restore_byte(guest: Any, physical: int, original: bytes) -> None:
+    with open(guest.memory_path, "r+b") as f, mmap.mmap(f.fileno(), 0) as ram:
+        ram[physical:physical + 1] = original
+
+
+def _live_table(timeline: Timeline, db: Path, phase: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"VIMS demo: {phase}", title_justify="left", expand=False)
+    for column in ("t (s)", "behaviour", "checks", "top process", "REM-S decision"):
+        table.add_column(column)
+    decisions = _decisions(db)
+    with timeline.lock:
+        reports = timeline.reports[-8:]
+    for report in reports:
+        t = report["time"] - timeline.start
+        behaviour = report.get("behaviour", {})
+        failing = [c["check"] for c in report.get("checks", []) if c.get("status") != "pass"]
+        top = behaviour.get("top_processes") or [{}]
+        last = [d for d in decisions if d["time"] <= report["time"]][-1:] or [{}]
+        score = behaviour.get("score")
+        table.add_row(f"{t:6.1f}", "-" if score is None else f"{score:.2f}",
+                      ", ".join(failing) + " failing" if failing else "all pass",
+                      str(top[0].get("comm", "")), f"{last[0].get('kind', '')} {last[0].get('reason', '')}"[:60])
+    return table
+
+
+def run_demo(output: Path, capture_s: float = 40.0, refit: bool = False, live: bool = True) -> dict[str, Any]:
+    """Play the whole story; returns the summary (also written to ``output/summary.json``)."""
+    from vims.avm.agent import Agent, RemoteSink, trace_guest
+    from vims.collector.guest import Guest, build_guest
+    from vims.remote.client import AvmClient
+    from vims.remote.keys import AvmIdentity, ServerKeys
+    from vims.remote.server import ServerThread
+    from vims.remote.store import Store
+    from vims.remote.testing import free_port
+
+    if shutil.which("qemu-system-x86_64") is None:
+        raise MissingDependencyError("qemu-system-x86_64 not found: `apt-get install qemu-system-x86` "
+                                     "(or `make demo`, which installs it)")
+    output.mkdir(parents=True, exist_ok=True)
+    db = output / "rems.sqlite"
+    db.unlink(missing_ok=True)
+    err.print("building the guest image (cached after the first run) ...")
+    image = build_guest()
+    keys = ServerKeys.generate()
+    identity = AvmIdentity.generate(AVM_ID)
+    gate_port = free_port()
+    store = Store(db)
+    store.enroll(identity.public, VM_ID, gate_port, POLICY)
+    store.close()
+    timeline = Timeline()
+    summary: dict[str, Any] = {"output": str(output), "interval_s": INTERVAL_S, "policy": POLICY}
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    with ServerThread(db, keys, demo_service=True) as rems:
+        err.print(f"REM-S listening; the guest's client line goes through its gate on 127.0.0.1:{gate_port}")
+        with Guest.start(image, name=f"vims-demo-{os.getpid()}", gate_port=gate_port) as guest:
+            model = _learn_normal(guest, image, capture_s, refit)
+            timeline = Timeline()
+            agent = Agent(model, vm_id=VM_ID, avm_id=AVM_ID, workers=1, interval_s=INTERVAL_S,
+                          threshold=float(POLICY["threshold"]))
+            client = AvmClient(identity, rems.server.endpoint, keys.public)
+            agent.sinks.append(RemoteSink(agent, client))
+            agent.sinks.append(timeline.add_report)
+            patched: tuple[int, bytes] | None = None
+            try:
+                agent.start()
+                client.start()
+                client.wait_policy(timeout=30)
+                threads = [
+                    threading.Thread(target=trace_guest, args=(agent, guest, stop),
+                                     kwargs={"checks_every": 2.0}, name="demo-tracer", daemon=True),
+                    threading.Thread(target=agent.run, kwargs={"stop": stop}, name="demo-agent", daemon=True),
+                ]
+                for thread in threads:
+                    thread.start()
+                timeline.mark("A-VM attached")
+
+                def view(phase: str) -> Callable[[], str]:
+                    return lambda: _describe(timeline, db, phase)
+
+                def decided(kinds: tuple[str, ...], after: float) -> dict[str, Any] | None:
+                    return next((d for d in _decisions(db) if d["kind"] in kinds and d["time"] >= after), None)
+
+                with _maybe_live(live, timeline, db) as show:
+                    show("waiting for the client to be let through")
+                    allowed = _wait(lambda: decided(("allow",), timeline.start), DEADLINES["allowed"],
+                                    "client allowed", view("allow"))
+                    timeline.mark("client allowed")
+                    summary["allowed_before_attack"] = True
+                    summary["first_allow_s"] = round(allowed["time"] - timeline.start, 2)
+                    show("normal behaviour, client connected")
+                    time.sleep(DWELL_S)  # a few reports of normal life: a false alarm would show here
+                    summary["false_alarms_before_attack"] = [
+                        f"{d['kind']}: {d['reason']}" for d in _decisions(db)
+                        if d["kind"] in ("cut", "deny") and d["time"] > allowed["time"]]
+
+                    show("webshell: the web server runs a shell")
+                    attack = timeline.mark("webshell starts")
+                    answer = guest.scenario("webshell", timeout=120)
+                    timeline.mark("webshell done")
+                    cut = _wait(lambda: decided(("cut", "deny"), attack), DEADLINES["cut"], "connection cut",
+                                view("cut"))
+                    timeline.mark(f"connection {cut['kind']}")
+                    summary["webshell"] = answer.strip()
+                    summary["cut_kind"] = cut["kind"]
+                    summary["cut_reason"] = cut["reason"]
+                    summary["cut_after_s"] = round(cut["time"] - attack, 2)
+                    summary["cut_within_two_intervals"] = cut["time"] - attack <= 2 * INTERVAL_S
+                    time.sleep(DWELL_S / 2)  # new attempts are refused while the shell's traces stay
+                    summary["blamed"] = _blamed(timeline, after=attack)
+
+                    show("kernel text patched from outside")
+                    patch_time = timeline.mark(f"kernel text patched ({PATCH_SYMBOL})")
+                    patched = _patch_kernel_text(guest, PATCH_SYMBOL)
+                    seen = _wait(lambda: _report_with_failing(timeline, "kernel-text", patch_time),
+                                 DEADLINES["refused"], "kernel-text fails", view("kernel-text"))
+                    timeline.mark("kernel-text fails")
+                    refused = _wait(lambda: decided(("deny",), seen["time"]), DEADLINES["refused"],
+                                    "connection refused after the patch", view("refused"))
+                    timeline.mark("connection refused")
+                    summary["kernel_text_detail"] = next(
+                        (c.get("detail") for c in seen["checks"] if c["check"] == "kernel-text"
+                         and c["status"] == "fail"), None)
+                    summary["refused_after_kernel_patch"] = True
+                    summary["refusal_reason"] = refused["reason"]
+            finally:
+                stop.set()
+                if patched is not None:
+                    _restore_byte(guest, *patched)
+                for thread in threads:
+                    thread.join(timeout=30)
+                client.stop()
+                agent.close()
+        summary["decisions"] = _count_kinds(_decisions(db))
+    summary.setdefault("allowed_before_attack", False)
+    summary.setdefault("cut_within_two_intervals", False)
+    summary.setdefault("refused_after_kernel_patch", False)
+    summary["ok"] = bool(summary["allowed_before_attack"] and summary["cut_within_two_intervals"]
+                         and summary["refused_after_kernel_patch"])
+    from vims.demo_report import write_report
+
+    write_report(output, summary, timeline.reports, _decisions(db), timeline.marks, timeline.start,
+                 float(POLICY["threshold"]))
+    return summary
+
+
+def _count_kinds(decisions: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for d in decisions:
+        counts[d["kind"]] = counts.get(d["kind"], 0) + 1
+    return counts
+
+
+def _report_with_failing(timeline: Timeline, check: str, after: float) -> dict[str, Any] | None:
+    with timeline.lock:
+        reports = list(timeline.reports)
+    return next((r for r in reports if r["time"] >= after and any(
+        c["check"] == check and c["status"] == "fail" for c in r.get("checks", []))), None)
+
+
+def _blamed(timeline: Timeline, after: float) -> list[str]:
+    """The processes the reports since ``after`` named as most anomalous, in order of first mention."""
+    names: list[str] = []
+    with timeline.lock:
+        reports = [r for r in timeline.reports if r["time"] >= after]
+    for report in reports:
+        for proc in report.get("behaviour", {}).get("top_processes", []):
+            comm = str(proc.get("comm"))
+            if comm not in names:
+                names.append(comm)
+    return names
+
+
+def _describe(timeline: Timeline, db: Path, phase: str) -> str:
+    with timeline.lock:
+        last = timeline.reports[-1] if timeline.reports else None
+    decisions = _decisions(db)
+    parts = [f"{len(timeline.reports)} reports", f"decisions {_count_kinds(decisions)}"]
+    if last is not None:
+        parts.append(f"last behaviour score {last.get('behaviour', {}).get('score')}")
+        parts.append(f"last checks {[(c['check'], c['status']) for c in last.get('checks', [])]}")
+    if decisions:
+        parts.append(f"last decision {decisions[-1]['kind']}: {decisions[-1]['reason']}")
+    return "; ".join(parts)
+
+
+class _maybe_live:  # noqa: N801 (used as a context manager like rich's Live)
+    """A live rich view on stderr when it is a terminal; one line per phase otherwise."""
+
+    def __init__(self, live: bool, timeline: Timeline, db: Path) -> None:
+        self.enabled = live and err.is_terminal
+        self.timeline, self.db = timeline, db
+        self.phase = "starting"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Callable[[str], None]:
+        if self.enabled:
+            from rich.live import Live
+
+            self._live = Live(console=err, refresh_per_second=2, transient=False)
+            self._live.__enter__()
+
+            def refresh() -> None:
+                while not self._stop.wait(0.5):
+                    self._live.update(_live_table(self.timeline, self.db, self.phase))
+
+            self._thread = threading.Thread(target=refresh, daemon=True)
+            self._thread.start()
+        return self.show
+
+    def show(self, phase: str) -> None:
+        self.phase = phase
+        if not self.enabled:
+            err.print(f"[bold]{time.time() - self.timeline.start:6.1f} s[/] {phase}", highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._live.update(_live_table(self.timeline, self.db, self.phase))
+            self._live.__exit__(None, None, None)
+
+
+def demo(
+    output: Path = typer.Option(Path("vims-demo-report"), "-o", "--output",
+                                help="Folder for the report: timeline.png, index.html, summary.json, ..."),
+    capture_s: float = typer.Option(40.0, "--capture", help="Seconds of normal behaviour to learn from "
+                                    "(only when no model set is cached)."),
+    refit: bool = typer.Option(False, "--refit", help="Learn the normal behaviour again, ignoring the cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (no live view)."),
+) -> None:
+    """The main job on the bundled guest: attest it, let its client through, catch a webshell and a
+    kernel patch, and cut it off. Ends with a summary and a report folder."""
+    summary = run_demo(output, capture_s=capture_s, refit=refit, live=not as_json)
     if as_json:
-        print_json(result)
-        return
-    out.print(f"ADFA-LD: {summary['traces']:,} traces: {summary['by']['split']}")
-    out.print("Not built yet: " + "; ".join(MISSING))
+        print_json(summary)
+    else:
+        _print_summary(summary)
+    if not summary["ok"]:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    def yes(flag: bool) -> str:
+        return "[green]yes[/]" if flag else "[red]no[/]"
+
+    out.print("[bold]VIMS demo summary[/]")
+    out.print(f"  client allowed before the attack:     {yes(summary['allowed_before_attack'])}")
+    false_alarms = summary.get("false_alarms_before_attack", [])
+    out.print(f"  false alarms before the attack:       {len(false_alarms)}"
+              + (f" (first: {false_alarms[0]})" if false_alarms else ""), highlight=False)
+    out.print(f"  connection {summary.get('cut_kind', 'cut')} after the webshell:  "
+              f"{summary.get('cut_after_s', '-')} s (within two {INTERVAL_S:g} s intervals: "
+              f"{yes(summary['cut_within_two_intervals'])})", highlight=False)
+    out.print(f"  processes blamed:                     {', '.join(summary.get('blamed', [])) or '-'}")
+    out.print(f"  refused after the kernel patch:       {yes(summary['refused_after_kernel_patch'])}"
+              f" ({summary.get('refusal_reason', '')})", highlight=False)
+    out.print(f"  report: {Path(summary['output']) / 'index.html'}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
+

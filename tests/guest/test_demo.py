@@ -1,0 +1,24 @@
+"""The main job end to end: ``vims demo --json`` on the bundled guest (its own boot, REM-S, the A-VM)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_story_holds(tmp_path: Path) -> None:
+    output = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "vims.cli", "demo", "--json", "-o", str(output)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["allowed_before_attack"] is True
+    assert summary["cut_within_two_intervals"] is True, summary
+    assert summary["refused_after_kernel_patch"] is True, summary
+    assert "kernel-text" in summary["refusal_reason"]
+    assert {"sh", "httpd"} & set(summary["blamed"]), summary["blamed"]
+    for name in ("index.html", "timeline.png", "summary.json", "reports.jsonl", "decisions.json"):
+        assert (output / name).stat().st_size > 0, name
+    assert json.loads((output / "summary.json").read_text())["ok"] is True
