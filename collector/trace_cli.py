@@ -1,0 +1,121 @@
+"""``vims collect``: trace the system calls of the running guest into Parquet and/or a ZeroMQ stream."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vims.console import err, out, print_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("collect")(collect)
+
+
+def collect(
+    duration: float = typer.Option(..., "--duration", "-d", min=0.1,
+                                   help="Seconds to trace (Ctrl-C ends earlier, keeping what was captured)."),
+    output: Path | None = typer.Option(None, "-o", "--output",
+                                       help="Parquet file of events to write (written atomically)."),
+    policy_file: Path | None = typer.Option(None, "--policy",
+                                            help="Sampling policy, JSON or TOML (see vims.collector.policy)."),
+    push: str | None = typer.Option(None, "--push",
+                                    help="Also stream Arrow batches to this ZeroMQ endpoint (PUSH, connects), "
+                                         "e.g. tcp://127.0.0.1:5555."),
+    server_key: str | None = typer.Option(None, "--server-key",
+                                          help="The receiver's CURVE public key (Z85): encrypts the stream."),
+    name: str = typer.Option("vims-guest", "--name", help="Name of the guest started by `vims guest up`."),
+    vm_id: str | None = typer.Option(None, "--vm-id", help="Id written in every event and message "
+                                                           "(default: the guest's name)."),
+    method: str = typer.Option("auto", "--method",
+                               help="auto (watchpoint when the kernel allows it), watchpoint or breakpoint."),
+    max_events: int | None = typer.Option(None, "--max-events", min=1, help="Stop after this many events."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Trace the guest's system calls from outside (VMI through QEMU's GDB stub and its mapped memory).
+
+    Each event has the process (pid, tgid, ppid, comm), the call and its six arguments, the user-space call site (module + offset) and, for calls that take one, the path. The guest keeps running afterwards with no trap left in it, also after Ctrl-C.
+    """  # noqa: E501  (one line per paragraph: the help text is reflowed by rich)
+    from vims.collector.gdbstub import GdbStub
+    from vims.collector.guest import Guest
+    from vims.collector.kernel import KernelView
+    from vims.collector.memory import PhysicalMemory
+    from vims.collector.policy import Policy
+    from vims.collector.stream import BatchSender
+    from vims.collector.tracer import SyscallTracer
+    from vims.errors import VimsError
+    from vims.tables import write_table
+
+    if output is None and push is None:
+        raise VimsError("nowhere to put the events: give -o EVENTS.parquet and/or --push ENDPOINT")
+    if method not in ("auto", "watchpoint", "breakpoint"):
+        raise VimsError(f"--method {method!r}: one of auto, watchpoint, breakpoint")
+    policy = Policy.load(policy_file) if policy_file is not None else Policy()
+    guest = Guest.attach(name)
+    if not guest.running:
+        raise VimsError(f"the guest {name!r} is not running (QEMU pid {guest.pid} is gone): `vims guest up`")
+    vm_id = vm_id or name
+    memory = PhysicalMemory.open(guest.memory_path)
+    sender = BatchSender(push, sender=vm_id, kind="event", server_key=server_key) if push else None
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        view = KernelView(memory, guest.profile)
+        with GdbStub(*guest.gdb_address) as gdb:
+            tracer = SyscallTracer(gdb, view, vm_id, policy=policy, method=method,
+                                   on_batch=sender.send if sender else None, keep=output is not None)
+            if not as_json:
+                for note in tracer.notes:
+                    err.print(f"[dim]{note}[/]", highlight=False)
+            from vims.console import progress
+
+            with progress() as bar:
+                task = bar.add_task("tracing", total=duration)
+
+                def show(p: dict[str, Any]) -> None:
+                    bar.update(task, completed=min(p["seconds"], duration),
+                               description=f"tracing: {p['events']:,} events ({p['events_per_s']:,.0f}/s)")
+
+                result = tracer.run(duration=duration, stop=stop, max_events=max_events, progress=show)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stream = sender.close() if sender else None
+        memory.close()
+    if output is not None:
+        write_table(result.events, output)
+    events = result.events
+    names = Counter(tracer.syscall_name(nr) for nr in events["nr"].to_pylist())
+    programs = Counter(events["comm"].to_pylist())
+    summary = {
+        "guest": name, "vm_id": vm_id, "method": result.method, "reason": result.reason,
+        "policy": policy.to_dict(), "notes": tracer.notes, **result.stats,
+        "output": str(output) if output else None, "push": push, "stream": stream,
+        "top_syscalls": dict(names.most_common(10)), "top_programs": dict(programs.most_common(10)),
+    }
+    if as_json:
+        print_json(summary)
+        return
+    out.print(f"[bold]{result.stats['events']:,} events[/] in {result.stats['seconds']:g} s "
+              f"({result.stats['events_per_s']:,.0f}/s) by {result.method}; ended: {result.reason}",
+              highlight=False)
+    dropped = [f"{summary[k]:,} {k}" for k in ("filtered", "capped", "path_unreadable") if summary[k]]
+    if dropped:
+        out.print("not kept or incomplete: " + ", ".join(dropped), highlight=False)
+    if stream:
+        out.print(f"stream {push}: {stream['sent']} batches sent, {stream['dropped_batches']} dropped "
+                  f"({stream['dropped_rows']} events)", highlight=False)
+    out.print("top calls: " + ", ".join(f"{k} {v}" for k, v in names.most_common(8)), highlight=False)
+    out.print("top programs: " + ", ".join(f"{k} {v}" for k, v in programs.most_common(8)), highlight=False)
+    if output:
+        out.print(f"wrote {output}", highlight=False)
