@@ -188,6 +188,7 @@ class GdbStub:
         self._breakpoints: set[tuple[str, int, int]] = set()
         self._gthread: int | None = None
         self._reg_layout: list[tuple[str, int]] | None = None
+        self._reg_offsets: dict[str, tuple[int, int]] | None = None
         self._closed = False
         try:
             self._sock = socket.create_connection((host, self.port), timeout=self.timeout)
@@ -353,6 +354,16 @@ class GdbStub:
         self._send(b"c")
         self._running = True
 
+    def step(self, vcpu: int | None = None) -> StopEvent | None:
+        """Execute one instruction on ``vcpu`` (default: the one that stopped) and return its stop."""
+        self._require_stopped("single-stepping")
+        if vcpu is None and self._last_stop is not None:
+            vcpu = self._last_stop.vcpu
+        # vCont names the thread to step ('s' alone would step the Hc thread, not the Hg one).
+        self._send(b"s" if vcpu is None else f"vCont;s:{vcpu + 1:x}".encode())
+        self._running = True
+        return self.wait(self.timeout)
+
     def wait(self, timeout: float | None = None) -> StopEvent | None:
         """The next stop reply after :meth:`resume`, or None after ``timeout`` seconds (None: forever)."""
         if not self._running:
@@ -441,12 +452,38 @@ class GdbStub:
         self._require_stopped("reading the target description")
         return [name for name, _ in self._layout()]
 
-    def registers(self, vcpu: int | None = None) -> dict[str, int]:
-        """Every register of ``vcpu`` (default: the one that stopped) by name, as unsigned integers."""
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        """Each register's (position, width) in hex digits of the ``g`` packet."""
+        if self._reg_offsets is None:
+            pos, offsets = 0, {}
+            for name, bits in self._layout():
+                offsets[name] = (pos, bits // 4)
+                pos += bits // 4
+            self._reg_offsets = offsets
+        return self._reg_offsets
+
+    def registers(self, vcpu: int | None = None, names: tuple[str, ...] | None = None) -> dict[str, int]:
+        """Registers of ``vcpu`` (default: the one that stopped) by name, as unsigned integers.
+
+        With ``names``, only those are decoded from the one ``g`` packet: a trap loop that needs a
+        dozen registers per stop saves most of the decoding.
+        """
         self._require_stopped("reading registers")
         layout = self._layout()
         self._select(vcpu)
         raw = self._checked("g")
+        if names is not None:
+            offsets = self._offsets()
+            picked: dict[str, int] = {}
+            for name in names:
+                if name not in offsets:
+                    raise VimsError(f"no register {name!r} in the stub's target description")
+                pos, width = offsets[name]
+                if pos + width > len(raw):
+                    break  # beyond the packet: the complete way below
+                picked[name] = int.from_bytes(bytes.fromhex(raw[pos : pos + width]), "little")
+            else:
+                return picked
         regs: dict[str, int] = {}
         pos = 0
         index = 0

@@ -498,41 +498,12 @@ class SyscallTracer:
         self.names = self.recorder.names
         self.stats = self.recorder.stats
         self._traps: list[tuple[str, int, int]] = []
-        self._reg_offsets: dict[str, tuple[int, int]] | None = None
         self._vcpus: list[int] = [0]
 
     # -- registers -------------------------------------------------------------------------------
     def _registers(self, vcpu: int | None) -> dict[str, int]:
-        """The registers a row needs, from one ``g`` packet parsed only as far as needed.
-
-        ``GdbStub.registers`` decodes every register of the packet (about 0.3 ms in Python); a stop
-        needs eleven. Where the stub's layout is unknown this falls back to it.
-        """
-        gdb = self.gdb
-        offsets = self._reg_offsets
-        if offsets is None:
-            offsets = {}
-            try:
-                pos = 0
-                for name, bits in gdb._layout():
-                    offsets[name] = (pos, bits // 4)
-                    pos += bits // 4
-            except (AttributeError, TypeError):
-                offsets = {}
-            if not all(name in offsets for name in _REGS):
-                offsets = {}
-            self._reg_offsets = offsets
-        if not offsets:
-            return gdb.registers(vcpu)
-        gdb._select(vcpu)
-        raw = gdb._checked("g")
-        regs = {}
-        for name in _REGS:
-            pos, width = offsets[name]
-            if pos + width > len(raw):
-                return gdb.registers(vcpu)  # a register outside the packet: the slow, complete way
-            regs[name] = int.from_bytes(bytes.fromhex(raw[pos:pos + width]), "little")
-        return regs
+        """The registers a row needs, decoded alone from the stop's ``g`` packet."""
+        return self.gdb.registers(vcpu, names=_REGS)
 
     # -- traps -----------------------------------------------------------------------------------
     def _trap_list(self) -> list[tuple[str, int, int]]:
@@ -554,15 +525,7 @@ class SyscallTracer:
         """Execute the instruction under the breakpoint with the breakpoint removed, then put it back."""
         gdb = self.gdb
         self._disarm()
-        step = getattr(gdb, "step", None)
-        if step is not None:
-            event = step(vcpu)
-        else:
-            # GdbStub has no step() yet: the protocol's "s" packet, through its own send/wait.
-            gdb._select(vcpu)
-            gdb._send(b"s")
-            gdb._running = True
-            event = gdb.wait(gdb.timeout)
+        event = gdb.step(vcpu)
         self._arm()
         return event
 

@@ -249,8 +249,16 @@ def test_guest_dying_mid_trace_ends_cleanly(spare: Guest) -> None:
         view = KernelView(memory, spare.profile)
         with GdbStub(*spare.gdb_address) as gdb:
             tracer = SyscallTracer(gdb, view, "spare")
-            threading.Timer(2.0, lambda: os.kill(spare.pid, 9)).start()
-            result = tracer.run(duration=60)
+
+            def kill_once_tracing() -> None:
+                # Kill QEMU once events flow (a fixed delay races the tracer's start-up under load).
+                deadline = time.monotonic() + 60
+                while tracer.stats.get("events", 0) < 10 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                os.kill(spare.pid, 9)
+
+            threading.Thread(target=kill_once_tracing, daemon=True).start()
+            result = tracer.run(duration=90)
     assert result.reason.startswith("guest-gone"), result.reason
     assert result.events.num_rows == result.stats["events"] > 0
 
