@@ -1,0 +1,148 @@
+"""The analyst's commands: ``vims train``, ``vims score``, ``vims evaluate``, ``vims update``.
+
+Heavy libraries are imported inside the commands so that ``vims --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+MODEL = typer.Option(..., "--model", "-m", help="A model file written by `vims train` (its .card.json beside it).")
+DATA = typer.Option(..., "--data", "-d", help="A trace table (Parquet from `vims datasets import`, or an "
+                    "ADFA-LD .zip/folder read directly).")
+
+
+def _train(
+    data: Path = DATA,
+    output: Path = typer.Option(..., "--output", "-o", help="Model file to write (.skops); the card goes beside it."),
+    split: str = typer.Option("train", help="Fit on the normal traces of this split ('all': every normal trace)."),
+    detector: str = typer.Option(None, help="stide, ngram, knn, mlp or ensemble (default: the registry's default)."),
+    param: list[str] = typer.Option(None, "--param", "-p", help="A detector parameter, key=value (repeatable)."),
+    far: float = typer.Option(0.05, help="Target false-alarm rate of the calibrated threshold."),
+    cv: int = typer.Option(5, help="Folds of the out-of-fold calibration scores."),
+    as_json: bool = JSON,
+) -> None:
+    """Fit a detector on normal traces, calibrate its threshold out of fold, and save it with its card."""
+    from vims.console import out, print_json, progress
+    from vims.models.persist import save_model
+    from vims.models.registry import DEFAULT_DETECTOR
+    from vims.training.core import load_traces, train
+
+    table = load_traces(data)
+    name = detector or DEFAULT_DETECTOR
+    with progress() as bar:
+        task = bar.add_task(f"fitting {name}", total=None if name == "ensemble" else cv)
+        det, card = train(table, detector=name, params=param, split=split, far=far, cv=cv,
+                          data_path=str(data), on_fold=lambda _: bar.advance(task))
+    card = save_model(det, output, card)
+    summary = {"model": str(output), "detector": card["detector"], "params": card["params"],
+               "threshold": card["threshold"], "far": far, "training": card["training"]}
+    if as_json:
+        print_json(summary)
+    else:
+        t = card["training"]
+        out.print(f"[bold]{card['detector']}[/] fitted on {t['n_traces']:,} traces ({t['n_calls']:,} calls) "
+                  f"in {t['fit_seconds']:.1f} s; threshold {card['threshold']:.4g} at {far:.0%} false alarms "
+                  f"-> {output}")
+
+
+def _score(
+    model: Path = MODEL,
+    data: Path = DATA,
+    output: Path = typer.Option(..., "--output", "-o", help="Score table to write (Parquet)."),
+    as_json: bool = JSON,
+) -> None:
+    """Score every trace: trace_id, split, label, family, program, score (higher = more anomalous), anomalous."""
+    from vims.console import out, print_json
+    from vims.models.persist import load_model
+    from vims.schemas import SCORE_SCHEMA
+    from vims.tables import write_table
+    from vims.training.core import load_traces, score_table, threshold_of
+
+    det, _ = load_model(model)
+    table = load_traces(data)
+    scores = score_table(det, table, where=str(data))
+    write_table(scores, output, SCORE_SCHEMA)
+    n_anom = int(sum(scores.column("anomalous").to_pylist()))
+    summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom,
+               "threshold": threshold_of(det)}
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold "
+                  f"{summary['threshold']:.4g}) -> {output}")
+
+
+def _evaluate(
+    model: Path = MODEL,
+    data: Path = DATA,
+    output: Path = typer.Option(..., "--output", "-o", help="Report folder (metrics.json, roc.png, report.md)."),
+    split: list[str] = typer.Option(None, "--split", help="Evaluate on these splits (repeatable; default: "
+                                    "every split except the one the model was trained on)."),
+    as_json: bool = JSON,
+) -> None:
+    """ROC AUC, detection at 1/5/10% false alarms, per family and program, a ROC curve and a report."""
+    from vims.console import out, print_json
+    from vims.errors import InputError
+    from vims.models.persist import load_model
+    from vims.training.core import load_traces, score_table, select
+    from vims.training.report import write_report
+
+    det, card = load_model(model)
+    table = load_traces(data)
+    if split:
+        table = select(table, split)
+    else:
+        trained = (card.get("training") or {}).get("split")
+        if trained not in (None, "all"):
+            import pyarrow as pa
+
+            table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
+    if table.num_rows == 0:
+        raise InputError("no traces left to evaluate on (check --split)", where=data)
+    metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data))
+    if as_json:
+        print_json(metrics)
+    else:
+        o = metrics["overall"]
+        auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
+        out.print(f"ROC AUC [bold]{auc}[/]; detection at 1/5/10% false alarms: "
+                  + ", ".join("n/a" if o["dr"][k] is None else f"{o['dr'][k]:.1%}" for k in ("1%", "5%", "10%"))
+                  + f"  ({o['n_normal']:,} normal, {o['n_attack']:,} attack) -> {output}/report.md")
+
+
+def _update(
+    model: Path = MODEL,
+    data: Path = typer.Option(..., "--data", "-d", help="Traces an analyst confirmed as normal (only rows "
+                              "labelled normal are used)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Updated model file to write (the input is kept)."),
+    split: str = typer.Option(None, help="Use only the normal traces of this split (default: all)."),
+    cv: int = typer.Option(3, help="Folds for the out-of-fold scores of the new traces (0: score in sample)."),
+    as_json: bool = JSON,
+) -> None:
+    """Add confirmed-normal traces to a fitted model without refitting, recalibrate, record it in the card."""
+    from vims.console import err, out, print_json
+    from vims.models.persist import load_model, save_model
+    from vims.training.core import load_traces, update
+
+    det, card = load_model(model)
+    table = load_traces(data)
+    with err.status("updating"):
+        new_card = update(det, card, table, split=split, cv=cv, data_path=str(data))
+    new_card = save_model(det, output, new_card)
+    entry = new_card["updates"][-1]
+    if as_json:
+        print_json({"model": str(output), "update": entry, "threshold": new_card["threshold"]})
+    else:
+        out.print(f"added {entry['n_traces']:,} traces ({entry['n_calls']:,} calls) in {entry['seconds']:.1f} s; "
+                  f"threshold {entry['threshold_before']:.4g} -> {entry['threshold_after']:.4g} -> {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(_train)
+    app.command("score")(_score)
+    app.command("evaluate")(_evaluate)
+    app.command("update")(_update)

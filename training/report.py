@@ -1,0 +1,110 @@
+"""``vims evaluate``: metrics of a model on labelled traces, a ROC curve and a short report.
+
+The report folder gets ``metrics.json`` (everything), ``roc.png`` (ROC curve, log-scaled false-alarm
+axis with the 1/5/10% operating points marked) and ``report.md`` (a page a person can read).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vims.console import to_json
+from vims.training.metrics import FARS, detection_metrics, grouped_metrics, jsonable
+
+
+def evaluate_scores(scores: pa.Table) -> dict[str, Any]:
+    """Metrics from a score table (``vims score`` output): overall, per family, per program."""
+    s = scores.column("score").to_numpy()
+    labels = scores.column("label").to_pylist()
+    is_attack = np.array([lab == "attack" for lab in labels], dtype=bool)
+    anomalous = scores.column("anomalous").to_numpy(zero_copy_only=False)
+    overall = detection_metrics(s, is_attack)
+    overall["at_threshold"] = {
+        "false_alarm_rate": float(anomalous[~is_attack].mean()) if (~is_attack).any() else None,
+        "detection_rate": float(anomalous[is_attack].mean()) if is_attack.any() else None,
+    }
+    return jsonable({
+        "overall": overall,
+        "per_family": grouped_metrics(s, is_attack, scores.column("family").to_pylist(), False),
+        "per_program": grouped_metrics(s, is_attack, scores.column("program").to_pylist(), True),
+    })
+
+
+def _roc_png(scores: pa.Table, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    s = scores.column("score").to_numpy()
+    y = np.array([lab == "attack" for lab in scores.column("label").to_pylist()], dtype=int)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
+    if 0 < y.sum() < len(y):
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, lw=1.8, label="detector")
+        for far in FARS:
+            ax.axvline(far, color="grey", lw=0.6, ls=":")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance")
+    ax.set_xlabel("false-alarm rate")
+    ax.set_ylabel("detection rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
+    o = metrics["overall"]
+    auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
+    lines = [
+        f"# Evaluation of a `{card.get('detector')}` model",
+        "",
+        f"- data: `{data}` ({o['n_normal']} normal, {o['n_attack']} attack traces)",
+        f"- trained on: {card.get('training', {}).get('n_traces')} traces of split "
+        f"`{card.get('training', {}).get('split')}`; updates: {len(card.get('updates', []))}",
+        f"- threshold {card.get('threshold')} for a target false-alarm rate of {card.get('far')}",
+        "",
+        f"**ROC AUC {auc}**; detection at 1/5/10% false alarms: "
+        + ", ".join(_pct(o["dr"][k]) for k in ("1%", "5%", "10%")) + ".",
+        f"At the calibrated threshold: {_pct(o['at_threshold']['false_alarm_rate'])} false alarms, "
+        f"{_pct(o['at_threshold']['detection_rate'])} of attacks detected.",
+        "",
+        "![ROC curve](roc.png)",
+        "",
+    ]
+    for title, key in (("Per attack family", "per_family"), ("Per program", "per_program")):
+        if metrics[key]:
+            lines += [f"## {title}", "", "| group | attacks | AUC | DR@1% | DR@5% | DR@10% |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for name, m in metrics[key].items():
+                a = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+                lines.append(f"| {name} | {m['n_attack']} | {a} | " +
+                             " | ".join(_pct(m["dr"][k]) for k in ("1%", "5%", "10%")) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, data: str) -> dict[str, Any]:
+    """Write ``metrics.json``, ``roc.png`` and ``report.md`` to ``out_dir``; return the metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_scores(scores)
+    metrics["model"] = {k: card.get(k) for k in ("detector", "params", "threshold", "far", "sha256")}
+    metrics["data"] = data
+    (out / "metrics.json").write_text(to_json(metrics) + "\n")
+    auc = metrics["overall"]["auc"]
+    _roc_png(scores, out / "roc.png", f"{card.get('detector')} on {Path(data).name}"
+             + ("" if auc is None else f" (AUC {auc:.3f})"))
+    (out / "report.md").write_text(_markdown(metrics, card, data) + "\n")
+    return metrics
