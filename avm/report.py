@@ -1,0 +1,326 @@
+"""The integrity report: what the A-VM says about its VM every reporting interval.
+
+A report is one JSON document, in exactly the shape REM-S checks (:mod:`vims.remote.protocol`,
+:func:`~vims.remote.protocol.check_report`); the keys below ``behaviour``, ``events`` and
+``collector`` beyond the ones REM-S needs are allowed and signed with the rest. ``vims avm run --json``
+and ``vims avm replay --json`` print one per line::
+
+    {"vm_id": "vm-1", "avm_id": "avm-1",
+     "seq": 17,                     # per A-VM, from 1, strictly increasing
+     "time": 1764240000.25,         # unix seconds when the report was made
+     "nonce": null,                 # the latest REM-S nonce (filled in by the REM-S client)
+     "interval_s": 1.0,             # the reporting interval
+     "behaviour": {
+        "score": 0.97,              # in [0, 1], 1 = entirely normal (definition below)
+        "threshold": 0.5,           # below it the A-VM calls the VM anomalous
+        "anomalous": false,         # score < threshold
+        "windows": 5120,            # windows closed in the last `horizon` intervals (one per scored call)
+        "windows_above": 40,        # of which above their program's window threshold
+        "processes": 12,            # processes that made calls in those intervals
+        "horizon_s": 5.0,           # how far back the score looks: `horizon` x interval_s
+        "top_processes": [          # the least normal processes of those intervals, worst first
+           {"pid": 812, "tgid": 812, "comm": "exe",  # the kernel's name of the task
+            "name": "sh",           # the program it runs (execve path, argv[0] for /proc/self/exe)
+            "model": "sh",          # the model-set key that scored it ("*": the fallback)
+            "ppid": 700, "parent": "exec.cgi",  # when the collector gives the parent
+            "lineage": ["exec.cgi[700]", "httpd[312]", "init[1]"],  # parent, grandparent, ... as known
+            "cmdline": "sh -c cat /etc/shadow",  # of the execve that started it, when known
+            "score": 0.2,           # this process's own normality: 1 - its share of windows above
+            "windows": 50, "windows_above": 40,
+            "max_window": 0.85,     # its rarest window: mean surprise of `window` consecutive calls
+            "threshold": 0.1,       # the window threshold of its program's model
+            "trace_score": 0.31,    # its whole-trace anomaly so far (as batch scoring gives it)
+            "evidence": ["40 of 50 windows above threshold 0.1 (model: sh)",
+                         "command line: sh -c cat /etc/shadow",
+                         "started by exec.cgi[700] <- httpd[312] <- init[1]",
+                         "rarest window, mean surprise 0.85:",
+                         "*openat /etc/shadow @0x4012a3", " read @0x4012c8", ...]}]},
+     "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": null,
+                 "cost": "deep", "ts_ns": 1764240000000000000}],   # latest result of every check
+     "events": {"seen": 51200, "scored": 51200,  # since the agent started
+                "dropped": 0,       # dropped and counted where they were dropped (a full queue)
+                "missing": 0,       # lost without such a count: gaps in the collector's event seq,
+                                    # batches lost on the way to or inside a scorer that died
+                "interval": {"seen": 5120, "scored": 5120, "dropped": 0, "missing": 0}},
+     "collector": {...,             # the collector's own health (tracer state, rate, its drops)
+                   "pipeline": {"workers": [...], "restarts": 0, "latency_p50_s": 0.004,
+                                "latency_p99_s": 0.02, "result_gaps": 0}}}
+
+Behaviour score
+---------------
+Every call a process makes closes a *window*: the mean per-call surprise of its last ``window`` calls
+under the model of its program (:mod:`vims.avm.scoring`). A window is *above threshold* when that mean
+exceeds the program's calibrated window threshold (the ``1 - far`` quantile of the windows of held-out
+normal traces: :mod:`vims.training.per_program`), so on normal behaviour about ``far`` of the windows
+are above it. (A single detector without a model set uses its own trace threshold.) A process's normality over
+the last ``horizon`` reporting intervals (default 5) is ``1 - above / windows``. The VM's behaviour score
+is the normality of its least normal process, among the processes that closed at least
+``min_windows`` windows in those intervals (processes with fewer are pooled into one, so a burst of
+short-lived processes counts as one):
+
+    score = min over processes p of (1 - above_p / windows_p),  or 1.0 if no calls were scored
+
+One process behaving abnormally most of the time (a web server's shell reading ``/etc/shadow``) pulls
+the score under the threshold (default 0.5: more than half of a process's windows are rare), however
+much normal work the rest of the VM does; a scattering of rare windows across normal processes
+does not. Processes evicted from a scorer's bounded state start afresh.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+#: Keys of a report REM-S fills in itself when the report goes through its client.
+SESSION_KEYS = ("vm_id", "avm_id", "seq", "time", "nonce", "interval_s", "policy_version")
+
+
+@dataclass
+class _Interval:
+    """One process's part of the current interval."""
+
+    tgid: int
+    program: str
+    comm: str = ""
+    ppid: int | None = None
+    cmdline: str | None = None
+    windows: int = 0
+    above: int = 0
+    calls: int = 0
+    max_window: float = float("-inf")
+    threshold: float = 0.0
+    trace_score: float = 0.0
+    evidence: list[str] = field(default_factory=list)
+
+
+class ReportBuilder:
+    """Accumulate scorer results and make integrity reports.
+
+    Parameters
+    ----------
+    vm_id, avm_id : str
+        Who the reports are about and who makes them.
+    interval_s : float
+        The reporting interval (recorded in each report).
+    threshold : float
+        Behaviour score under which the VM is called anomalous.
+    min_windows : int
+        Windows a process needs in an interval to be judged on its own (fewer: pooled).
+    top : int
+        Processes listed in ``top_processes`` at most.
+    horizon : int
+        Reporting intervals the behaviour score looks back over (an attack is not forgotten as soon as
+        it goes quiet).
+    keep_scores : int
+        Latest trace scores kept (per process) for :meth:`trace_scores`.
+    """
+
+    def __init__(self, vm_id: str = "vm-1", avm_id: str = "avm-1", interval_s: float = 1.0,
+                 threshold: float = 0.5, min_windows: int = 10, top: int = 5, horizon: int = 5,
+                 keep_scores: int = 1_000_000) -> None:
+        self.vm_id = vm_id
+        self.avm_id = avm_id
+        self.interval_s = interval_s
+        self.threshold = threshold
+        self.min_windows = min_windows
+        self.top = top
+        self.horizon = horizon
+        self.keep_scores = keep_scores
+        self._recent: deque[dict[tuple[int, str], _Interval]] = deque(maxlen=max(1, horizon))
+        self.seq = 0
+        self.checks: dict[tuple[str, str], dict[str, Any]] = {}
+        self._interval: dict[tuple[int, str], _Interval] = {}
+        self._scores: OrderedDict[tuple[int, str], tuple[float, int, str]] = OrderedDict()
+        self._last_counts: dict[str, int] = {}
+        self._names: OrderedDict[int, tuple[str, int | None]] = OrderedDict()  # pid -> (program, ppid)
+        self._lock = threading.Lock()
+
+    # -- input ----------------------------------------------------------------------------------------
+    def add(self, result: pa.Table, meta: Mapping[str, str] | None = None) -> None:
+        """Take one scorer result table (:data:`vims.avm.scoring.RESULT_SCHEMA`)."""
+        if result.num_rows == 0:
+            return
+        cols = result.to_pydict()
+        with self._lock:
+            for i in range(result.num_rows):
+                key = (cols["pid"][i], cols["name"][i])
+                p = self._interval.get(key)
+                if p is None:
+                    p = self._interval[key] = _Interval(cols["tgid"][i], cols["program"][i])
+                p.comm, p.ppid, p.cmdline = cols["comm"][i], cols["ppid"][i], cols["cmdline"][i]
+                self._names[cols["pid"][i]] = (cols["name"][i], cols["ppid"][i])
+                self._names.move_to_end(cols["pid"][i])
+                p.calls += cols["calls"][i]
+                p.windows += cols["calls"][i]
+                p.above += cols["windows_above"][i]
+                p.threshold = cols["threshold"][i]
+                p.trace_score = cols["score"][i]
+                if cols["max_window"][i] > p.max_window:
+                    p.max_window = cols["max_window"][i]
+                    if cols["evidence"][i]:
+                        p.evidence = cols["evidence"][i]
+                self._scores[key] = (cols["score"][i], cols["total_calls"][i], cols["program"][i])
+                self._scores.move_to_end(key)
+            while len(self._scores) > self.keep_scores:
+                self._scores.popitem(last=False)
+            while len(self._names) > 65536:
+                self._names.popitem(last=False)
+
+    def set_checks(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Record static check results (CHECK_SCHEMA rows); the latest per (check, target) is reported."""
+        with self._lock:
+            for r in rows:
+                row: dict[str, Any] = {"check": str(r["check"]), "target": str(r["target"]),
+                                       "status": str(r["status"]),
+                       "detail": None if r.get("detail") is None else str(r["detail"])}
+                for extra in ("cost", "ts_ns"):
+                    if r.get(extra) is not None:
+                        row[extra] = r[extra] if extra != "ts_ns" else int(r[extra])
+                self.checks[(str(r["check"]), str(r["target"]))] = row
+
+    def trace_scores(self) -> dict[tuple[int, str], tuple[float, int, str]]:
+        """The latest ``(trace score, calls, model key)`` of every process seen, by ``(pid, program name)``."""
+        with self._lock:
+            return dict(self._scores)
+
+    # -- output ---------------------------------------------------------------------------------------
+    def behaviour(self) -> dict[str, Any]:
+        """The behaviour part of a report from the last ``horizon`` intervals; starts a new interval."""
+        with self._lock:
+            current, self._interval = self._interval, {}
+        self._recent.append(current)
+        interval = _merge(self._recent)
+        windows = sum(p.windows for p in interval.values())
+        above = sum(p.above for p in interval.values())
+        groups = [(1.0 - p.above / p.windows) for p in interval.values() if p.windows >= self.min_windows]
+        short = [p for p in interval.values() if 0 < p.windows < self.min_windows]
+        if short:
+            groups.append(1.0 - sum(p.above for p in short) / sum(p.windows for p in short))
+        score = min(groups) if groups else 1.0
+        # least normal first; among equals, the one with more rare windows (more evidence) first
+        ranked = sorted(((k, p) for k, p in interval.items() if p.above > 0),
+                        key=lambda kp: ((kp[1].windows - kp[1].above) / kp[1].windows, -kp[1].above))
+        top = []
+        with self._lock:
+            names = dict(self._names)
+        for (pid, name), p in ranked[:self.top]:
+            evidence = [f"{p.above} of {p.windows} windows above threshold {p.threshold:.3g} (model: {p.program})"]
+            lineage = _lineage(names, p.ppid)
+            parent = lineage[0][0] if lineage else None
+            if p.cmdline:
+                evidence.append(f"command line: {p.cmdline}")
+            if p.ppid is not None:
+                evidence.append("started by " + " <- ".join(f"{n or '?'}[{q}]" for n, q in lineage))
+            if p.evidence:
+                evidence.append(f"rarest window, mean surprise {p.max_window:.3g}:")
+                evidence.extend(p.evidence)
+            top.append({"pid": int(pid), "tgid": int(p.tgid), "comm": p.comm, "name": name, "model": p.program,
+                        "ppid": p.ppid, "parent": parent, "cmdline": p.cmdline,
+                        "lineage": [f"{n or '?'}[{q}]" for n, q in lineage],
+                        "score": round(1.0 - p.above / p.windows, 6), "windows": p.windows,
+                        "windows_above": p.above, "max_window": round(p.max_window, 6),
+                        "threshold": p.threshold, "trace_score": round(p.trace_score, 6), "evidence": evidence})
+        return {"score": round(score, 6), "threshold": self.threshold, "anomalous": score < self.threshold,
+                "horizon_s": round(self.horizon * self.interval_s, 6),
+                "windows": windows, "windows_above": above, "processes": len(interval), "top_processes": top}
+
+    def content(self, counts: Mapping[str, Any], collector: Mapping[str, Any] | None = None,
+                latency: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+        """A report without the keys REM-S's client fills in (:data:`SESSION_KEYS`); starts a new interval.
+
+        ``counts`` is :meth:`vims.avm.pipeline.Pipeline.counts`; ``collector`` the collector's health
+        (its ``dropped`` events are added to the events dropped).
+        """
+        collector = dict(collector or {})
+        totals = {"seen": int(counts.get("seen", 0)), "scored": int(counts.get("scored", 0)),
+                  "dropped": int(counts.get("dropped", 0)) + int(collector.get("dropped", 0) or 0),
+                  "missing": int(counts.get("missing", 0))}
+        interval = {k: v - self._last_counts.get(k, 0) for k, v in totals.items()}
+        self._last_counts = totals
+        latency = latency or {}
+        collector["pipeline"] = {"workers": counts.get("workers", []), "restarts": counts.get("restarts", 0),
+                                 "latency_p50_s": latency.get("p50"), "latency_p99_s": latency.get("p99"),
+                                 "result_gaps": counts.get("result_gaps", 0),
+                                 "missing_seq_gaps": counts.get("missing_seq_gaps", 0)}
+        with self._lock:
+            checks = sorted(self.checks.values(), key=lambda c: (c["check"], c["target"]))
+        return {"behaviour": self.behaviour(), "checks": checks, "events": {**totals, "interval": interval},
+                "collector": collector}
+
+    def report(self, counts: Mapping[str, Any], collector: Mapping[str, Any] | None = None,
+               latency: Mapping[str, float | None] | None = None, nonce: str | None = None,
+               policy_version: int | None = None) -> dict[str, Any]:
+        """A whole report document (for ``--json`` and files); starts a new interval."""
+        self.seq += 1
+        doc: dict[str, Any] = {"vm_id": self.vm_id, "avm_id": self.avm_id, "seq": self.seq, "time": time.time(),
+                               "nonce": nonce, "interval_s": self.interval_s}
+        if policy_version is not None:
+            doc["policy_version"] = policy_version
+        doc.update(self.content(counts, collector, latency))
+        return doc
+
+
+def _merge(intervals: Iterable[dict[tuple[int, str], _Interval]]) -> dict[tuple[int, str], _Interval]:
+    """Per process, its windows over several intervals (oldest first): counts add up, the rarest window
+    and its evidence are kept, the rest is the latest."""
+    out: dict[tuple[int, str], _Interval] = {}
+    for interval in intervals:
+        for key, p in interval.items():
+            q = out.get(key)
+            if q is None:
+                out[key] = replace(p, evidence=list(p.evidence))
+                continue
+            q.windows += p.windows
+            q.above += p.above
+            q.calls += p.calls
+            q.tgid, q.program, q.comm, q.ppid, q.cmdline = p.tgid, p.program, p.comm, p.ppid, p.cmdline
+            q.threshold, q.trace_score = p.threshold, p.trace_score
+            if p.max_window > q.max_window:
+                q.max_window = p.max_window
+                if p.evidence:
+                    q.evidence = list(p.evidence)
+    return out
+
+
+def _lineage(names: Mapping[int, tuple[str, int | None]], ppid: int | None,
+             depth: int = 8) -> list[tuple[str | None, int]]:
+    """``[(name, pid), ...]`` of a process's parent, its parent's parent, ... as far as they are known.
+
+    >>> _lineage({5: ("sh", 4), 4: ("httpd", 1)}, 5)
+    [('sh', 5), ('httpd', 4), (None, 1)]
+    """
+    out: list[tuple[str | None, int]] = []
+    seen = set()
+    while ppid is not None and ppid not in seen and len(out) < depth:
+        seen.add(ppid)
+        name, parent = names.get(ppid, (None, None))
+        out.append((name, ppid))
+        ppid = parent if parent is not None and parent > 0 else None
+    return out
+
+
+def summary_line(report: Mapping[str, Any]) -> str:
+    """One line for a person: the score, the worst processes, the counts.
+
+    >>> summary_line({"seq": 3, "behaviour": {"score": 0.2, "threshold": 0.5, "top_processes": [
+    ...     {"pid": 9, "comm": "sh", "score": 0.2}]}, "events": {"seen": 10, "dropped": 1, "missing": 0},
+    ...     "checks": [{"status": "pass"}]})
+    '#3 behaviour 0.20 < 0.5 ANOMALOUS | sh[9] 0.20 | checks 1 pass | events 10 seen, 1 dropped, 0 missing'
+    """
+    b = report["behaviour"]
+    verdict = "ANOMALOUS" if b["score"] < b["threshold"] else "normal"
+    sign = "<" if b["score"] < b["threshold"] else ">="
+    top = ", ".join(f"{p.get('name', p['comm'])}[{p['pid']}] {p['score']:.2f}"
+                    for p in b.get("top_processes", [])[:3]) or "-"
+    checks = report.get("checks", [])
+    failed = [c for c in checks if c.get("status") != "pass"]
+    chk = f"{len(checks) - len(failed)} pass" + (f", {len(failed)} FAIL" if failed else "")
+    ev = report["events"]
+    return (f"#{report['seq']} behaviour {b['score']:.2f} {sign} {b['threshold']:g} {verdict} | {top} | "
+            f"checks {chk} | events {ev['seen']} seen, {ev['dropped']} dropped, {ev['missing']} missing")

@@ -1,0 +1,114 @@
+"""Per-program model sets: a detector for each program the VM runs, and a fallback for the rest.
+
+Different programs make very different system calls: a model of everything a VM does is blurred by
+its busiest program. A :class:`ModelSet` maps program names (the task's ``comm``, at most 15
+characters in Linux, so a longer name also matches its first 15 characters) to fitted detectors, and
+scores everything else with ``fallback``. ``window_thresholds`` holds, per program key, the calibrated
+threshold on the mean surprise of a window of calls that the A-VM pipeline uses
+(:mod:`vims.avm.scoring`). A model set is saved and loaded like one detector
+(:func:`vims.models.persist.save_model`, skops, trusted types only); fit one with
+:func:`vims.training.per_program.fit_model_set`.
+
+>>> from vims.models.stide import Stide
+>>> ms = ModelSet({"httpd": Stide(k=2).fit([[1, 2, 1, 2]])}, fallback=Stide(k=2).fit([[3, 4, 3, 4]]))
+>>> ms.for_program("httpd")[0], ms.for_program("cron")[0]
+('httpd', '*')
+>>> import pyarrow as pa
+>>> t = pa.table({"program": ["httpd", "cron"], "syscalls": [[1, 2, 1], [1, 2, 1]]})
+>>> ms.anomaly_score(t).tolist()
+[0.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from vims.errors import InputError, VimsError
+from vims.models._seq import as_flat
+
+FALLBACK = "*"
+#: Linux keeps at most this many characters of a program name in ``comm``.
+COMM_LEN = 15
+
+
+class ModelSet(BaseEstimator):
+    """Program name -> fitted detector, with a fallback.
+
+    Parameters
+    ----------
+    models : dict of str to Detector
+        Fitted detectors by program name.
+    fallback : Detector
+        Fitted detector for any other program (key ``"*"``).
+    window_thresholds : dict of str to float, optional
+        Calibrated window thresholds by program key (``"*"`` for the fallback).
+    """
+
+    def __init__(self, models: dict[str, Any] | None = None, fallback: Any = None,
+                 window_thresholds: dict[str, float] | None = None) -> None:
+        self.models = models
+        self.fallback = fallback
+        self.window_thresholds = window_thresholds
+
+    def _check(self) -> None:
+        if self.fallback is None or not hasattr(self.fallback, "offset_"):
+            raise VimsError("this model set has no fitted fallback model")
+
+    @property
+    def offset_(self) -> float:
+        """The fallback's offset (what code written for one detector sees)."""
+        self._check()
+        return float(self.fallback.offset_)
+
+    def programs(self) -> dict[str, Any]:
+        """Every program key and its detector, the fallback as ``"*"``."""
+        self._check()
+        return {**(self.models or {}), FALLBACK: self.fallback}
+
+    def for_program(self, name: str | None) -> tuple[str, Any]:
+        """``(key, detector)`` that scores program ``name``."""
+        self._check()
+        models = self.models or {}
+        if name is not None:
+            if name in models:
+                return name, models[name]
+            for key, det in models.items():  # comm is the name cut to 15 characters
+                if len(key) > COMM_LEN and key[:COMM_LEN] == name:
+                    return key, det
+        return FALLBACK, self.fallback
+
+    def window_threshold(self, key: str) -> float | None:
+        """The calibrated window threshold of program ``key`` (None: not calibrated)."""
+        value = (self.window_thresholds or {}).get(key)
+        return None if value is None else float(value)
+
+    def anomaly_score(self, X: Any) -> np.ndarray:  # noqa: N803 (scikit-learn naming)
+        """Each trace scored by its program's detector; ``X`` is a trace table with a ``program`` column."""
+        if not hasattr(X, "column_names") or "program" not in X.column_names:
+            raise InputError("a model set scores trace tables with a 'program' column")
+        flat = as_flat(X)
+        programs = X.column("program").to_pylist()
+        out = np.zeros(flat.n_traces)
+        by_key: dict[str, list[int]] = {}
+        for i, name in enumerate(programs):
+            by_key.setdefault(self.for_program(name)[0], []).append(i)
+        every = self.programs()
+        for key, rows in by_key.items():
+            out[rows] = every[key].anomaly_score(flat.take(rows))
+        return out
+
+    def score_samples(self, X: Any) -> np.ndarray:  # noqa: N803
+        """Normality of each trace (``-anomaly_score``)."""
+        return -self.anomaly_score(X)
+
+    def predict(self, X: Any) -> np.ndarray:  # noqa: N803
+        """+1 for traces under their program's threshold, -1 above it."""
+        if not hasattr(X, "column_names") or "program" not in X.column_names:
+            raise InputError("a model set scores trace tables with a 'program' column")
+        scores = self.anomaly_score(X)
+        every = self.programs()
+        thr = np.array([-every[self.for_program(p)[0]].offset_ for p in X.column("program").to_pylist()])
+        return np.where(scores > thr, -1, 1)

@@ -1,0 +1,110 @@
+"""The A-VM agent on the real guest: a model set fitted on normal captures, then the webshell attack.
+
+The agent traces the guest itself (the watchpoint tracer through QEMU's GDB stub), scores every call
+in a scorer worker process and reports every ``INTERVAL`` seconds. Within two reports of the webshell
+scenario's start the behaviour score must fall below the threshold, and the report must name the
+shell (``sh``) and the web server (``httpd``) it came from.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from vims.avm.agent import Agent, trace_guest
+from vims.collector.gdbstub import GdbStub
+from vims.collector.guest import Guest
+from vims.collector.kernel import KernelView
+from vims.collector.memory import PhysicalMemory
+from vims.collector.tracer import SyscallTracer
+from vims.datasets.capture import traces_from_events
+from vims.remote.protocol import check_report
+from vims.training.per_program import fit_model_set
+
+INTERVAL = 3.0
+
+
+def _capture(guest: Guest, seconds: float, runs: int) -> pa.Table:
+    """Events of the guest while the normal scenario plays ``runs`` times."""
+    memory = PhysicalMemory.open(guest.memory_path)
+    try:
+        with GdbStub(*guest.gdb_address) as gdb:
+            tracer = SyscallTracer(gdb, KernelView(memory, guest.profile), "vm-guest")
+            player = threading.Thread(target=lambda: [guest.scenario("normal") for _ in range(runs)])
+            player.start()
+            result = tracer.run(duration=seconds)
+            player.join()
+    finally:
+        memory.close()
+    return result.events
+
+
+def _names(process: dict[str, Any]) -> str:
+    return " ".join(str(process.get(k) or "") for k in ("comm", "name", "parent", "cmdline")) + " " + \
+        " ".join(process.get("evidence", []))
+
+
+def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> None:
+    normal = pa.concat_tables([_capture(guest, 15, 4) for _ in range(3)])
+    traces = traces_from_events(normal)
+    model_set, _card = fit_model_set(traces, detector="ngram", params=["order=4"], min_traces=3, far=0.05, cv=3)
+    assert "httpd" in model_set.programs()
+
+    reports: list[tuple[float, dict[str, Any]]] = []
+    stop = threading.Event()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+    with Agent(model_set, vm_id="vm-guest", workers=1, interval_s=INTERVAL, threshold=0.5, top=30) as agent:
+        agent.sinks.append(lambda r: reports.append((time.monotonic(), r)))
+
+        def tracing() -> None:
+            try:
+                trace_guest(agent, guest, stop, checks_every=5.0, on_ready=ready.set)
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+
+        tracer = threading.Thread(target=tracing)
+        tracer.start()
+        reporter = threading.Thread(target=agent.run, kwargs={"stop": stop})
+        reporter.start()
+        try:
+            assert ready.wait(60) and not failure, failure
+            guest.scenario("normal")
+            time.sleep(INTERVAL)
+            started = time.monotonic()
+            before = len(reports)
+            try:
+                guest.scenario("webshell")
+                deadline = started + 2 * INTERVAL + 30  # two more reports, however slow the traced guest is
+                while time.monotonic() < deadline and len(reports) < before + 2:
+                    time.sleep(0.2)
+            finally:
+                guest.reset()
+        finally:
+            stop.set()
+            tracer.join(60)
+            reporter.join(30)
+    assert not failure, failure
+    after = [r for t, r in reports if t >= started][:2]
+    assert len(after) == 2, f"{len(reports)} reports"
+    for r in after:
+        check_report(r)
+    # before the attack, with the normal scenario playing, the VM was judged normal
+    normal_reports = [r for t, r in reports if t < started]
+    assert normal_reports
+    last_normal = normal_reports[-1]["behaviour"]
+    assert last_normal["score"] >= last_normal["threshold"], [
+        (p["pid"], p["name"], p["windows"], p["windows_above"], p["lineage"], p["evidence"])
+        for p in last_normal["top_processes"]]
+    hit = next((r for r in after if r["behaviour"]["score"] < r["behaviour"]["threshold"]), None)
+    assert hit is not None, [r["behaviour"] for r in after]
+    top = hit["behaviour"]["top_processes"]
+    assert any(p["name"] == "sh" or (p.get("cmdline") or "").startswith("sh ") for p in top), top
+    # the shell's ancestry goes back to the web server: sh <- ... <- exec.cgi <- httpd
+    assert any("httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"]) for p in top), top
+    assert hit["events"]["seen"] > 0 and hit["collector"]["state"] == "tracing"
+    assert {c["check"] for c in hit["checks"]} >= {"kernel-text", "syscall-table"}

@@ -1,0 +1,117 @@
+"""The A-VM agent's ways in and out over real sockets: a collector in another process pushing events
+(``vims avm run --pull``), and signed reports to a real REM-S that gates a client on them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from vims.avm.agent import Agent, RemoteSink, ingest
+from vims.avm.scoring import events_from_calls
+from vims.collector.stream import BatchSender
+from vims.models.stide import Stide
+from vims.remote.client import AvmClient
+from vims.remote.testing import Deployment, free_port, read_all, read_line, wait_until
+
+FAST = {"interval_s": 0.3, "deadline_s": 3.0, "attest_timeout_s": 5.0}
+
+
+@pytest.fixture(scope="module")
+def model() -> Stide:
+    rng = np.random.default_rng(0)
+    nxt = rng.integers(0, 20, size=(20, 2))
+    traces = []
+    for _ in range(30):
+        c, t = 0, []
+        for _ in range(200):
+            c = int(nxt[c, rng.integers(2)])
+            t.append(c)
+        traces.append(t)
+    model = Stide(k=4).fit(traces)
+    model.normal_ = traces  # the traces themselves, for the tests to replay
+    return model
+
+
+def test_pulled_events_and_checks_are_scored_and_the_senders_drops_reported(model) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    stop = threading.Event()
+    with Agent(model, workers=1, interval_s=60) as agent:
+        receiver = threading.Thread(target=ingest, args=(agent, endpoint, stop))
+        receiver.start()
+        try:
+            wait_until(lambda: agent.collector_health().get("endpoint") == endpoint, what="receiver bound")
+            sender = BatchSender(endpoint, sender="vm-1", kind="event", queue_size=1000)
+            checks = BatchSender(endpoint, sender="vm-1.checks", kind="check")
+            seq = 0
+            for trace in model.normal_[:10]:
+                ev = events_from_calls({7: trace}, start_seq=seq)
+                seq += ev.num_rows
+                assert sender.send(ev)
+            checks.send(pa.table({"check": ["kernel-text"], "target": ["_text"], "status": ["fail"],
+                                  "detail": ["page of do_sys_open changed"], "cost": ["deep"],
+                                  "ts_ns": pa.array([time.time_ns()], pa.uint64())}))
+            with sender._lock:  # as BatchSender.send does when its queue is full: a 5-event batch dropped
+                sender._seq += 1
+                sender.dropped_batches += 1
+                sender.dropped_rows += 5
+            assert sender.send(events_from_calls({7: model.normal_[10][:10]}, start_seq=seq + 5))
+            assert sender.flush(10) and checks.flush(10)
+            sender.close()
+            checks.close()
+            wait_until(lambda: agent.pipeline.counts()["seen"] == 2010, what="every batch received")
+            assert agent.pipeline.drain(20)
+            report = agent.report()
+        finally:
+            stop.set()
+            receiver.join(10)
+    ev = report["events"]
+    assert ev["seen"] == ev["scored"] == 2010
+    assert ev["dropped"] == 5  # the collector's own count, carried in its batch headers
+    assert ev["missing"] == 5  # and the same events as a hole in the event sequence numbers
+    assert report["checks"] == [{"check": "kernel-text", "target": "_text", "status": "fail",
+                                 "detail": "page of do_sys_open changed", "cost": "deep",
+                                 "ts_ns": report["checks"][0]["ts_ns"]}]
+    assert report["collector"]["senders"]["vm-1"]["received"] == 11
+    assert report["collector"]["gaps"] == 1
+
+
+def test_reports_reach_rems_which_gates_on_them(tmp_path, model) -> None:
+    dep = Deployment(tmp_path, vms=1, policy=FAST)
+    dep.start()
+    identity = dep.avms["vm-1"]
+    try:
+        with Agent(model, vm_id="vm-1", avm_id=identity.avm_id, workers=1, interval_s=0.3) as agent:
+            client = AvmClient(identity, dep.endpoint, dep.keys.public)
+            agent.sinks.append(RemoteSink(agent, client))
+            client.start()
+            client.wait_policy(20)
+            stop = threading.Event()
+            runner = threading.Thread(target=agent.run, kwargs={"stop": stop})
+            runner.start()
+            try:
+                agent.send(events_from_calls({7: model.normal_[0]}), wait=10)
+                wait_until(lambda: len([r for r in dep.store().history("vm-1")["reports"]
+                                        if r["status"] == "accepted"]) >= 2, what="reports accepted")
+                sock = dep.connect("vm-1")  # REM-S asks the agent for a fresh report with its nonce
+                sock.sendall(b"hello\n")
+                assert read_line(sock) == b"data: hello\n"
+                sock.close()
+                # the VM turns anomalous: the next connection is refused, by behaviour
+                odd = [100 + (i * 7) % 13 for i in range(300)]
+                agent.send(events_from_calls({8: odd}, start_seq=200), wait=10)
+                time.sleep(0.7)
+                line = read_all(dep.connect("vm-1"))
+                assert line.startswith(b"VIMS DENY behaviour score"), line
+            finally:
+                stop.set()
+                runner.join(10)
+                client.stop()
+    finally:
+        dep.stop()
+    history = dep.store().history("vm-1")
+    assert {r["status"] for r in history["reports"]} == {"accepted"}
+    assert [d["kind"] for d in reversed(history["decisions"])][:2] == ["allow", "deny"]
