@@ -46,7 +46,7 @@ def traces_to_events(traces: pa.Table, vm_id: str = "replay", base_pid: int = 10
     else:
         programs = pa.array(["trace"] * flat.n_traces, pa.string())
     comm = programs.take(pa.array(flat.trace_index()))
-    return pa.table({
+    return conform(pa.table({
         "seq": pa.array(np.arange(n, dtype=np.uint64)),
         "ts_ns": pa.array(np.arange(n, dtype=np.uint64) * np.uint64(spacing_ns)),
         "vm_id": pa.array(np.full(n, vm_id, dtype=object), pa.string()),
@@ -59,7 +59,7 @@ def traces_to_events(traces: pa.Table, vm_id: str = "replay", base_pid: int = 10
         "args": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6 * n, dtype=np.uint64)), 6),
         "user_ip": pa.array(np.zeros(n, dtype=np.uint64)),
         "path": pa.nulls(n, pa.string()),
-    }, schema=EVENT_SCHEMA)
+    }), EVENT_SCHEMA)
 
 
 def load(path: str | Path, vm_id: str = "replay", base_pid: int = 1000) -> tuple[pa.Table, pa.Table | None]:

@@ -50,26 +50,10 @@ from vims.avm.syscalls import name as syscall_name
 from vims.errors import InputError
 from vims.models._seq import BOS
 from vims.models.base import CallDetector
-from vims.schemas import EVENT_SCHEMA
+from vims.schemas import AVM_RESULT_SCHEMA, EVENT_SCHEMA, conform
 
 #: One row per process per scored batch: what a scorer worker sends the aggregator.
-RESULT_SCHEMA = pa.schema([
-    pa.field("pid", pa.int32(), nullable=False),
-    pa.field("tgid", pa.int32(), nullable=False),
-    pa.field("ppid", pa.int32()),  # the parent, when the collector gives it
-    pa.field("comm", pa.string(), nullable=False),  # the kernel's name of the task (latest)
-    pa.field("name", pa.string(), nullable=False),  # the program it runs (execve path or argv[0], else comm)
-    pa.field("cmdline", pa.string()),  # the command line of the execve that started it, when known
-    pa.field("program", pa.string(), nullable=False),  # the model-set key that scored it ("*": fallback)
-    pa.field("calls", pa.int64(), nullable=False),  # calls of this process in the batch
-    pa.field("total_calls", pa.int64(), nullable=False),  # calls of this process so far
-    pa.field("windows_above", pa.int64(), nullable=False),  # windows of this batch above threshold
-    pa.field("max_window", pa.float64(), nullable=False),  # the rarest window of this batch (mean surprise)
-    pa.field("threshold", pa.float64(), nullable=False),  # the window threshold applied
-    pa.field("score", pa.float64(), nullable=False),  # trace score so far, as batch scoring gives it
-    pa.field("last_seq", pa.uint64(), nullable=False),
-    pa.field("evidence", pa.list_(pa.string()), nullable=False),  # the rarest window's calls, when above
-], metadata={"vims.schema": "avm-result", "vims.version": "1"})
+RESULT_SCHEMA = AVM_RESULT_SCHEMA
 
 #: x86-64 numbers of the calls that start a program, and that end a task (as vims.datasets.capture).
 EXECVE = (59, 322)
@@ -459,7 +443,7 @@ def events_from_calls(calls: Mapping[int, Sequence[int]], comm: str = "prog", vm
     pids = np.array([p for p, _ in order], dtype=np.int32)
     idx = np.array([i for _, i in order], dtype=np.int64)
     nrs = np.array([calls[p][i] for p, i in order], dtype=np.int32)
-    return pa.table({
+    return conform(pa.table({
         "seq": pa.array(np.arange(start_seq, start_seq + n, dtype=np.uint64)),
         "ts_ns": pa.array(ts_ns + 1000 * np.arange(n, dtype=np.uint64)),
         "vm_id": pa.array([vm_id] * n, pa.string()),
@@ -472,4 +456,4 @@ def events_from_calls(calls: Mapping[int, Sequence[int]], comm: str = "prog", vm
         "args": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6 * n, dtype=np.uint64)), 6),
         "user_ip": pa.array((0x400000 + 4 * idx).astype(np.uint64)),
         "path": pa.nulls(n, pa.string()),
-    }, schema=EVENT_SCHEMA)
+    }), EVENT_SCHEMA)

@@ -18,7 +18,7 @@ mapped guest memory through :class:`~vims.collector.kernel.KernelView`: the curr
 ``current_task``), its identity (cached per task, re-read after ``execve``, ``exit``,
 ``prctl(PR_SET_NAME)`` and when CR3 changes), the path argument of calls that take one, and the call site token
 (:mod:`vims.collector.callsite`). Rows are gathered into Arrow record batches of
-:data:`EVENT_SITE_SCHEMA` (``vims.schemas.EVENT_SCHEMA`` plus the call site), handed to
+:data:`EVENT_SCHEMA` (``vims.schemas.EVENT_SCHEMA`` plus the call site), handed to
 ``on_batch`` (e.g. :class:`vims.collector.stream.BatchSender.send`) every ``batch_rows`` events or
 ``batch_ms`` milliseconds.
 
@@ -49,15 +49,7 @@ from vims.collector.policy import Policy, Sampler
 from vims.errors import VimsError
 from vims.schemas import EVENT_SCHEMA
 
-#: The events the tracer writes: the event schema plus three nullable columns, dropped by
-#: ``conform(t, EVENT_SCHEMA)``: ``ppid`` (the task's parent process), ``argv`` (the command line
-#: of an ``execve``, space separated, at most :data:`ARGV_LIMIT` characters: a shell started by
-#: busybox runs as ``/proc/self/exe`` and only its ``argv[0]`` says ``sh``) and ``site``, the call
-#: site token (``module+0xoffset``, :mod:`vims.collector.callsite`).
-EVENT_SITE_SCHEMA = pa.schema(
-    [*EVENT_SCHEMA, pa.field("ppid", pa.int32()), pa.field("argv", pa.string()), pa.field("site", pa.string())],
-    metadata=EVENT_SCHEMA.metadata,
-)
+#: The longest command line kept in the ``argv`` column.
 ARGV_LIMIT = 512
 
 #: System calls that take a path, by name, and which argument holds it (x86-64; the numbers come
@@ -271,7 +263,7 @@ class _Rows:
             pa.array(self.ip, pa.uint64()), pa.array(self.path, pa.string()), pa.array(self.ppid, pa.int32()),
             pa.array(self.argv, pa.string()), pa.array(self.site, pa.string()),
         ]
-        return pa.RecordBatch.from_arrays(arrays, schema=EVENT_SITE_SCHEMA)
+        return pa.RecordBatch.from_arrays(arrays, schema=EVENT_SCHEMA)
 
 
 
@@ -443,8 +435,8 @@ class EventRecorder:
         stats["filtered"] = self.sampler.filtered
         stats["capped"] = self.sampler.capped
         stats.update(self.progress(now), armed_fraction=round(armed_ns / max(1, now - self.start_ns), 4))
-        events = (pa.Table.from_batches(self.batches, schema=EVENT_SITE_SCHEMA) if self.batches
-                  else EVENT_SITE_SCHEMA.empty_table())
+        events = (pa.Table.from_batches(self.batches, schema=EVENT_SCHEMA) if self.batches
+                  else EVENT_SCHEMA.empty_table())
         return TraceResult(events, reason, method, dict(stats))
 
     def syscall_name(self, nr: int) -> str:

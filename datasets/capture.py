@@ -51,7 +51,6 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     [{'trace_id': 'vims:vm:7:0', 'program': 'cat', 'syscalls': [59, 257, 0, 231]},
      {'trace_id': 'vims:vm:8:3', 'program': 'sh', 'syscalls': [1]}]
     """
-    argv_column = events["argv"] if "argv" in events.column_names else None
     events = conform(events, EVENT_SCHEMA, where=where)
     n = events.num_rows
     if n == 0:
@@ -77,7 +76,7 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
 
     comm = events["comm"].take(pa.array(order)).to_pylist()
     path = events["path"].take(pa.array(order)).to_pylist()
-    argv = argv_column.take(pa.array(order)).to_pylist() if argv_column is not None else [None] * n
+    argv = events["argv"].take(pa.array(order)).to_pylist()
     vm_names = vm_codes.dictionary.to_pylist()
     traces = []
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
@@ -110,7 +109,7 @@ def example_events(rows: list[tuple[int, str, int, str | None]], vm_id: str = "v
     1
     """
     n = len(rows)
-    return pa.table({
+    return conform(pa.table({
         "seq": pa.array(range(n), pa.uint64()),
         "ts_ns": pa.array(range(n), pa.uint64()),
         "vm_id": [vm_id] * n,
@@ -123,4 +122,4 @@ def example_events(rows: list[tuple[int, str, int, str | None]], vm_id: str = "v
         "args": pa.array([[0] * 6] * n, pa.list_(pa.uint64(), 6)),
         "user_ip": pa.array([0] * n, pa.uint64()),
         "path": pa.array([r[3] for r in rows], pa.string()),
-    }, schema=EVENT_SCHEMA)
+    }), EVENT_SCHEMA)

@@ -49,20 +49,9 @@ from vims.errors import InputError, VimsError
 from vims.models._seq import BOS
 from vims.models.base import CallDetector
 from vims.models.ensemble import Ensemble
+from vims.schemas import STREAM_SCORE_SCHEMA
 
 #: One row per process: its current score. (Candidate for vims/schemas.py.)
-STREAM_SCORE_SCHEMA = pa.schema(
-    [
-        pa.field("vm_id", pa.string(), nullable=False),
-        pa.field("pid", pa.int32(), nullable=False),
-        pa.field("comm", pa.string()),
-        pa.field("n_calls", pa.int64(), nullable=False),
-        pa.field("score", pa.float64(), nullable=False),
-        pa.field("anomalous", pa.bool_(), nullable=False),
-    ],
-    metadata={"vims.schema": "stream-score", "vims.version": "1"},
-)
-
 Key = tuple[str, int]
 
 

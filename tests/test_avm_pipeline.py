@@ -177,7 +177,8 @@ def test_window_scorer_cuts_programs_and_names_evidence(normal) -> None:
     paths = [None] * 50 + ["/proc/self/exe", "/etc/shadow"] + [None] * 33
     argv = [None] * 50 + ["sh -c cat /etc/shadow"] + [None] * 34
     ev = ev.set_column(ev.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
-    ev = ev.append_column("argv", pa.array(argv, pa.string())).append_column("ppid", pa.array([1] * 85, pa.int32()))
+    ev = ev.set_column(ev.schema.get_field_index("argv"), "argv", pa.array(argv, pa.string()))
+    ev = ev.set_column(ev.schema.get_field_index("ppid"), "ppid", pa.array([1] * 85, pa.int32()))
     rows = ws.score(ev).to_pylist()
     # pid 7 ran one program before the execve and `sh` (busybox's /proc/self/exe, named by argv[0]) after it
     assert [(r["pid"], r["name"], r["calls"]) for r in rows] == [(7, "exe", 50), (7, "sh", 5), (8, "exe", 30)]

@@ -145,6 +145,29 @@ def test_ensemble_normalises_members_out_of_fold() -> None:
     np.testing.assert_allclose(calibrated.calibration_scores_, calibrated.oof_anomaly_)
 
 
+def test_ensemble_rank_normalisation_keeps_each_members_order() -> None:
+    normal, attack = normal_traces(45), attack_traces()
+    members = [("ngram", NGram(order=4)), ("knn", KNN())]
+    ranked = Ensemble(members, cv=3, normalise="rank").fit(normal)
+    # out-of-fold normal traces get their ranks: between 1/45 and 1, median near 0.5
+    assert ranked.oof_anomaly_.min() > 0 and ranked.oof_anomaly_.max() <= 1.0
+    assert abs(np.median(ranked.oof_anomaly_) - 0.5) < 0.15
+    # beyond the largest out-of-fold score the order is kept (no tie at rank 1)
+    member = np.stack([d.anomaly_score(attack) for _, d in ranked.members_], axis=1)
+    far_out = member.max(axis=0) + np.array([[1.0, 0.1], [2.0, 0.2]])
+    lo, hi = ranked.combine(far_out)
+    assert 1.0 < lo < hi
+    # one member: the ensemble is a monotone map of it
+    single = Ensemble([("ngram", NGram(order=4))], cv=3, normalise="rank").fit(normal)
+    x = normal_traces(20, seed=9) + attack
+    a, b = single.anomaly_score(x), single.members_[0][1].anomaly_score(x)
+    assert (np.diff(a[np.argsort(b, kind="stable")]) >= 0).all()
+    iqr = Ensemble(members, cv=3, normalise="iqr").fit(normal)
+    assert abs(np.median(iqr.oof_anomaly_)) < 1.0 and iqr.anomaly_score(attack).min() > iqr.oof_anomaly_.max()
+    with pytest.raises(InputError, match="normalise"):
+        Ensemble(members, normalise="zscore").fit(normal)
+
+
 @pytest.mark.datasets
 def test_kneser_ney_on_adfa_standard_protocol(adfa_zip) -> None:
     from vims.datasets.adfa import read_adfa_ld

@@ -13,7 +13,7 @@ from vims.models.mlp import MLPNextCall
 from vims.models.ngram import NGram
 from vims.models.stide import Stide
 from vims.models.streaming import STREAM_SCORE_SCHEMA, StreamingScorer
-from vims.schemas import EVENT_SCHEMA
+from vims.schemas import EVENT_SCHEMA, conform
 
 
 def traces(n: int, seed: int) -> list[list[int]]:
@@ -25,7 +25,7 @@ def traces(n: int, seed: int) -> list[list[int]]:
 def event_table(rows: list[tuple[str, int, str, int]]) -> pa.Table:
     """Events in the real EVENT_SCHEMA (the collector's), from (vm_id, pid, comm, nr)."""
     n = len(rows)
-    return pa.table(
+    return conform(pa.table(
         {
             "seq": pa.array(range(n), pa.uint64()),
             "ts_ns": pa.array(range(n), pa.uint64()),
@@ -39,9 +39,7 @@ def event_table(rows: list[tuple[str, int, str, int]]) -> pa.Table:
             "args": pa.array([[0] * 6] * n, pa.list_(pa.uint64(), 6)),
             "user_ip": pa.array([0] * n, pa.uint64()),
             "path": pa.array([None] * n, pa.string()),
-        },
-        schema=EVENT_SCHEMA,
-    )
+        }), EVENT_SCHEMA)
 
 
 def interleave(test: list[list[int]], seed: int) -> list[tuple[str, int, str, int]]:

@@ -11,11 +11,11 @@ import zmq
 
 from vims.collector.stream import BatchReceiver, BatchSender, curve_keypair, decode_batch, encode_batch
 from vims.errors import InputError
-from vims.schemas import EVENT_SCHEMA
+from vims.schemas import EVENT_SCHEMA, conform
 
 
 def _events(n: int, start: int = 0) -> pa.Table:
-    return pa.table({
+    return conform(pa.table({
         "seq": pa.array(range(start, start + n), pa.uint64()),
         "ts_ns": pa.array([1_700_000_000_000_000_000 + i for i in range(n)], pa.uint64()),
         "vm_id": ["vm"] * n,
@@ -28,7 +28,7 @@ def _events(n: int, start: int = 0) -> pa.Table:
         "args": pa.array([[1, 2, 3, 4, 5, 2**64 - 1]] * n, pa.list_(pa.uint64(), 6)),
         "user_ip": pa.array([0x7F0000001234] * n, pa.uint64()),
         "path": ["/etc/shadow"] + [None] * (n - 1),
-    }, schema=EVENT_SCHEMA)
+    }), EVENT_SCHEMA)
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 
 from vims.collector.memory import START_KERNEL_MAP
 from vims.collector.policy import Policy
-from vims.collector.tracer import EVENT_SITE_SCHEMA
+from vims.schemas import EVENT_SCHEMA
 
 HERE = Path(__file__).parent
 TARGET = START_KERNEL_MAP + 0x18_0010  # "entry_SYSCALL_64_after_hwframe" in the toy kernel's text
@@ -82,7 +82,7 @@ def test_int3_events_become_rows(toy: tuple[Any, Any, Any]) -> None:
     result = tracer.finish("done")
     assert bytes(dom.ram[TARGET - START_KERNEL_MAP:][:1]) == b"\x50" and dom.events == []
     rows = result.events.to_pylist()
-    assert result.events.schema.equals(EVENT_SITE_SCHEMA) and result.reason == "done"
+    assert result.events.schema.equals(EVENT_SCHEMA) and result.reason == "done"
     assert [(r["seq"], r["vcpu"], r["pid"], r["tgid"], r["comm"], r["nr"]) for r in rows] == [
         (0, 0, 42, 42, "httpd", 257), (1, 1, 42, 42, "httpd", 0)]
     assert rows[0]["path"] == "/etc/shadow" and rows[1]["path"] is None

@@ -49,6 +49,11 @@ EVENT_SCHEMA = _named(
         pa.field("args", pa.list_(pa.uint64(), 6), nullable=False),
         pa.field("user_ip", pa.uint64(), nullable=False),  # user-space return address (RCX)
         pa.field("path", pa.string()),  # the path argument of calls that take one, read from guest memory
+        pa.field("ppid", pa.int32()),  # the task's parent process
+        # The command line of an execve (space separated, at most 512 characters): busybox runs its
+        # applets as /proc/self/exe, and only argv[0] says "sh".
+        pa.field("argv", pa.string()),
+        pa.field("site", pa.string()),  # the call site as an ASLR-invariant token, module+0xoffset
     ],
 )
 
@@ -79,34 +84,75 @@ CHECK_SCHEMA = _named(
     ],
 )
 
+#: One row per process touched by a batch, from :class:`vims.models.streaming.StreamingScorer`.
+STREAM_SCORE_SCHEMA = _named(
+    "stream-score",
+    [
+        pa.field("vm_id", pa.string(), nullable=False),
+        pa.field("pid", pa.int32(), nullable=False),
+        pa.field("comm", pa.string()),
+        pa.field("n_calls", pa.int64(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("anomalous", pa.bool_(), nullable=False),
+    ],
+)
+
+#: One row per process per batch, from the A-VM's scorer workers (:mod:`vims.avm.scoring`).
+AVM_RESULT_SCHEMA = _named(
+    "avm-result",
+    [
+        pa.field("pid", pa.int32(), nullable=False),
+        pa.field("tgid", pa.int32(), nullable=False),
+        pa.field("ppid", pa.int32()),  # the parent, when the collector gives it
+        pa.field("comm", pa.string(), nullable=False),  # the kernel's name of the task (latest)
+        pa.field("name", pa.string(), nullable=False),  # the program it runs (execve path or argv[0], else comm)
+        pa.field("cmdline", pa.string()),  # the command line of the execve that started it, when known
+        pa.field("program", pa.string(), nullable=False),  # the model-set key that scored it ("*": fallback)
+        pa.field("calls", pa.int64(), nullable=False),  # calls of this process in the batch
+        pa.field("total_calls", pa.int64(), nullable=False),  # calls of this process so far
+        pa.field("windows_above", pa.int64(), nullable=False),  # windows of this batch above threshold
+        pa.field("max_window", pa.float64(), nullable=False),  # the rarest window of this batch (mean surprise)
+        pa.field("threshold", pa.float64(), nullable=False),  # the window threshold applied
+        pa.field("score", pa.float64(), nullable=False),  # trace score so far, as batch scoring gives it
+        pa.field("last_seq", pa.uint64(), nullable=False),
+        pa.field("evidence", pa.list_(pa.string()), nullable=False),  # the rarest window's calls, when above
+    ],
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "trace": TRACE_SCHEMA,
     "event": EVENT_SCHEMA,
     "score": SCORE_SCHEMA,
     "check": CHECK_SCHEMA,
+    "stream-score": STREAM_SCORE_SCHEMA,
+    "avm-result": AVM_RESULT_SCHEMA,
 }
 
 
 def conform(table: pa.Table, schema: pa.Schema, where: str | None = None) -> pa.Table:
     """Return ``table`` with exactly ``schema``'s columns, in order, cast to its types.
 
-    Extra columns are dropped; a missing column or a value that cannot be cast is an
+    Extra columns are dropped; a missing nullable column is added as nulls (files written before it
+    existed stay readable); a missing required column or a value that cannot be cast is an
     :class:`~vims.errors.InputError` naming ``where``.
 
     >>> t = pa.table({"seq": [1], "x": ["dropped"]})
-    >>> conform(t, pa.schema([("seq", pa.uint64())])).schema.types
-    [DataType(uint64)]
+    >>> conform(t, pa.schema([("seq", pa.uint64()), ("note", pa.string())])).to_pylist()
+    [{'seq': 1, 'note': None}]
     >>> conform(t, TRACE_SCHEMA, where="t.parquet")
     Traceback (most recent call last):
     ...
     vims.errors.InputError: t.parquet: not a trace table: missing columns trace_id, source, ...
     """
-    missing = [name for name in schema.names if name not in table.column_names]
+    missing = [f.name for f in schema if f.name not in table.column_names and not f.nullable]
     if missing:
         kind = (schema.metadata or {}).get(b"vims.schema", b"expected").decode()
         shown = ", ".join(missing[:2]) + (", ..." if len(missing) > 2 else "")
         raise InputError(f"not a{'n' if kind[0] in 'aeiou' else ''} {kind} table: missing columns {shown}",
                          where=where)
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
     try:
         return table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
