@@ -46,11 +46,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vims.avm.syscalls import name as syscall_name
 from vims.errors import InputError
 from vims.models._seq import BOS
 from vims.models.base import CallDetector
 from vims.schemas import AVM_RESULT_SCHEMA, EVENT_SCHEMA, conform
+from vims.syscalls import name as syscall_name
 
 #: One row per process per scored batch: what a scorer worker sends the aggregator.
 RESULT_SCHEMA = AVM_RESULT_SCHEMA

@@ -3,19 +3,17 @@
 The expected handler of system call ``NAME`` is ``__x64_sys_NAME`` (a few use another name, e.g.
 ``uname`` -> ``__x64_sys_newuname``), or ``__x64_sys_ni_syscall`` when the kernel does not have it.
 Addresses are compared, not names, so symbol aliases do not matter. Numbers and names come from
-the x86-64 ABI table shipped beside this module (``syscalls_x86_64.json``).
+the x86-64 ABI table of :mod:`vims.syscalls`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from vims.collector.checks.base import Check, Context, Row, symbol_name
 from vims.collector.kernel import unpack_u64s
+from vims.syscalls import names as syscall_names
 
 #: Handlers whose symbol is not ``__x64_sys_<name>`` of the ABI name (arch/x86/entry/syscalls/syscall_64.tbl).
 ALIASES = {"umount2": "umount", "uname": "newuname", "stat": "newstat", "lstat": "newlstat",
@@ -27,17 +25,6 @@ NOT_IMPLEMENTED = frozenset({
     "afs_syscall", "tuxcall", "security", "set_thread_area", "get_thread_area", "epoll_ctl_old",
     "epoll_wait_old", "vserver",
 })
-
-
-@cache
-def syscall_names() -> tuple[str | None, ...]:
-    """The x86-64 system call names by number (None for unused numbers).
-
-    >>> names = syscall_names(); names[0], names[59], names[450]
-    ('read', 'execve', 'set_mempolicy_home_node')
-    """
-    text = resources.files("vims.collector.checks").joinpath("syscalls_x86_64.json").read_text()
-    return tuple(json.loads(text)["names"])
 
 
 def expected_handler(profile: Any, name: str | None) -> tuple[str, int]:

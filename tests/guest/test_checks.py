@@ -18,10 +18,10 @@ import pytest
 
 from vims.collector.checks import Context, Reference, registry, run_checks
 from vims.collector.checks.kernel_text import NOP5
-from vims.collector.checks.syscall_table import syscall_names
 from vims.collector.gdbstub import GdbStub
 from vims.collector.kernel import KernelView
 from vims.collector.memory import PhysicalMemory
+from vims.syscalls import names as syscall_names
 
 #: A function nothing in the guest calls while the tests run.
 QUIET_FUNCTION = "__x64_sys_vhangup"
