@@ -76,6 +76,23 @@ def test_train_score_evaluate_update_on_a_small_table(tmp_path: Path, detector: 
     assert new["training"] == card["training"] and new["sha256"] != card["sha256"]
 
 
+def test_per_program_model_set_trains_and_scores_by_program(tmp_path: Path) -> None:
+    data = write_table(small_table(), tmp_path / "t.parquet", TRACE_SCHEMA)
+    model = tmp_path / "set.skops"
+    r = vims("train", "--data", data, "--per-program", "--detector", "stide", "--param", "k=3", "--cv", 3,
+             "-o", model, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["kind"] == "model-set" and set(summary["programs"]) == {"web", "db", "*"}
+    r = vims("score", "-m", model, "-d", data, "-o", tmp_path / "s.parquet", "--json")
+    assert r.returncode == 0, r.stderr
+    scores = read_table(tmp_path / "s.parquet", SCORE_SCHEMA).to_pylist()
+    attacks = [s for s in scores if s["label"] == "attack"]
+    assert sum(s["anomalous"] for s in attacks) >= 6  # each scored by its own program's model and threshold
+    normal = [s["score"] for s in scores if s["label"] == "normal"]
+    assert min(a["score"] for a in attacks) > float(np.median(normal))
+
+
 def test_user_mistakes_are_one_line_and_status_2(tmp_path: Path) -> None:
     data = write_table(small_table(), tmp_path / "t.parquet", TRACE_SCHEMA)
     cases = [

@@ -23,6 +23,9 @@ def _train(
     param: list[str] = typer.Option(None, "--param", "-p", help="A detector parameter, key=value (repeatable)."),
     far: float = typer.Option(0.05, help="Target false-alarm rate of the calibrated threshold."),
     cv: int = typer.Option(5, help="Folds of the out-of-fold calibration scores."),
+    per_program: bool = typer.Option(False, "--per-program", help="Fit a model set: one detector per program "
+                                     "with enough traces, and a fallback for the rest (what the A-VM streams)."),
+    min_traces: int = typer.Option(5, help="With --per-program: the traces a program needs for its own model."),
     as_json: bool = JSON,
 ) -> None:
     """Fit a detector on normal traces, calibrate its threshold out of fold, and save it with its card."""
@@ -32,6 +35,24 @@ def _train(
     from vims.training.core import load_traces, train
 
     table = load_traces(data)
+    if per_program:
+        from vims.training.per_program import DEFAULT_DETECTOR as SET_DETECTOR
+        from vims.training.per_program import train_per_program
+
+        with progress() as bar:
+            task = bar.add_task("fitting per-program models", total=None)
+            model_set, set_card = train_per_program(
+                table, detector, param, split=split, far=far, cv=cv, min_traces=min_traces, data_path=str(data),
+                on_program=lambda p: bar.update(task, description=f"fitting {p}"))
+        set_card = save_model(model_set, output, set_card)
+        programs = sorted(set_card["programs"])
+        if as_json:
+            print_json({"model": str(output), "kind": "model-set", "detector": detector or SET_DETECTOR,
+                        "programs": set_card["programs"], "training": set_card["training"]})
+        else:
+            out.print(f"[bold]model set[/] of {len(programs)} program models ({', '.join(programs)}) fitted on "
+                      f"{set_card['training']['n_traces']:,} traces -> {output}", highlight=False)
+        return
     name = detector or DEFAULT_DETECTOR
     with progress() as bar:
         task = bar.add_task(f"fitting {name}", total=None if name == "ensemble" else cv)

@@ -128,8 +128,18 @@ def threshold_of(det: Detector) -> float:
 
 
 def score_table(det: Detector, table: pa.Table, where: str = "data") -> pa.Table:
-    """Score every trace of ``table``: a table in :data:`~vims.schemas.SCORE_SCHEMA`."""
-    scores = det.anomaly_score(as_flat(table, where=where))
+    """Score every trace of ``table``: a table in :data:`~vims.schemas.SCORE_SCHEMA`.
+
+    A model set scores each trace with its program's detector and threshold (``program`` column).
+    """
+    from vims.models.modelset import ModelSet
+
+    if isinstance(det, ModelSet):
+        scores = det.anomaly_score(table)
+        anomalous = det.predict(table) == -1
+    else:
+        scores = det.anomaly_score(as_flat(table, where=where))
+        anomalous = scores > threshold_of(det)
     n = table.num_rows
 
     def col(name: str) -> pa.Array | list[None]:
@@ -138,6 +148,6 @@ def score_table(det: Detector, table: pa.Table, where: str = "data") -> pa.Table
     trace_id = table.column("trace_id") if "trace_id" in table.column_names else [str(i) for i in range(n)]
     return pa.table(
         {"trace_id": trace_id, "split": col("split"), "label": col("label"), "family": col("family"),
-         "program": col("program"), "score": scores, "anomalous": scores > threshold_of(det)},
+         "program": col("program"), "score": scores, "anomalous": anomalous},
         schema=SCORE_SCHEMA,
     )
