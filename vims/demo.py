@@ -193,7 +193,7 @@ def _live_table(timeline: Timeline, db: Path, phase: str) -> Any:
     return table
 
 
-def run_demo(output: Path, capture_s: float = 40.0, refit: bool = False, live: bool = True) -> dict[str, Any]:
+def run_demo(output: Path, capture_s: float = 60.0, refit: bool = False, live: bool = True) -> dict[str, Any]:
     """Play the whole story; returns the summary (also written to ``output/summary.json``)."""
     from vims.avm.agent import Agent, RemoteSink, trace_guest
     from vims.collector.guest import Guest, build_guest
@@ -276,7 +276,6 @@ def run_demo(output: Path, capture_s: float = 40.0, refit: bool = False, live: b
                     summary["cut_reason"] = cut["reason"]
                     summary["cut_after_s"] = round(cut["time"] - attack, 2)
                     summary["cut_within_two_intervals"] = cut["time"] - attack <= 2 * INTERVAL_S
-                    time.sleep(DWELL_S / 2)  # new attempts are refused while the shell's traces stay
                     summary["blamed"] = _blamed(timeline, after=attack)
 
                     show("kernel text patched from outside")
@@ -288,6 +287,10 @@ def run_demo(output: Path, capture_s: float = 40.0, refit: bool = False, live: b
                     refused = _wait(lambda: decided(("deny",), seen["time"]), DEADLINES["refused"],
                                     "connection refused after the patch", view("refused"))
                     timeline.mark("connection refused")
+                    time.sleep(DWELL_S / 2)  # refusals go on: the check keeps failing
+                    summary["allowed_after_cut"] = [
+                        f"{d['time'] - timeline.start:.1f} s: {d['reason']}" for d in _decisions(db)
+                        if d["kind"] == "allow" and d["time"] > cut["time"]]
                     summary["kernel_text_detail"] = next(
                         (c.get("detail") for c in seen["checks"] if c["check"] == "kernel-text"
                          and c["status"] == "fail"), None)
@@ -305,8 +308,9 @@ def run_demo(output: Path, capture_s: float = 40.0, refit: bool = False, live: b
     summary.setdefault("allowed_before_attack", False)
     summary.setdefault("cut_within_two_intervals", False)
     summary.setdefault("refused_after_kernel_patch", False)
+    summary.setdefault("allowed_after_cut", [])
     summary["ok"] = bool(summary["allowed_before_attack"] and summary["cut_within_two_intervals"]
-                         and summary["refused_after_kernel_patch"])
+                         and summary["refused_after_kernel_patch"] and not summary["allowed_after_cut"])
     from vims.demo_report import write_report
 
     write_report(output, summary, timeline.reports, _decisions(db), timeline.marks, timeline.start,
@@ -395,7 +399,7 @@ class _maybe_live:  # noqa: N801 (used as a context manager like rich's Live)
 def demo(
     output: Path = typer.Option(Path("vims-demo-report"), "-o", "--output",
                                 help="Folder for the report: timeline.png, index.html, summary.json, ..."),
-    capture_s: float = typer.Option(40.0, "--capture", help="Seconds of normal behaviour to learn from "
+    capture_s: float = typer.Option(60.0, "--capture", help="Seconds of normal behaviour to learn from "
                                     "(only when no model set is cached)."),
     refit: bool = typer.Option(False, "--refit", help="Learn the normal behaviour again, ignoring the cache."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (no live view)."),
@@ -424,6 +428,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
               f"{summary.get('cut_after_s', '-')} s (within two {INTERVAL_S:g} s intervals: "
               f"{yes(summary['cut_within_two_intervals'])})", highlight=False)
     out.print(f"  processes blamed:                     {', '.join(summary.get('blamed', [])) or '-'}")
+    allowed_again = summary.get("allowed_after_cut", [])
+    out.print(f"  allowed again after the cut:          {len(allowed_again)}"
+              + (f" (first: {allowed_again[0]})" if allowed_again else ""), highlight=False)
     out.print(f"  refused after the kernel patch:       {yes(summary['refused_after_kernel_patch'])}"
               f" ({summary.get('refusal_reason', '')})", highlight=False)
     out.print(f"  report: {Path(summary['output']) / 'index.html'}", highlight=False)
