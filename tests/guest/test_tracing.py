@@ -22,7 +22,7 @@ from vims.collector.kernel import KernelView
 from vims.collector.memory import PhysicalMemory
 from vims.collector.policy import Policy
 from vims.collector.stream import BatchReceiver
-from vims.collector.tracer import EVENT_SITE_SCHEMA, SyscallTracer, TraceResult
+from vims.collector.tracer import SyscallTracer, TraceResult
 from vims.datasets.capture import traces_from_events
 from vims.schemas import EVENT_SCHEMA, conform
 from vims.tables import read_table
@@ -91,7 +91,7 @@ def test_normal_scenario_events(guest: Guest, normal_a: tuple[TraceResult, Sysca
     result, tracer = normal_a
     ev = result.events
     assert result.method == "watchpoint" and result.reason == "duration"
-    assert ev.schema.equals(EVENT_SITE_SCHEMA) and conform(ev, EVENT_SCHEMA).num_rows == ev.num_rows > 100
+    assert ev.schema.equals(EVENT_SCHEMA) and conform(ev, EVENT_SCHEMA).num_rows == ev.num_rows > 100
     assert ev["seq"].to_pylist() == list(range(ev.num_rows))
     names = {tracer.syscall_name(nr) for nr in ev["nr"].to_pylist()}
     assert {"execve", "openat", "read", "write", "close", "clone", "wait4"} <= names
