@@ -2,9 +2,13 @@
 
 Members score on different scales (a mismatch rate, nats per call, a cosine distance). At fit time
 each member gets out-of-fold anomaly scores of the training traces (``cv`` folds); a member's score is
-then normalised as ``(s - median) / IQR`` of its out-of-fold scores, and the ensemble's anomaly is the
-weighted mean of the normalised scores. Its own out-of-fold scores (``oof_anomaly_``, the same
-combination of the members' out-of-fold scores) calibrate its threshold for free.
+then normalised on those out-of-fold scores, either as ``(s - median) / IQR`` (``normalise="iqr"``) or
+as its rank among them (``normalise="rank"``: the fraction of out-of-fold scores at or below ``s``, and
+above the largest one ``1 + (s - largest) / IQR`` so that the order of far-out traces is kept), and the
+ensemble's anomaly is the weighted mean of the normalised scores. Ranks put members with heavy-tailed
+scores (the nearest-neighbour distance) on an equal footing with the others. Its own out-of-fold
+scores (``oof_anomaly_``, the same combination of the members' out-of-fold scores) calibrate its
+threshold for free.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ from vims.models._seq import Flat
 from vims.models.base import Detector
 from vims.models.calibration import oof_scores
 
+NORMALISE = ("rank", "iqr")
+
 
 def default_members() -> list[tuple[str, Detector]]:
-    """The default members: a Kneser-Ney 6-gram model and the next-call MLP."""
-    from vims.models.mlp import MLPNextCall
-    from vims.models.ngram import NGram
+    """The default members: TF-IDF nearest neighbours and two next-call MLPs.
 
-    return [("ngram", NGram()), ("mlp", MLPNextCall())]
+    The MLPs see 10 previous calls and differ only in their seed (their mean halves the seed noise).
+    Chosen by cross-validation on ADFA-LD Training and the attack families, one family left out at a
+    time (``benchmarks/bench_models.py --select``), never by the Validation scores.
+    """
+    from vims.models.knn import KNN
+    from vims.models.mlp import MLPNextCall
+
+    return [("knn", KNN()), ("mlp", MLPNextCall(context=10, random_state=0)),
+            ("mlp_seed1", MLPNextCall(context=10, random_state=1))]
 
 
 class Ensemble(Detector):
@@ -39,6 +51,8 @@ class Ensemble(Detector):
         One weight per member (default: equal).
     cv : int
         Folds of the out-of-fold scores.
+    normalise : {"rank", "iqr"}
+        How a member's score is put on the common scale (see the module docstring).
     random_state : int
         Seed of the folds.
 
@@ -53,11 +67,15 @@ class Ensemble(Detector):
     (True, (12,))
     """
 
+    #: What a model saved before ``normalise`` existed used (its instance lacks the attribute).
+    normalise: str = "iqr"
+
     def __init__(self, members: list[tuple[str, Detector]] | None = None, weights: list[float] | None = None,
-                 cv: int = 3, random_state: int = 0) -> None:
+                 cv: int = 3, normalise: str = "rank", random_state: int = 0) -> None:
         self.members = members
         self.weights = weights
         self.cv = cv
+        self.normalise = normalise
         self.random_state = random_state
 
     def _validate_params_(self) -> None:
@@ -66,6 +84,8 @@ class Ensemble(Detector):
             raise InputError("an ensemble needs at least one member")
         if self.weights is not None and len(self.weights) != len(members):
             raise InputError(f"{len(self.weights)} weights for {len(members)} members")
+        if self.normalise not in NORMALISE:
+            raise InputError(f"normalise must be one of {', '.join(NORMALISE)}, not {self.normalise!r}")
 
     def _fit(self, flat: Flat, on_step: Callable[[str], Any] | None = None) -> None:
         from sklearn.base import clone
@@ -83,13 +103,24 @@ class Ensemble(Detector):
         self.centers_ = np.median(oof_arr, axis=0)
         q75, q25 = np.quantile(oof_arr, [0.75, 0.25], axis=0)
         self.scales_ = np.where(q75 - q25 > 0, q75 - q25, 1.0)
+        self.normalise_ = str(self.normalise)
+        self.oof_sorted_ = np.sort(oof_arr, axis=0)  # (traces x members): the rank tables
         w = np.ones(len(members)) if self.weights is None else np.asarray(self.weights, dtype=float)
         self.weights_ = w / w.sum()
         self.oof_anomaly_ = self.combine(oof_arr)
 
     def combine(self, member_scores: np.ndarray) -> np.ndarray:
         """Ensemble anomaly from a (traces x members) array of member anomaly scores."""
-        z = (np.asarray(member_scores) - self.centers_) / self.scales_
+        s = np.asarray(member_scores, dtype=float)
+        # a model saved before ranks existed has no normalise_: it used median / IQR
+        if getattr(self, "normalise_", "iqr") == "iqr":
+            z = (s - self.centers_) / self.scales_
+        else:
+            ref = self.oof_sorted_
+            z = np.empty_like(s)
+            for j in range(s.shape[1]):
+                rank = np.searchsorted(ref[:, j], s[:, j], side="right") / len(ref)
+                z[:, j] = rank + np.maximum(s[:, j] - ref[-1, j], 0.0) / self.scales_[j]
         return np.asarray(z @ self.weights_)
 
     def _score(self, flat: Flat) -> np.ndarray:

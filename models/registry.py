@@ -32,11 +32,14 @@ DETECTORS: dict[str, type[Detector]] = {
     "ensemble": Ensemble,
 }
 
-#: The default detector: the ensemble of a Kneser-Ney 6-gram model and the next-call MLP. Chosen without
-#: looking at ADFA-LD Validation: among the detectors that stream and fit Training in under 2 minutes it
-#: had the best sum of ROC AUC and detection at 5% false alarms of 3-fold out-of-fold Training scores
-#: against the attack families at hand (0.859 + 0.562; mlp 0.847 + 0.556, ngram 0.864 + 0.502; with
-#: knn, which cannot stream, 0.878 + 0.522).
+#: The default detector: the ensemble of its default members (TF-IDF nearest neighbours and two
+#: next-call MLPs over 10 calls, seeds 0 and 1), members normalised by their rank among out-of-fold
+#: Training scores. Chosen without looking at ADFA-LD Validation (``benchmarks/bench_models.py
+#: --select``): 3-fold out-of-fold Training scores against the attack traces, criterion ROC AUC +
+#: detection at 5% false alarms, selected with each attack family left out in turn, then on all four
+#: (1.449: AUC 0.880 + 0.569; the previous default ngram + mlp about 1.434). Fits ADFA-LD Training in
+#: about 50 s of CPU; knn makes it a whole-trace model (no streaming): the per-program sets of the
+#: A-VM pipeline stream stide instead.
 DEFAULT_DETECTOR = "ensemble"
 
 
