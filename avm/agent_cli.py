@@ -108,12 +108,17 @@ def _run(
         from vims.collector.policy import Policy
 
         policy = Policy.load(policy_file) if policy_file is not None else None
+        if policy is None and client is not None:
+            # REM-S decides how the guest is traced: its policy's tracing part, unless --policy overrides it.
+            client.start()
+            policy = Policy.from_dict(client.wait_policy(timeout=30).get("tracing", {}), where="REM-S policy")
+            err.print(f"tracing as REM-S's policy says: {policy.to_dict()}", highlight=False)
         thread = threading.Thread(target=source, args=(trace_guest, agent, guest, stop, policy, vm_id, checks_every),
                                   name="vims-tracer", daemon=True)
         where = f"tracing guest {guest!r}"
     thread.start()
     if client is not None:
-        client.start()
+        client.start()  # idempotent: it may have started above to fetch the policy
     err.print(f"A-VM agent {where}; a report every {interval:g} s (Ctrl-C stops)", highlight=False)
     try:
         agent.run(duration, stop)

@@ -5,10 +5,10 @@ Policy document (JSON; REM-S adds ``version`` when it stores one; the text belon
 
     {"checks": [{"check": "kernel-text", "every_s": 10.0}],   # static checks to run, how often;
                                                               # each must appear in every report
-     "tracing": {"mode": "duty",          # "full" (trace all the time) or "duty" (W ms of every P ms)
-                 "window_ms": 200, "period_ms": 1000,
-                 "programs": [],          # comm names to trace; [] = every process
-                 "max_events_per_s": 5000},   # cap; events beyond it are dropped and counted
+     "tracing": {"mode": "duty-cycle",    # the tracer's sampling policy (vims.collector.policy):
+                 "window_ms": 200,        # "full", or "duty-cycle": trace window_ms of every period_ms;
+                 "period_ms": 1000,       # "include"/"exclude": program name patterns;
+                 "max_events_per_s": 5000},   # a cap; events beyond it are dropped and counted
      "model_set": "default",              # the name of the fitted model set the A-VM scores with
      "threshold": 0.5,                    # behaviour.score must be >= this to connect
      "interval_s": 1.0,                   # report at least this often
@@ -19,7 +19,7 @@ Every key is optional; missing ones take :data:`DEFAULT_POLICY`'s value.
 
 >>> p = normalise_policy({"threshold": 0.8})
 >>> p["threshold"], p["interval_s"], p["tracing"]["mode"]
-(0.8, 1.0, 'duty')
+(0.8, 1.0, 'duty-cycle')
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ import copy
 import math
 from typing import Any
 
+from vims.collector.policy import Policy
 from vims.errors import InputError
 
 DEFAULT_POLICY: dict[str, Any] = {
     "checks": [],
-    "tracing": {"mode": "duty", "window_ms": 200, "period_ms": 1000, "programs": [], "max_events_per_s": 5000},
+    "tracing": {"mode": "duty-cycle", "window_ms": 200, "period_ms": 1000, "max_events_per_s": 5000},
     "model_set": "default",
     "threshold": 0.5,
     "interval_s": 1.0,
@@ -61,7 +62,7 @@ def normalise_policy(policy: Any, where: str = "policy") -> dict[str, Any]:
     >>> normalise_policy({"tracing": {"mode": "sometimes"}})
     Traceback (most recent call last):
     ...
-    vims.errors.InputError: policy: tracing.mode must be 'full' or 'duty', not 'sometimes'
+    vims.errors.InputError: policy: tracing: field 'mode': must be one of 'full', 'duty-cycle', not 'sometimes'
     """
     if not isinstance(policy, dict):
         raise InputError("a policy is a JSON object", where=where)
@@ -70,26 +71,14 @@ def normalise_policy(policy: Any, where: str = "policy") -> dict[str, Any]:
         raise InputError(f"unknown policy keys: {', '.join(sorted(unknown))}", where=where)
     out = copy.deepcopy(DEFAULT_POLICY)
     for key, value in policy.items():
-        if key == "tracing":
-            if not isinstance(value, dict):
-                raise InputError("tracing is not an object", where=where)
-            extra = set(value) - set(DEFAULT_POLICY["tracing"])
-            if extra:
-                raise InputError(f"unknown tracing keys: {', '.join(sorted(extra))}", where=where)
-            out["tracing"].update(value)
+        if key == "tracing" and isinstance(value, dict):
+            out["tracing"].update(value)  # missing tracing keys keep the defaults too
         elif key != "version":
             out[key] = copy.deepcopy(value)
+    # The tracer's own document, checked by the tracer's own parser: what REM-S accepts, the A-VM applies.
+    out["tracing"] = Policy.from_dict(out["tracing"], where=f"{where}: tracing").to_dict()
     if "version" in policy:
         out["version"] = policy["version"]
-    t = out["tracing"]
-    if t["mode"] not in ("full", "duty"):
-        raise InputError(f"tracing.mode must be 'full' or 'duty', not {t['mode']!r}", where=where)
-    for key in ("window_ms", "period_ms", "max_events_per_s"):
-        _num(t, key, where)
-    if t["window_ms"] > t["period_ms"]:
-        raise InputError("tracing.window_ms exceeds tracing.period_ms", where=where)
-    if not isinstance(t["programs"], list) or not all(isinstance(p, str) for p in t["programs"]):
-        raise InputError("tracing.programs is not a list of names", where=where)
     if not isinstance(out["model_set"], str) or not out["model_set"]:
         raise InputError("model_set is not a name", where=where)
     out["threshold"] = _num(out, "threshold", where, 0.0, 1.0, open_lo=False)

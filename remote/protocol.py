@@ -30,10 +30,10 @@ Policy (body ``policy`` of a ``policy`` message; :mod:`vims.remote.policy`)
 
     {"checks": [{"check": "kernel-text", "every_s": 10.0}],   # static checks to run and how often;
                                                               # each must appear in every report
-     "tracing": {"mode": "duty",           # "full" or "duty": trace window_ms of every period_ms
-                 "window_ms": 200, "period_ms": 1000,
-                 "programs": [],           # comm names to trace; [] = every process
-                 "max_events_per_s": 5000},  # cap; events beyond it are dropped and counted
+     "tracing": {"mode": "duty-cycle",     # the tracer's sampling policy (vims.collector.policy):
+                 "window_ms": 200, "period_ms": 1000,   # full, or window_ms of every period_ms;
+                 "include": [], "exclude": [],          # program name patterns;
+                 "max_events_per_s": 5000},  # a cap; events beyond it are dropped and counted
      "model_set": "default",               # the fitted model set the A-VM scores with
      "threshold": 0.5,                     # behaviour.score must be >= this to connect
      "interval_s": 1.0,                    # report at least this often
