@@ -55,6 +55,8 @@ class Agent:
         self.last: Report | None = None
         self.nonce: str | None = None
         self.policy_version: int | None = None
+        #: The running tracer, when the agent traces the guest itself (REM-S's tracing policy goes to it).
+        self.tracer: Any = None
         self._next = 0.0
         self._report_lock = threading.Lock()
 
@@ -152,6 +154,11 @@ class RemoteSink:
             if isinstance(policy.get("threshold"), int | float):
                 self.agent.builder.threshold = float(policy["threshold"])
             self.agent.policy_version = body.get("version")
+            if isinstance(policy.get("tracing"), dict) and self.agent.tracer is not None:
+                from vims.collector.policy import Policy
+
+                # REM-S validated it with the same parser; a bad one raises here and the client counts it.
+                self.agent.tracer.set_policy(Policy.from_dict(policy["tracing"], where="REM-S policy: tracing"))
             self.agent.nonce = body.get("nonce") or self.agent.nonce
         elif kind == "ack":
             self.agent.nonce = body.get("nonce") or self.agent.nonce
@@ -240,10 +247,14 @@ def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = N
         with GdbStub(*guest.gdb_address) as gdb:
             tracer = SyscallTracer(gdb, view, vm_id or agent.builder.vm_id, policy=policy, method=method,
                                    batch_ms=batch_ms, on_batch=agent.send, keep=False)
+            agent.tracer = tracer
             state["state"] = "tracing"
             if on_ready is not None:
                 on_ready()
-            result = tracer.run(stop=stop)
+            try:
+                result = tracer.run(stop=stop)
+            finally:
+                agent.tracer = None
             state["state"] = f"ended: {result.reason}"
             state["reason"] = result.reason
     finally:

@@ -485,12 +485,32 @@ class SyscallTracer:
             self.entry = EntryCheck("breakpoint", self.entry.slot, self.entry.breakpoint,
                                     "execution breakpoint at entry_SYSCALL_64_after_hwframe, as asked (slow)")
         self.recorder = EventRecorder(view, vm_id, self.policy, callsites, batch_rows, batch_ms, on_batch, keep)
+        self._new_policy: Policy | None = None
         #: Notes for the user: the method chosen and why, fallbacks taken.
         self.notes: list[str] = [self.entry.detail, *self.recorder.notes]
         self.names = self.recorder.names
         self.stats = self.recorder.stats
         self._traps: list[tuple[str, int, int]] = []
         self._vcpus: list[int] = [0]
+
+    def set_policy(self, policy: Policy) -> None:
+        """Trace by ``policy`` from now on (safe from another thread; applied within 0.2 s).
+
+        REM-S may change the tracing policy at any time; the running trace takes it at its next look-up,
+        keeping what it counted so far.
+        """
+        self._new_policy = policy
+
+    def _apply_new_policy(self, now: int) -> Sampler:
+        policy, self._new_policy = self._new_policy, None
+        assert policy is not None
+        rec = self.recorder
+        old = rec.sampler
+        rec.policy = self.policy = policy
+        rec.sampler = Sampler(policy, now)
+        rec.sampler.filtered, rec.sampler.capped = old.filtered, old.capped
+        self.notes.append(f"policy changed while tracing: {policy.to_dict()}")
+        return rec.sampler
 
     # -- registers -------------------------------------------------------------------------------
     def _registers(self, vcpu: int | None) -> dict[str, int]:
@@ -559,6 +579,8 @@ class SyscallTracer:
                 if max_events is not None and stats["events"] >= max_events:
                     reason = "max-events"
                     break
+                if self._new_policy is not None:
+                    sampler = self._apply_new_policy(now)
                 rec.due(now)
                 if progress is not None and now - last_progress >= progress_s * 1e9:
                     last_progress = now

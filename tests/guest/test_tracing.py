@@ -184,6 +184,35 @@ def test_duty_cycle_and_filters(guest: Guest, view: KernelView) -> None:
     assert "dd" in comms and "cat" not in comms and "init" not in comms and result.stats["filtered"] > 10
 
 
+def test_policy_changed_while_tracing_takes_effect(guest: Guest, view: KernelView) -> None:
+    busy = "timeout 4 dd if=/dev/zero of=/dev/null bs=1 count=100000000"
+    switched: list[int] = []
+    with GdbStub(*guest.gdb_address) as gdb:
+        tracer = SyscallTracer(gdb, view, "test-vm")
+
+        def change() -> None:
+            # As REM-S would: a new policy arrives while the trace runs (here: stop tracing dd).
+            deadline = time.monotonic() + 60
+            while tracer.stats.get("events", 0) < 50 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            switched.append(time.time_ns())
+            tracer.set_policy(Policy(exclude=("dd",)))
+
+        player = threading.Thread(target=lambda: guest.execute(busy, timeout=30))
+        changer = threading.Thread(target=change)
+        player.start()
+        changer.start()
+        result = tracer.run(duration=5)
+        player.join()
+        changer.join()
+    ts = result.events["ts_ns"].to_numpy()
+    comm = result.events["comm"].to_numpy(zero_copy_only=False)
+    assert (ts < switched[0]).any()  # traced before the change
+    assert not ((comm == "dd") & (ts > switched[0] + 500_000_000)).any()  # applied within 0.5 s
+    assert result.stats["filtered"] > 0 and any("policy changed" in note for note in tracer.notes)
+
+
 def test_breakpoint_fallback_works_too(guest: Guest, view: KernelView) -> None:
     result, _ = trace(guest, view, 4, lambda: guest.scenario("normal"), method="breakpoint")
     assert result.method == "breakpoint" and result.reason == "duration"
