@@ -149,7 +149,7 @@ def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     write_table(result.events, folder / "normal-events.parquet")
     traces = traces_from_events(result.events)
-    model_set, card = fit_model_set(traces, min_traces=3)
+    model_set, card = fit_model_set(traces, min_traces=10)  # a threshold from fewer traces is noise
     save_model(model_set, model, card)
     err.print(f"learned {len(model_set.programs())} program models from {traces.num_rows} traces "
               f"({result.events.num_rows:,} events): {model}", highlight=False)

@@ -50,7 +50,7 @@ def _names(process: dict[str, Any]) -> str:
 def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> None:
     normal = pa.concat_tables([_capture(guest, 15, 4) for _ in range(3)])
     traces = traces_from_events(normal)
-    model_set, _card = fit_model_set(traces, detector="ngram", params=["order=4"], min_traces=3, far=0.05, cv=3)
+    model_set, _card = fit_model_set(traces, detector="ngram", params=["order=4"], min_traces=10, far=0.05, cv=3)
     assert "httpd" in model_set.programs()
 
     reports: list[tuple[float, dict[str, Any]]] = []
