@@ -4,6 +4,8 @@ reads against the GDB stub, the current task of the vCPU, reads in a process's a
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,14 +96,49 @@ def test_guest_uses_5_level_paging_and_memory_equals_the_gdb_stub(guest: Any, vi
             for vaddr in (stext + 0x1234, init.addr, view.init_task):
                 assert gdb.read(vaddr, 256) == view.read(vaddr, 256)
             # the running task: GS base + the per-cpu offset of current_task
-            current = view.current_task(regs["gs_base"])
+            current = view.current_task(kernel_gs(regs))
             task = view.task(current)
             assert current in set(view.task_addresses(threads=True))
             if task.cr3 is not None and regs["rip"] < (1 << 63):
                 assert regs["cr3"] & ~0xFFF == task.cr3  # pti=off: one CR3 per process
-                assert gdb.read(regs["rip"], 16) == view.read_user(task.cr3, regs["rip"], 16)
         finally:
             gdb.resume()
+
+
+def kernel_gs(regs: dict[str, int]) -> int:
+    """The kernel's per-cpu base: GS in kernel mode, the swapped-out KERNEL_GS_BASE in user mode."""
+    return regs["gs_base"] if regs["gs_base"] >> 63 else regs["k_gs_base"]
+
+
+def test_user_code_at_the_stopped_ip_reads_the_same(guest: Any, view: KernelView) -> None:
+    compared = 0
+    failures: list[BaseException] = []
+
+    def spin() -> None:
+        try:
+            guest.execute("timeout 3 sh -c 'while :; do :; done'", timeout=30)
+        except BaseException as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    busy = threading.Thread(target=spin)
+    busy.start()  # a user-space loop, so that halts land in user space
+    time.sleep(0.5)
+    with GdbStub(*guest.gdb_address) as gdb:
+        for _ in range(10):
+            gdb.halt()
+            try:
+                regs = gdb.registers()
+                task = view.task(view.current_task(kernel_gs(regs)))
+                if task.cr3 is not None and regs["rip"] < (1 << 63):
+                    assert regs["cr3"] & ~0xFFF == task.cr3  # pti=off: one CR3 per process
+                    assert gdb.read(regs["rip"], 16) == view.read_user(task.cr3, regs["rip"], 16)
+                    compared += 1
+            finally:
+                gdb.resume()
+            time.sleep(0.05)
+    busy.join()
+    assert not failures, failures
+    assert compared > 0
 
 
 def test_qemu_backend(guest: Any) -> None:
