@@ -35,6 +35,13 @@ def view(guest: Guest) -> Iterator[KernelView]:
     memory.close()
 
 
+def wait_for_events(tracer: SyscallTracer, count: int, timeout: float = 60.0) -> None:
+    """Return once ``tracer`` has recorded ``count`` events (or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while tracer.stats.get("events", 0) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def trace(guest: Guest, view: KernelView, seconds: float, during: Callable[[], Any] | None = None,
           **options: Any) -> tuple[TraceResult, SyscallTracer]:
     """Trace for ``seconds`` while ``during`` runs in the guest (started half a second in)."""
@@ -192,9 +199,7 @@ def test_policy_changed_while_tracing_takes_effect(guest: Guest, view: KernelVie
 
         def change() -> None:
             # As REM-S would: a new policy arrives while the trace runs (here: stop tracing dd).
-            deadline = time.monotonic() + 60
-            while tracer.stats.get("events", 0) < 50 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for_events(tracer, 50)
             time.sleep(0.5)
             switched.append(time.time_ns())
             tracer.set_policy(Policy(exclude=("dd",)))
@@ -281,9 +286,7 @@ def test_guest_dying_mid_trace_ends_cleanly(spare: Guest) -> None:
 
             def kill_once_tracing() -> None:
                 # Kill QEMU once events flow (a fixed delay races the tracer's start-up under load).
-                deadline = time.monotonic() + 60
-                while tracer.stats.get("events", 0) < 10 and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                wait_for_events(tracer, 10)
                 os.kill(spare.pid, 9)
 
             threading.Thread(target=kill_once_tracing, daemon=True).start()
