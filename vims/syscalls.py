@@ -30,3 +30,9 @@ def name(nr: int) -> str:
     table = names()
     nr = int(nr)
     return (table[nr] if 0 <= nr < len(table) else None) or f"sys_{nr}"
+
+
+#: x86-64 numbers of the calls that start a program (execve, execveat) and that end a task
+#: (exit, exit_group): where every part cuts a process's calls into program runs.
+EXECVE_CALLS = frozenset({59, 322})
+EXIT_CALLS = frozenset({60, 231})
