@@ -24,6 +24,8 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema | None = No
     If ``schema`` is given, the table is conformed to it first.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError("is a folder; name a Parquet file to write", where=path)
     if schema is not None:
         table = conform(table, schema)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,11 +33,20 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema | None = No
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        # mkstemp creates 0600; the table gets the mode any new file gets under the user's umask.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_table(path: str | Path, schema: pa.Schema | None = None) -> pa.Table:
