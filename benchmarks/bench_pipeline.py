@@ -27,7 +27,7 @@ import pyarrow as pa
 
 
 def _events(n: int, n_procs: int, seed: int = 0) -> pa.Table:
-    from vims.schemas import EVENT_SCHEMA
+    from vims.schemas import EVENT_SCHEMA, conform
 
     rng = np.random.default_rng(seed)
     nxt = np.random.default_rng(99).integers(0, 300, size=(300, 4))
@@ -40,7 +40,7 @@ def _events(n: int, n_procs: int, seed: int = 0) -> pa.Table:
         calls[i] = c
     pids = rng.integers(100, 100 + n_procs, n).astype(np.int32)
     comms = np.array([f"prog{p % 17}" for p in range(100, 100 + n_procs)], dtype=object)[pids - 100]
-    return pa.table({
+    return conform(pa.table({
         "seq": pa.array(np.arange(n, dtype=np.uint64)), "ts_ns": pa.array(np.zeros(n, dtype=np.uint64)),
         "vm_id": pa.array(np.full(n, "vm-1", dtype=object), pa.string()), "vcpu": pa.array(np.zeros(n, np.uint16)),
         "pid": pa.array(pids), "tgid": pa.array(pids), "comm": pa.array(comms, pa.string()),
@@ -48,7 +48,7 @@ def _events(n: int, n_procs: int, seed: int = 0) -> pa.Table:
         "args": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6 * n, np.uint64)), 6),
         "user_ip": pa.array(rng.integers(0x400000, 0x401000, n).astype(np.uint64)),
         "path": pa.nulls(n, pa.string()),
-    }, schema=EVENT_SCHEMA)
+    }), EVENT_SCHEMA)
 
 
 def _restamp(batch: pa.Table, ts: np.ndarray, seq0: int) -> pa.Table:
