@@ -3,14 +3,16 @@
 ::
 
     collector ──send()──> Dispatcher ──PUSH/PULL (one per worker)──> scorer worker processes
-    (tracer, replay)      (partition by pid,                           (WindowScorer: per-process
+    (tracer, replay)      (partition by pid,                           (WindowScorer: per-(vm_id, pid)
                            bounded queues)                              windows and scores)
                                                                              │ PUSH/PULL
     reports <── Aggregator (thread) <────────────────────────────────────────┘
 
 Everything on the wire is :mod:`vims.collector.stream`: Arrow IPC batches with a sender id and a
 sequence number. The dispatcher keeps one :class:`~vims.collector.stream.BatchSender` per worker slot
-and routes every process (by ``pid``) to the same slot, so per-process state lives in one worker.
+and routes every process (by ``pid``) to the same slot, so per-process state lives in one worker. The
+events keep their ``vm_id``: a worker keys processes by ``(vm_id, pid)``, so the same pid in two VMs
+(one A-VM pipeline fed by several collectors) are two processes, and result rows say which VM.
 
 Flow control
 ------------
@@ -47,7 +49,7 @@ from vims.collector.stream import BatchReceiver, BatchSender, Message
 from vims.errors import InputError
 
 #: Columns the scorers need; the dispatcher sends only these (the rest stays with the collector).
-SCORER_COLUMNS = ("seq", "ts_ns", "pid", "tgid", "comm", "nr", "user_ip", "path", "ppid", "argv", "site")
+SCORER_COLUMNS = ("seq", "ts_ns", "vm_id", "pid", "tgid", "comm", "nr", "user_ip", "path", "ppid", "argv", "site")
 
 #: Latency histogram bin edges, seconds: 20 bins a decade from 10 µs to 100 s.
 LATENCY_EDGES = np.geomspace(1e-5, 100.0, 141)
@@ -342,7 +344,7 @@ class Pipeline:
 
     # -- dispatcher ---------------------------------------------------------------------------------
     def send(self, events: pa.Table | pa.RecordBatch, wait: float = 0.0) -> bool:
-        """Route an EVENT_SCHEMA batch to the workers by pid; ``True`` if no part of it was dropped.
+        """Route an EVENT_SCHEMA batch to the workers by pid (with its ``vm_id``); ``True`` if no part was dropped.
 
         Never blocks when ``wait`` is 0 (the collector's case); a replay may wait up to ``wait`` s per
         part for room in a worker's queue instead of dropping.
