@@ -133,12 +133,13 @@ def _columns(events: pa.Table) -> _Columns:
     n = events.num_rows
     names = events.column_names
     pid_raw = events.column("pid").to_numpy().astype(np.int64)
-    if "vm_id" in names:
-        enc = pc.dictionary_encode(events.column("vm_id").combine_chunks())
+    vm_col = events.column("vm_id") if "vm_id" in names else None
+    if vm_col is not None and not pc.all(pc.equal(vm_col, vm_col[0])).as_py():  # several VMs (rare)
+        enc = pc.dictionary_encode(vm_col.combine_chunks())
         vm_code = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         vm_names = [str(v) for v in enc.dictionary.to_pylist()]
     else:
-        vm_code, vm_names = np.zeros(n, dtype=np.int64), [""]
+        vm_code, vm_names = np.zeros(n, dtype=np.int64), [str(vm_col[0].as_py()) if vm_col is not None else ""]
     key = (vm_code << 32) | (pid_raw & 0xFFFFFFFF) if len(vm_names) > 1 else pid_raw
     order = np.argsort(key, kind="stable")  # by process, in arrival order within each
     key = key[order]
@@ -324,24 +325,26 @@ class WindowScorer:
     def _segments(self, cols: _Columns) -> _Segments:
         """Cut the batch into program runs and find (or start) the process of each."""
         runs = cut_runs(cols.new_task, cols.nr, programs=self.segment)
-        n_seg = len(runs.starts)
+        starts, last = runs.starts, runs.ends - 1
+        n_seg = len(starts)
         procs: list[_Proc] = []
         dets: list[CallDetector] = []
         windows = np.empty(n_seg, dtype=np.int64)
         thresholds = np.empty(n_seg)
-        for g, (lo, hi) in enumerate(zip(runs.starts.tolist(), runs.ends.tolist(), strict=True)):
-            key = (cols.vm[int(cols.vm_code[lo])], int(cols.pid[lo]))
+        per_seg = zip(starts.tolist(), cols.vm_code[starts].tolist(), cols.pid[starts].tolist(),
+                      cols.new_task[starts].tolist(), runs.is_exec[starts].tolist(), runs.is_exit[last].tolist(),
+                      runs.is_exec[last].tolist(), cols.ppid[starts].tolist(), strict=True)
+        for g, (lo, vm, pid, new_task, starts_exec, ends_exit, ends_exec, ppid) in enumerate(per_seg):
+            key = (cols.vm[vm], pid)
             proc = self.procs.get(key)
-            exec_row = runs.exec_row(g)
-            if proc is None or not cols.new_task[lo] or proc.ended or (exec_row is not None and not proc.in_exec):
-                proc = self._new_proc(*self._name(cols, lo, exec_row))
+            if proc is None or not new_task or proc.ended or (starts_exec and not proc.in_exec):
+                proc = self._new_proc(*self._name(cols, lo, runs.exec_row(g)))
                 self.procs[key] = proc
             else:
                 self.procs.move_to_end(key)
-            proc.ended = bool(runs.is_exit[hi - 1])
-            proc.in_exec = bool(runs.is_exec[hi - 1])
-            if cols.ppid[lo] >= 0:
-                proc.ppid = int(cols.ppid[lo])
+            proc.ended, proc.in_exec = ends_exit, ends_exec
+            if ppid >= 0:
+                proc.ppid = ppid
             _, det, windows[g], thresholds[g] = self._resolve(proc.name)
             procs.append(proc)
             dets.append(det)
@@ -362,28 +365,28 @@ class WindowScorer:
         """Fold the batch into each process's state; its trace score and evidence per segment."""
         now = time.monotonic()
         evidence: list[list[str]] = []
-        scores = np.empty(len(seg.procs))
+        scores = []
         k = w.k
-        for g, proc in enumerate(seg.procs):
-            lo, hi, win = int(seg.runs.starts[g]), int(seg.runs.ends[g]), int(seg.windows[g])
-            proc.best = max(proc.best, float(w.best[g]))
-            proc.total += float(w.totals[g])
+        per_seg = zip(seg.procs, seg.dets, seg.runs.starts.tolist(), seg.runs.ends.tolist(), seg.windows.tolist(),
+                      w.best.tolist(), w.totals.tolist(), w.top.tolist(), seg.thresholds.tolist(), strict=True)
+        for g, (proc, det, lo, hi, win, best, total, top, threshold) in enumerate(per_seg):
+            proc.best = max(proc.best, best)
+            proc.total += total
             ev: list[str] = []
-            top = w.top[g]
-            if top > seg.thresholds[g] and (top > 1.1 * proc.shown or now - proc.shown_at >= self.evidence_every):
+            if top > threshold and (top > 1.1 * proc.shown or now - proc.shown_at >= self.evidence_every):
                 part = w.wmean[lo:hi]
                 j = len(part) - 1 - int(np.argmax(part[::-1]))  # the latest of equally rare windows: more context
                 size = int(min(win, proc.n + j + 1, EVIDENCE_CALLS))
                 end = w.rowpos[lo + j] + 1
                 ev = window_text(proc.raw, cols.calls, lo, j, w.padded[end - size:end])
-                proc.shown, proc.shown_at = float(top), now
+                proc.shown, proc.shown_at = top, now
             proc.n += hi - lo
             proc.tail = w.new_tails[g, k - (win - 1):].copy() if win > 1 else np.zeros(0)
             if win > 1:
                 proc.raw = cols.calls.tail(proc.raw, lo, hi, win - 1)
-            scores[g] = _trace_score(proc, seg.dets[g], win)
+            scores.append(_trace_score(proc, det, win))
             evidence.append(ev)
-        return scores, evidence
+        return np.array(scores), evidence
 
 
 def _rows(cols: _Columns, seg: _Segments, w: _Windows, scores: np.ndarray, evidence: list[list[str]]) -> pa.Table:
@@ -392,7 +395,8 @@ def _rows(cols: _Columns, seg: _Segments, w: _Windows, scores: np.ndarray, evide
     last = seg.runs.ends - 1
     comm = cols.comm.take(pa.array(last))
     return pa.table({
-        "vm_id": pa.array([cols.vm[c] for c in cols.vm_code[starts].tolist()], pa.string()),
+        "vm_id": pa.repeat(pa.scalar(cols.vm[0], pa.string()), len(starts)) if len(cols.vm) == 1
+        else pa.array([cols.vm[c] for c in cols.vm_code[starts].tolist()], pa.string()),
         "pid": pa.array(cols.pid[starts].astype(np.int32)),
         "tgid": pa.array(cols.tgid[starts].astype(np.int32)),
         "ppid": pa.array([p.ppid for p in procs], pa.int32()),
