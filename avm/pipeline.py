@@ -12,7 +12,9 @@ Everything on the wire is :mod:`vims.collector.stream`: Arrow IPC batches with a
 sequence number. The dispatcher keeps one :class:`~vims.collector.stream.BatchSender` per worker slot
 and routes every process (by ``pid``) to the same slot, so per-process state lives in one worker. The
 events keep their ``vm_id``: a worker keys processes by ``(vm_id, pid)``, so the same pid in two VMs
-(one A-VM pipeline fed by several collectors) are two processes, and result rows say which VM.
+(one A-VM pipeline fed by several collectors) are two processes, and result rows say which VM. On the
+link to a worker every part holds one VM's events, its ``vm_id`` in the schema metadata
+(``vims.vm_id``) rather than a column (a string column per event would cost the dispatcher more).
 
 Flow control
 ------------
@@ -44,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vims.collector.stream import BatchReceiver, BatchSender, Message
 from vims.errors import InputError
@@ -144,8 +147,9 @@ def worker_main(slot: int, gen: int, in_endpoint: str, out_endpoint: str, spec: 
                 continue
             meta = {"vims.slot": str(slot), "vims.gen": str(gen), "vims.input_seq": str(msg.seq),
                     "vims.input_rows": str(msg.batch.num_rows)}
+            vm = (msg.batch.schema.metadata or {}).get(b"vims.vm_id")
             try:
-                result = scorer.score(msg.batch)
+                result = scorer.score(msg.batch, vm_id=None if vm is None else vm.decode())
             except Exception as exc:  # a bad batch must not kill the worker; the aggregator counts it
                 result = RESULT_SCHEMA.empty_table()
                 meta["vims.error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -358,23 +362,26 @@ class Pipeline:
             self.seen += n
             self._count_seq_gaps(events)
         cols = [c for c in self.columns if c in events.column_names]
-        events = events.select(cols)
-        if self.n_workers == 1:
-            parts: list[tuple[int, pa.Table]] = [(0, events)]
-        else:
-            slot_of = events.column("pid").to_numpy().astype(np.int64) % self.n_workers
-            order = np.argsort(slot_of, kind="stable")
-            counts = np.bincount(slot_of, minlength=self.n_workers)
-            sorted_events = events.take(pa.array(order))
-            parts, lo = [], 0
-            for i, c in enumerate(counts.tolist()):
-                if c:
-                    parts.append((i, sorted_events.slice(lo, c)))
-                lo += c
         ok = True
-        for i, part in parts:
-            ok &= self._send_part(i, part, wait)
+        for vm_events in _by_vm(events.select(cols)):
+            for i, part in self._partition(vm_events):
+                ok &= self._send_part(i, part, wait)
         return ok
+
+    def _partition(self, events: pa.Table) -> list[tuple[int, pa.Table]]:
+        """``(worker slot, its part)`` of a batch, by pid."""
+        if self.n_workers == 1:
+            return [(0, events)]
+        slot_of = events.column("pid").to_numpy().astype(np.int64) % self.n_workers
+        order = np.argsort(slot_of, kind="stable")
+        counts = np.bincount(slot_of, minlength=self.n_workers)
+        sorted_events = events.take(pa.array(order))
+        parts, lo = [], 0
+        for i, c in enumerate(counts.tolist()):
+            if c:
+                parts.append((i, sorted_events.slice(lo, c)))
+            lo += c
+        return parts
 
     def _count_seq_gaps(self, events: pa.Table) -> None:
         if "seq" not in events.column_names:
@@ -486,6 +493,20 @@ class Pipeline:
         with self._lock:
             hist = dict(self.latency)
         return {"p50": histogram_quantile(hist, 0.5), "p99": histogram_quantile(hist, 0.99)}
+
+
+def _by_vm(events: pa.Table) -> list[pa.Table]:
+    """A batch as one table per VM, each with its ``vm_id`` in the schema metadata instead of a column."""
+    if "vm_id" not in events.column_names:
+        return [events]
+    vm = events.column("vm_id")
+    tables = [events] if pc.all(pc.equal(vm, vm[0])).as_py() else \
+        [events.filter(pc.equal(vm, v)) for v in pc.unique(vm).to_pylist()]
+    out = []
+    for t in tables:
+        meta = {**(t.schema.metadata or {}), b"vims.vm_id": str(t.column("vm_id")[0].as_py()).encode()}
+        out.append(t.drop_columns(["vm_id"]).replace_schema_metadata(meta))
+    return out
 
 
 def _main(argv: list[str]) -> int:

@@ -128,8 +128,8 @@ class _Windows:
     k: int
 
 
-def _columns(events: pa.Table) -> _Columns:
-    """Sort a batch by process and take the columns the scorer uses."""
+def _columns(events: pa.Table, vm_id: str | None) -> _Columns:
+    """Sort a batch by process and take the columns the scorer uses (``vm_id``: of a batch without the column)."""
     n = events.num_rows
     names = events.column_names
     pid_raw = events.column("pid").to_numpy().astype(np.int64)
@@ -139,7 +139,8 @@ def _columns(events: pa.Table) -> _Columns:
         vm_code = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         vm_names = [str(v) for v in enc.dictionary.to_pylist()]
     else:
-        vm_code, vm_names = np.zeros(n, dtype=np.int64), [str(vm_col[0].as_py()) if vm_col is not None else ""]
+        vm_code = np.zeros(n, dtype=np.int64)
+        vm_names = [str(vm_col[0].as_py()) if vm_col is not None else (vm_id or "")]
     key = (vm_code << 32) | (pid_raw & 0xFFFFFFFF) if len(vm_names) > 1 else pid_raw
     order = np.argsort(key, kind="stable")  # by process, in arrival order within each
     key = key[order]
@@ -302,10 +303,11 @@ class WindowScorer:
         program, det, _, _ = self._resolve(name)
         return _Proc(state=det.init_state(), program=program, name=name, cmdline=cmdline)
 
-    def score(self, events: pa.Table | pa.RecordBatch) -> pa.Table:
+    def score(self, events: pa.Table | pa.RecordBatch, vm_id: str | None = None) -> pa.Table:
         """Score one batch of events (EVENT_SCHEMA columns ``pid``, ``comm``, ``nr``, and as far as
         given ``vm_id``, ``tgid``, ``user_ip``, ``seq``, ``path``, ``argv``, ``ppid``, ``site``); one
-        :data:`RESULT_SCHEMA` row per process (program run) touched."""
+        :data:`RESULT_SCHEMA` row per process (program run) touched. ``vm_id`` is the VM of every
+        event of a batch without that column (as the pipeline's dispatcher sends them)."""
         if isinstance(events, pa.RecordBatch):
             events = pa.Table.from_batches([events])
         if events.num_rows == 0:
@@ -313,7 +315,7 @@ class WindowScorer:
         for col in ("pid", "comm", "nr"):
             if col not in events.column_names:
                 raise InputError(f"event batch lacks column {col!r}")
-        cols = _columns(events)
+        cols = _columns(events, vm_id)
         seg = self._segments(cols)
         w = _windows(seg, _surprises(seg, events.num_rows, cols.nr))
         scores, evidence = self._advance(cols, seg, w)
