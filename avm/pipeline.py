@@ -358,12 +358,12 @@ class Pipeline:
         n = events.num_rows
         if n == 0:
             return True
+        names = set(events.schema.names)  # once: Table.column_names builds a new list every time
         with self._lock:
             self.seen += n
-            self._count_seq_gaps(events)
-        cols = [c for c in self.columns if c in events.column_names]
+            self._count_seq_gaps(events, names)
         ok = True
-        for vm_events in _by_vm(events.select(cols)):
+        for vm_events in _by_vm(events, [c for c in self.columns if c in names], names):
             for i, part in self._partition(vm_events):
                 ok &= self._send_part(i, part, wait)
         return ok
@@ -383,11 +383,11 @@ class Pipeline:
             lo += c
         return parts
 
-    def _count_seq_gaps(self, events: pa.Table) -> None:
-        if "seq" not in events.column_names:
+    def _count_seq_gaps(self, events: pa.Table, names: set[str]) -> None:
+        if "seq" not in names:
             return
         seq = events.column("seq").to_numpy().astype(np.int64)
-        vm = events.column("vm_id")[0].as_py() if "vm_id" in events.column_names else ""
+        vm = events.column("vm_id")[0].as_py() if "vm_id" in names else ""
         expected = self._next_event_seq.get(vm)
         gaps = 0
         if expected is not None and seq[0] > expected:
@@ -495,18 +495,18 @@ class Pipeline:
         return {"p50": histogram_quantile(hist, 0.5), "p99": histogram_quantile(hist, 0.99)}
 
 
-def _by_vm(events: pa.Table) -> list[pa.Table]:
-    """A batch as one table per VM, each with its ``vm_id`` in the schema metadata instead of a column."""
-    if "vm_id" not in events.column_names:
-        return [events]
+def _by_vm(events: pa.Table, columns: list[str], names: set[str]) -> list[pa.Table]:
+    """Columns ``columns`` of a batch (whose columns are ``names``) as one table per VM, its ``vm_id`` in
+    the schema metadata, not a column."""
+    if "vm_id" not in names:
+        return [events.select(columns)]
     vm = events.column("vm_id")
-    tables = [events] if pc.all(pc.equal(vm, vm[0])).as_py() else \
-        [events.filter(pc.equal(vm, v)) for v in pc.unique(vm).to_pylist()]
-    out = []
-    for t in tables:
-        meta = {**(t.schema.metadata or {}), b"vims.vm_id": str(t.column("vm_id")[0].as_py()).encode()}
-        out.append(t.drop_columns(["vm_id"]).replace_schema_metadata(meta))
-    return out
+    keep = [c for c in columns if c != "vm_id"]
+    if events.num_rows == 1 or pc.all(pc.equal(vm, vm[0])).as_py():
+        groups = [(str(vm[0].as_py()), events)]
+    else:
+        groups = [(str(v), events.filter(pc.equal(vm, v))) for v in pc.unique(vm).to_pylist()]
+    return [t.select(keep).replace_schema_metadata({b"vims.vm_id": v.encode()}) for v, t in groups]
 
 
 def _main(argv: list[str]) -> int:

@@ -131,7 +131,7 @@ class _Windows:
 def _columns(events: pa.Table, vm_id: str | None) -> _Columns:
     """Sort a batch by process and take the columns the scorer uses (``vm_id``: of a batch without the column)."""
     n = events.num_rows
-    names = events.column_names
+    names = set(events.schema.names)
     pid_raw = events.column("pid").to_numpy().astype(np.int64)
     vm_col = events.column("vm_id") if "vm_id" in names else None
     if vm_col is not None and not pc.all(pc.equal(vm_col, vm_col[0])).as_py():  # several VMs (rare)
@@ -312,8 +312,9 @@ class WindowScorer:
             events = pa.Table.from_batches([events])
         if events.num_rows == 0:
             return RESULT_SCHEMA.empty_table()
+        names = set(events.schema.names)
         for col in ("pid", "comm", "nr"):
-            if col not in events.column_names:
+            if col not in names:
                 raise InputError(f"event batch lacks column {col!r}")
         cols = _columns(events, vm_id)
         seg = self._segments(cols)
