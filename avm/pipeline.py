@@ -3,14 +3,18 @@
 ::
 
     collector ──send()──> Dispatcher ──PUSH/PULL (one per worker)──> scorer worker processes
-    (tracer, replay)      (partition by pid,                           (WindowScorer: per-process
+    (tracer, replay)      (partition by pid,                           (WindowScorer: per-(vm_id, pid)
                            bounded queues)                              windows and scores)
                                                                              │ PUSH/PULL
     reports <── Aggregator (thread) <────────────────────────────────────────┘
 
 Everything on the wire is :mod:`vims.collector.stream`: Arrow IPC batches with a sender id and a
 sequence number. The dispatcher keeps one :class:`~vims.collector.stream.BatchSender` per worker slot
-and routes every process (by ``pid``) to the same slot, so per-process state lives in one worker.
+and routes every process (by ``pid``) to the same slot, so per-process state lives in one worker. The
+events keep their ``vm_id``: a worker keys processes by ``(vm_id, pid)``, so the same pid in two VMs
+(one A-VM pipeline fed by several collectors) are two processes, and result rows say which VM. On the
+link to a worker every part holds one VM's events, its ``vm_id`` in the schema metadata
+(``vims.vm_id``) rather than a column (a string column per event would cost the dispatcher more).
 
 Flow control
 ------------
@@ -42,12 +46,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vims.collector.stream import BatchReceiver, BatchSender, Message
 from vims.errors import InputError
 
 #: Columns the scorers need; the dispatcher sends only these (the rest stays with the collector).
-SCORER_COLUMNS = ("seq", "ts_ns", "pid", "tgid", "comm", "nr", "user_ip", "path", "ppid", "argv", "site")
+SCORER_COLUMNS = ("seq", "ts_ns", "vm_id", "pid", "tgid", "comm", "nr", "user_ip", "path", "ppid", "argv", "site")
 
 #: Latency histogram bin edges, seconds: 20 bins a decade from 10 µs to 100 s.
 LATENCY_EDGES = np.geomspace(1e-5, 100.0, 141)
@@ -142,8 +147,9 @@ def worker_main(slot: int, gen: int, in_endpoint: str, out_endpoint: str, spec: 
                 continue
             meta = {"vims.slot": str(slot), "vims.gen": str(gen), "vims.input_seq": str(msg.seq),
                     "vims.input_rows": str(msg.batch.num_rows)}
+            vm = (msg.batch.schema.metadata or {}).get(b"vims.vm_id")
             try:
-                result = scorer.score(msg.batch)
+                result = scorer.score(msg.batch, vm_id=None if vm is None else vm.decode())
             except Exception as exc:  # a bad batch must not kill the worker; the aggregator counts it
                 result = RESULT_SCHEMA.empty_table()
                 meta["vims.error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -342,7 +348,7 @@ class Pipeline:
 
     # -- dispatcher ---------------------------------------------------------------------------------
     def send(self, events: pa.Table | pa.RecordBatch, wait: float = 0.0) -> bool:
-        """Route an EVENT_SCHEMA batch to the workers by pid; ``True`` if no part of it was dropped.
+        """Route an EVENT_SCHEMA batch to the workers by pid (with its ``vm_id``); ``True`` if no part was dropped.
 
         Never blocks when ``wait`` is 0 (the collector's case); a replay may wait up to ``wait`` s per
         part for room in a worker's queue instead of dropping.
@@ -352,33 +358,36 @@ class Pipeline:
         n = events.num_rows
         if n == 0:
             return True
+        names = set(events.schema.names)  # once: Table.column_names builds a new list every time
         with self._lock:
             self.seen += n
-            self._count_seq_gaps(events)
-        cols = [c for c in self.columns if c in events.column_names]
-        events = events.select(cols)
-        if self.n_workers == 1:
-            parts: list[tuple[int, pa.Table]] = [(0, events)]
-        else:
-            slot_of = events.column("pid").to_numpy().astype(np.int64) % self.n_workers
-            order = np.argsort(slot_of, kind="stable")
-            counts = np.bincount(slot_of, minlength=self.n_workers)
-            sorted_events = events.take(pa.array(order))
-            parts, lo = [], 0
-            for i, c in enumerate(counts.tolist()):
-                if c:
-                    parts.append((i, sorted_events.slice(lo, c)))
-                lo += c
+            self._count_seq_gaps(events, names)
         ok = True
-        for i, part in parts:
-            ok &= self._send_part(i, part, wait)
+        for vm_events in _by_vm(events, [c for c in self.columns if c in names], names):
+            for i, part in self._partition(vm_events):
+                ok &= self._send_part(i, part, wait)
         return ok
 
-    def _count_seq_gaps(self, events: pa.Table) -> None:
-        if "seq" not in events.column_names:
+    def _partition(self, events: pa.Table) -> list[tuple[int, pa.Table]]:
+        """``(worker slot, its part)`` of a batch, by pid."""
+        if self.n_workers == 1:
+            return [(0, events)]
+        slot_of = events.column("pid").to_numpy().astype(np.int64) % self.n_workers
+        order = np.argsort(slot_of, kind="stable")
+        counts = np.bincount(slot_of, minlength=self.n_workers)
+        sorted_events = events.take(pa.array(order))
+        parts, lo = [], 0
+        for i, c in enumerate(counts.tolist()):
+            if c:
+                parts.append((i, sorted_events.slice(lo, c)))
+            lo += c
+        return parts
+
+    def _count_seq_gaps(self, events: pa.Table, names: set[str]) -> None:
+        if "seq" not in names:
             return
         seq = events.column("seq").to_numpy().astype(np.int64)
-        vm = events.column("vm_id")[0].as_py() if "vm_id" in events.column_names else ""
+        vm = events.column("vm_id")[0].as_py() if "vm_id" in names else ""
         expected = self._next_event_seq.get(vm)
         gaps = 0
         if expected is not None and seq[0] > expected:
@@ -484,6 +493,20 @@ class Pipeline:
         with self._lock:
             hist = dict(self.latency)
         return {"p50": histogram_quantile(hist, 0.5), "p99": histogram_quantile(hist, 0.99)}
+
+
+def _by_vm(events: pa.Table, columns: list[str], names: set[str]) -> list[pa.Table]:
+    """Columns ``columns`` of a batch (whose columns are ``names``) as one table per VM, its ``vm_id`` in
+    the schema metadata, not a column."""
+    if "vm_id" not in names:
+        return [events.select(columns)]
+    vm = events.column("vm_id")
+    keep = [c for c in columns if c != "vm_id"]
+    if events.num_rows == 1 or pc.all(pc.equal(vm, vm[0])).as_py():
+        groups = [(str(vm[0].as_py()), events)]
+    else:
+        groups = [(str(v), events.filter(pc.equal(vm, v))) for v in pc.unique(vm).to_pylist()]
+    return [t.select(keep).replace_schema_metadata({b"vims.vm_id": v.encode()}) for v, t in groups]
 
 
 def _main(argv: list[str]) -> int:

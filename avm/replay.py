@@ -34,7 +34,7 @@ from vims.schemas import EVENT_SCHEMA, SCORE_SCHEMA, conform
 def traces_to_events(traces: pa.Table, vm_id: str = "replay", base_pid: int = 1000,
                      spacing_ns: int = 1000) -> pa.Table:
     """An EVENT_SCHEMA table with one process per trace (calls ``spacing_ns`` apart)."""
-    from vims.models._seq import as_flat
+    from vims.models import as_flat
 
     flat = as_flat(traces, where="traces")
     n = len(flat.values)

@@ -1,12 +1,14 @@
 """Per-process window scores from event batches: what each scorer worker runs.
 
-A :class:`WindowScorer` keeps, for every process, the last calls it made, and turns each event batch
-into per-call *surprises* through the process's detector (a :class:`~vims.models.base.CallDetector`,
-or the one a model set picks for its program). A process is a pid running one program: as the
-capture importer cuts traces (:mod:`vims.datasets.capture`), a run of ``execve`` calls starts a new
-one, named by the path it executed (by ``argv[0]`` for busybox's ``/proc/self/exe``; a process seen
-first in mid-run is named by its ``comm``), and ``exit``/``exit_group`` ends it. So scores of a live
-stream equal batch scores of the traces ``vims datasets import vims`` cuts from the same events.
+A :class:`WindowScorer` keeps, for every process, its detector's streaming state
+(:meth:`~vims.models.base.CallDetector.init_state`), and turns each event batch into per-call
+*surprises* through the process's detector (a :class:`~vims.models.base.CallDetector`, or the one a
+model set picks for its program; :meth:`~vims.models.base.CallDetector.score_streams`). A process is
+a task (``(vm_id, pid)``: two VMs' pids never mix) running one program, cut and named as the capture
+importer cuts traces (:mod:`vims.runs`: a run of ``execve`` calls starts a new one, named by the path
+it executed; a process seen first in mid-run is named by its ``comm``; ``exit``/``exit_group`` ends
+it). So scores of a live stream equal batch scores of the traces ``vims datasets import vims`` cuts
+from the same events.
 From the surprises the scorer keeps two things:
 
 - the **trace score**: the anomaly score batch scoring gives the process's calls so far
@@ -21,15 +23,15 @@ From the surprises the scorer keeps two things:
 :meth:`WindowScorer.score` returns one row per process touched by the batch (:data:`RESULT_SCHEMA`).
 State is bounded: beyond ``max_processes`` the least recently seen process is forgotten (counted).
 
->>> import pyarrow as pa
+>>> from vims.events import example_events
 >>> from vims.models.stide import Stide
 >>> det = Stide(k=2).fit([[1, 2, 1, 2, 1, 2]])
 >>> ws = WindowScorer(det, window=2)
->>> ev = events_from_calls({7: [1, 2, 1, 2], 8: [1, 2, 2, 2]})
+>>> ev = example_events({7: [1, 2, 1, 2], 8: [1, 2, 2, 2]})
 >>> out = ws.score(ev)
->>> out.select(["pid", "calls", "windows_above", "score"]).to_pylist()  # doctest: +NORMALIZE_WHITESPACE
-[{'pid': 7, 'calls': 4, 'windows_above': 0, 'score': 0.0},
- {'pid': 8, 'calls': 4, 'windows_above': 2, 'score': 0.5}]
+>>> out.select(["vm_id", "pid", "calls", "windows_above", "score"]).to_pylist()  # doctest: +NORMALIZE_WHITESPACE
+[{'vm_id': 'vm-1', 'pid': 7, 'calls': 4, 'windows_above': 0, 'score': 0.0},
+ {'vm_id': 'vm-1', 'pid': 8, 'calls': 4, 'windows_above': 2, 'score': 0.5}]
 >>> det.anomaly_score([[1, 2, 2, 2]]).tolist()
 [0.5]
 """
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,28 +47,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vims.avm.evidence import EVIDENCE_CALLS, BatchCalls, Tail, window_text
 from vims.errors import InputError
-from vims.models._seq import BOS
-from vims.models.base import CallDetector
-from vims.schemas import AVM_RESULT_SCHEMA, EVENT_SCHEMA, conform
-from vims.syscalls import name as syscall_name
+from vims.events import example_events as events_from_calls  # noqa: F401 (its old name, for callers not yet moved)
+from vims.models.base import CallDetector, CallState
+from vims.runs import Runs, cut_runs, program_name
+from vims.schemas import AVM_RESULT_SCHEMA
 
 #: One row per process per scored batch: what a scorer worker sends the aggregator.
 RESULT_SCHEMA = AVM_RESULT_SCHEMA
 
-#: x86-64 numbers of the calls that start a program, and that end a task (as vims.datasets.capture).
-EXECVE = (59, 322)
-EXIT = (60, 231)
-
-#: Calls shown in the evidence of one window, at most.
-EVIDENCE_CALLS = 20
+#: A process: ``(vm_id, pid)``.
+Key = tuple[str, int]
 
 
 @dataclass
 class _Proc:
     """What the scorer remembers of one process."""
 
-    ctx: np.ndarray  # last context_ codes (BOS-padded)
+    state: CallState  # its detector's streaming state
     program: str
     n: int = 0
     total: float = 0.0
@@ -78,13 +76,156 @@ class _Proc:
     ppid: int | None = None
     ended: bool = False  # its last call was exit/exit_group: the pid's next call is a new process
     in_exec: bool = False  # its last call was an execve (a run of them starts one program)
-    raw: tuple[Any, ...] | None = None  # the last window-1 calls (nr, ip, paths, argvs, sites), for evidence
+    raw: Tail | None = None  # the last window-1 calls, for evidence
     shown: float = -np.inf  # the rarest window whose evidence was last sent ...
     shown_at: float = 0.0  # ... and when (monotonic s)
 
 
-def _threshold_of(det: Any) -> float:
-    return float(-det.offset_)
+@dataclass
+class _Columns:
+    """A batch's columns in process order (by ``(vm_id, pid)``, in arrival order within each)."""
+
+    order: np.ndarray
+    vm: list[str]  # the VMs' names, by code
+    vm_code: np.ndarray  # each row's VM code
+    pid: np.ndarray
+    nr: np.ndarray
+    seq: np.ndarray
+    tgid: np.ndarray
+    ppid: np.ndarray
+    comm: Any  # pa.Array
+    calls: BatchCalls
+    new_task: np.ndarray
+
+
+@dataclass
+class _Segments:
+    """The program runs of a batch: their processes, detectors, windows and thresholds."""
+
+    runs: Runs
+    procs: list[_Proc]
+    dets: list[CallDetector]
+    windows: np.ndarray
+    thresholds: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.runs.ends - self.runs.starts
+
+
+@dataclass
+class _Windows:
+    """The window means of a batch's calls, and per segment what the scorer keeps of them."""
+
+    wmean: np.ndarray  # per row: the mean surprise of the window its call closes
+    padded: np.ndarray  # each segment's old tail then its surprises, end to end
+    rowpos: np.ndarray  # where each row's surprise is in padded
+    above: np.ndarray  # per segment: windows above threshold
+    top: np.ndarray  # per segment: the rarest window's mean
+    best: np.ndarray  # per segment: the largest full-window sum
+    totals: np.ndarray  # per segment: the sum of its surprises
+    new_tails: np.ndarray  # per segment: its last k surprises
+    k: int
+
+
+def _columns(events: pa.Table, vm_id: str | None) -> _Columns:
+    """Sort a batch by process and take the columns the scorer uses (``vm_id``: of a batch without the column)."""
+    n = events.num_rows
+    names = set(events.schema.names)
+    pid_raw = events.column("pid").to_numpy().astype(np.int64)
+    vm_col = events.column("vm_id") if "vm_id" in names else None
+    if vm_col is not None and not pc.all(pc.equal(vm_col, vm_col[0])).as_py():  # several VMs (rare)
+        enc = pc.dictionary_encode(vm_col.combine_chunks())
+        vm_code = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        vm_names = [str(v) for v in enc.dictionary.to_pylist()]
+    else:
+        vm_code = np.zeros(n, dtype=np.int64)
+        vm_names = [str(vm_col[0].as_py()) if vm_col is not None else (vm_id or "")]
+    key = (vm_code << 32) | (pid_raw & 0xFFFFFFFF) if len(vm_names) > 1 else pid_raw
+    order = np.argsort(key, kind="stable")  # by process, in arrival order within each
+    key = key[order]
+
+    def col(name: str, dtype: Any, default: int = 0) -> np.ndarray:
+        if name not in names:
+            return np.full(n, default, dtype=dtype)
+        c = events.column(name)
+        if c.null_count:
+            c = pc.fill_null(c, default)
+        return c.to_numpy().astype(dtype)[order]
+
+    def strings(name: str) -> list[str | None] | None:
+        if name not in names or events.column(name).null_count == n:
+            return None
+        return events.column(name).take(pa.array(order)).to_pylist()
+
+    pid = pid_raw[order]
+    nr = events.column("nr").to_numpy().astype(np.int64)[order]
+    new_task = np.ones(n, dtype=bool)
+    new_task[1:] = key[1:] != key[:-1]
+    return _Columns(order, vm_names, vm_code[order], pid, nr, col("seq", np.uint64),
+                    col("tgid", np.int64) if "tgid" in names else pid, col("ppid", np.int64, -1),
+                    events.column("comm").take(pa.array(order)),
+                    BatchCalls(nr, col("user_ip", np.uint64), strings("path"), strings("argv"), strings("site")),
+                    new_task)
+
+
+def _surprises(seg: _Segments, n_rows: int, nr: np.ndarray) -> np.ndarray:
+    """Every call's surprise: one model pass per detector over all its segments, each after its state."""
+    starts, lengths = seg.runs.starts, seg.lengths
+    surprises = np.empty(n_rows)
+    det_ids = np.array([id(d) for d in seg.dets], dtype=np.int64)
+    for d_id in np.unique(det_ids):
+        gs = np.flatnonzero(det_ids == d_id)
+        det = seg.dets[int(gs[0])]
+        seg_len = lengths[gs]
+        if len(gs) == len(starts):
+            rows = np.arange(n_rows)
+        else:  # the rows of these segments, in order
+            rows = np.repeat(starts[gs], seg_len) + (np.arange(int(seg_len.sum()))
+                                                     - np.repeat(np.cumsum(seg_len) - seg_len, seg_len))
+        surprises[rows] = det.score_streams([seg.procs[g].state for g in gs.tolist()], nr[rows], seg_len)
+    return surprises
+
+
+def _windows(seg: _Segments, surprises: np.ndarray) -> _Windows:
+    """Window means: each segment's last window-1 surprises (zero-padded for young processes) then its
+    new ones, laid end to end, so every window's sum is one difference of one cumulative sum."""
+    starts, lengths, windows, procs = seg.runs.starts, seg.lengths, seg.windows, seg.procs
+    n_seg = len(starts)
+    within = np.arange(len(surprises)) - np.repeat(starts, lengths)  # position of each row in its segment
+    k = int(windows.max()) - 1
+    pstart = np.concatenate([[0], np.cumsum(lengths + k)[:-1]]).astype(np.int64)
+    padded = np.empty(int(lengths.sum()) + k * n_seg)
+    if k:
+        tails = np.zeros((n_seg, k))
+        for g, proc in enumerate(procs):
+            if len(proc.tail):
+                tails[g, k - len(proc.tail):] = proc.tail
+        padded[pstart[:, None] + np.arange(k)] = tails
+    rowpos = np.repeat(pstart + k, lengths) + within
+    padded[rowpos] = surprises
+    csum = np.concatenate([[0.0], np.cumsum(padded)])
+    w_row = np.repeat(windows, lengths)
+    wsum = csum[rowpos + 1] - csum[rowpos + 1 - w_row]
+    count = np.repeat(np.array([p.n for p in procs], dtype=np.int64), lengths) + within + 1
+    wmean = wsum / np.minimum(w_row, count)
+    return _Windows(
+        wmean, padded, rowpos,
+        above=np.add.reduceat((wmean > np.repeat(seg.thresholds, lengths)).astype(np.int64), starts),
+        top=np.maximum.reduceat(wmean, starts),
+        best=np.maximum.reduceat(np.where(count >= w_row, wsum, -np.inf), starts),
+        totals=np.add.reduceat(surprises, starts),
+        new_tails=padded[(pstart + k + lengths)[:, None] - k + np.arange(k)] if k else np.zeros((n_seg, 0)),
+        k=k)
+
+
+def _trace_score(p: _Proc, det: CallDetector, window: int) -> float:
+    """What batch scoring gives the process's calls so far (``det.anomaly_score([calls])``)."""
+    if p.n == 0:
+        return 0.0
+    if det.aggregate == "window" and p.n >= window:
+        return float(p.best / window)
+    return float(p.total / p.n)
 
 
 class WindowScorer:
@@ -117,7 +258,7 @@ class WindowScorer:
         self.window = window
         self.threshold = threshold
         self.max_processes = max_processes
-        self.procs: OrderedDict[int, _Proc] = OrderedDict()
+        self.procs: OrderedDict[Key, _Proc] = OrderedDict()
         self.evicted = 0
         self._resolved: dict[str, tuple[str, CallDetector, int, float]] = {}
         if not hasattr(model, "for_program"):
@@ -132,328 +273,146 @@ class WindowScorer:
             raise InputError(f"this {type(det).__name__} is not fitted")
         return det
 
-    def _resolve(self, comm: str) -> tuple[str, CallDetector, int, float]:
-        hit = self._resolved.get(comm)
+    def _resolve(self, name: str) -> tuple[str, CallDetector, int, float]:
+        """``(model key, detector, window, window threshold)`` of program ``name``."""
+        hit = self._resolved.get(name)
         if hit is not None:
             return hit
         if hasattr(self.model, "for_program"):
-            key, det = self.model.for_program(comm)
+            key, det = self.model.for_program(name)
             thr = getattr(self.model, "window_threshold", lambda k: None)(key)
         else:
             key, det, thr = "*", self.model, None
         det = self._check_detector(det)
-        window = int(self.window if self.window is not None else getattr(det, "window", 20))
+        window = int(self.window if self.window is not None else det.window)
         if self.threshold is not None:
             thr = self.threshold
-        hit = (str(key), det, window, float(_threshold_of(det) if thr is None else thr))
-        self._resolved[comm] = hit
+        hit = (str(key), det, window, float(det.anomaly_threshold if thr is None else thr))
+        self._resolved[name] = hit
         return hit
 
-    def trace_scores(self) -> dict[tuple[int, str], float]:
-        """The trace score of every remembered process, keyed by ``(pid, program)``."""
+    def trace_scores(self) -> dict[tuple[str, int, str], float]:
+        """The trace score of every remembered process, keyed by ``(vm_id, pid, program)``."""
         out = {}
-        for pid, p in self.procs.items():
+        for (vm, pid), p in self.procs.items():
             _, det, window, _ = self._resolve(p.name)
-            out[(pid, p.name)] = self._trace_score(p, det, window)
+            out[(vm, pid, p.name)] = _trace_score(p, det, window)
         return out
-
-    @staticmethod
-    def _trace_score(p: _Proc, det: CallDetector, window: int) -> float:
-        if p.n == 0:
-            return 0.0
-        if getattr(det, "aggregate", "mean") == "window" and p.n >= window:
-            return float(p.best / window)
-        return float(p.total / p.n)
 
     def _new_proc(self, name: str, cmdline: str | None) -> _Proc:
         program, det, _, _ = self._resolve(name)
-        return _Proc(ctx=np.full(det.context_, BOS, dtype=np.int64), program=program, name=name, cmdline=cmdline)
+        return _Proc(state=det.init_state(), program=program, name=name, cmdline=cmdline)
 
-    def score(self, events: pa.Table | pa.RecordBatch) -> pa.Table:
-        """Score one batch of events (EVENT_SCHEMA columns ``pid``, ``tgid``, ``comm``, ``nr``,
-        ``user_ip``, ``seq``, optional ``path``, and the tracer's ``argv``, ``ppid`` and ``site``);
-        one :data:`RESULT_SCHEMA` row per process (program run) touched."""
+    def score(self, events: pa.Table | pa.RecordBatch, vm_id: str | None = None) -> pa.Table:
+        """Score one batch of events (EVENT_SCHEMA columns ``pid``, ``comm``, ``nr``, and as far as
+        given ``vm_id``, ``tgid``, ``user_ip``, ``seq``, ``path``, ``argv``, ``ppid``, ``site``); one
+        :data:`RESULT_SCHEMA` row per process (program run) touched. ``vm_id`` is the VM of every
+        event of a batch without that column (as the pipeline's dispatcher sends them)."""
         if isinstance(events, pa.RecordBatch):
             events = pa.Table.from_batches([events])
         if events.num_rows == 0:
             return RESULT_SCHEMA.empty_table()
+        names = set(events.schema.names)
         for col in ("pid", "comm", "nr"):
-            if col not in events.column_names:
+            if col not in names:
                 raise InputError(f"event batch lacks column {col!r}")
-        n_rows = events.num_rows
-        pid_raw = events.column("pid").to_numpy().astype(np.int64)
-        order = np.argsort(pid_raw, kind="stable")  # by process, in arrival order within each
-        pid = pid_raw[order]
-        nr = events.column("nr").to_numpy().astype(np.int64)[order]
+        cols = _columns(events, vm_id)
+        seg = self._segments(cols)
+        w = _windows(seg, _surprises(seg, events.num_rows, cols.nr))
+        scores, evidence = self._advance(cols, seg, w)
+        while len(self.procs) > self.max_processes:
+            self.procs.popitem(last=False)
+            self.evicted += 1
+        return _rows(cols, seg, w, scores, evidence)
 
-        def sorted_col(name: str, dtype: Any, default: int = 0) -> np.ndarray:
-            if name not in events.column_names:
-                return np.full(n_rows, default, dtype=dtype)
-            col = events.column(name)
-            if col.null_count:
-                col = pc.fill_null(col, default)
-            return col.to_numpy().astype(dtype)[order]
-
-        def sorted_strings(name: str) -> list[str | None] | None:
-            if name not in events.column_names or events.column(name).null_count == n_rows:
-                return None
-            return events.column(name).take(pa.array(order)).to_pylist()
-
-        b = _Batch(nr, sorted_col("user_ip", np.uint64), sorted_strings("path"), sorted_strings("argv"),
-                   sorted_strings("site"))
-        seq = sorted_col("seq", np.uint64)
-        tgid = sorted_col("tgid", np.int64) if "tgid" in events.column_names else pid
-        ppid = sorted_col("ppid", np.int64, -1)
-        comm_col = events.column("comm").take(pa.array(order))
-        now = time.monotonic()
-
-        # Segments: one per process and program run, cut as the capture importer cuts traces
-        # (vims.datasets.capture): before the first of a run of execve's, after exit/exit_group.
-        is_exec = np.isin(nr, EXECVE) if self.segment else np.zeros(n_rows, dtype=bool)
-        is_exit = np.isin(nr, EXIT) if self.segment else np.zeros(n_rows, dtype=bool)
-        new_pid = np.ones(n_rows, dtype=bool)
-        new_pid[1:] = pid[1:] != pid[:-1]
-        cut = new_pid.copy()
-        cut[1:] |= (is_exec[1:] & ~is_exec[:-1]) | is_exit[:-1]
-        starts = np.flatnonzero(cut)
-        ends = np.append(starts[1:], n_rows)
+    def _segments(self, cols: _Columns) -> _Segments:
+        """Cut the batch into program runs and find (or start) the process of each."""
+        runs = cut_runs(cols.new_task, cols.nr, programs=self.segment)
+        starts, last = runs.starts, runs.ends - 1
         n_seg = len(starts)
-        lengths = ends - starts
         procs: list[_Proc] = []
         dets: list[CallDetector] = []
         windows = np.empty(n_seg, dtype=np.int64)
         thresholds = np.empty(n_seg)
-        exec_at = np.flatnonzero(is_exec[starts]) if self.segment else np.zeros(0, dtype=np.int64)
-        exec_set = set(exec_at.tolist())
-        for g, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            p_id = int(pid[lo])
-            proc = self.procs.get(p_id)
-            starts_exec = g in exec_set
-            if proc is None or not new_pid[lo] or proc.ended or (starts_exec and not proc.in_exec):
-                proc = self._new_proc(self._program_name(b, comm_col, lo, hi, is_exec) if starts_exec
-                                      else str(comm_col[lo].as_py()),
-                                      self._cmdline(b, lo, hi, is_exec) if starts_exec else None)
-                self.procs[p_id] = proc
+        per_seg = zip(starts.tolist(), cols.vm_code[starts].tolist(), cols.pid[starts].tolist(),
+                      cols.new_task[starts].tolist(), runs.is_exec[starts].tolist(), runs.is_exit[last].tolist(),
+                      runs.is_exec[last].tolist(), cols.ppid[starts].tolist(), strict=True)
+        for g, (lo, vm, pid, new_task, starts_exec, ends_exit, ends_exec, ppid) in enumerate(per_seg):
+            key = (cols.vm[vm], pid)
+            proc = self.procs.get(key)
+            if proc is None or not new_task or proc.ended or (starts_exec and not proc.in_exec):
+                proc = self._new_proc(*self._name(cols, lo, runs.exec_row(g)))
+                self.procs[key] = proc
             else:
-                self.procs.move_to_end(p_id)
-            proc.ended = bool(is_exit[hi - 1])
-            proc.in_exec = bool(is_exec[hi - 1])
-            if ppid[lo] >= 0:
-                proc.ppid = int(ppid[lo])
+                self.procs.move_to_end(key)
+            proc.ended, proc.in_exec = ends_exit, ends_exec
+            if ppid >= 0:
+                proc.ppid = ppid
             _, det, windows[g], thresholds[g] = self._resolve(proc.name)
             procs.append(proc)
             dets.append(det)
+        return _Segments(runs, procs, dets, windows, thresholds)
 
-        # Per-call surprises, one model call per detector over all its segments, each after its context.
-        within = np.arange(n_rows) - np.repeat(starts, lengths)  # position of each row in its segment
-        surprises = np.empty(n_rows)
-        det_ids = np.array([id(d) for d in dets], dtype=np.int64)
-        for d_id in np.unique(det_ids):
-            gs = np.flatnonzero(det_ids == d_id)
-            det = dets[int(gs[0])]
-            c = int(det.context_)
-            seg_len = lengths[gs]
-            if len(gs) == n_seg:
-                rows = np.arange(n_rows)
-            else:  # the rows of these segments, in order
-                rows = np.repeat(starts[gs], seg_len) + (np.arange(int(seg_len.sum()))
-                                                         - np.repeat(np.cumsum(seg_len) - seg_len, seg_len))
-            padded_start = np.concatenate([[0], np.cumsum(seg_len + c)[:-1]]).astype(np.int64)
-            seq_codes = np.empty(int(seg_len.sum()) + c * len(gs), dtype=np.int64)
-            at = np.repeat(padded_start + c, seg_len) + within[rows]
-            seq_codes[at] = det.vocab_.encode(nr[rows])
-            if c:
-                ctx_at = padded_start[:, None] + np.arange(c)
-                seq_codes[ctx_at] = np.stack([procs[g].ctx for g in gs.tolist()])
-                new_ctx = seq_codes[(padded_start + seg_len)[:, None] + np.arange(c)]
-                for k, g in enumerate(gs.tolist()):
-                    procs[g].ctx = new_ctx[k]
-            surprises[rows] = det._call_scores(seq_codes, at)
+    @staticmethod
+    def _name(cols: _Columns, lo: int, exec_row: int | None) -> tuple[str, str | None]:
+        """The program and command line of a process that starts at row ``lo``."""
+        comm = str(cols.comm[lo].as_py())
+        if exec_row is None:
+            return comm, None
+        b = cols.calls
+        path = b.paths[exec_row] if b.paths is not None else None
+        argv = b.argvs[exec_row] if b.argvs is not None else None
+        return program_name(comm, path, argv), argv
 
-        # Windows: each segment's last window-1 surprises (zero-padded for young processes) then its new
-        # ones, laid end to end, so every window's sum is one difference of one cumulative sum.
-        k = int(windows.max()) - 1
-        tails = np.zeros((n_seg, k))
-        if k:
-            for g, proc in enumerate(procs):
-                if len(proc.tail):
-                    tails[g, k - len(proc.tail):] = proc.tail
-        pstart = np.concatenate([[0], np.cumsum(lengths + k)[:-1]]).astype(np.int64)
-        padded = np.empty(int(lengths.sum()) + k * n_seg)
-        if k:
-            padded[pstart[:, None] + np.arange(k)] = tails
-        rowpos = np.repeat(pstart + k, lengths) + within
-        padded[rowpos] = surprises
-        csum = np.concatenate([[0.0], np.cumsum(padded)])
-        w_row = np.repeat(windows, lengths)
-        wsum = csum[rowpos + 1] - csum[rowpos + 1 - w_row]
-        count = np.repeat(np.array([p.n for p in procs], dtype=np.int64), lengths) + within + 1
-        wmean = wsum / np.minimum(w_row, count)
-        above = np.add.reduceat((wmean > np.repeat(thresholds, lengths)).astype(np.int64), starts)
-        top = np.maximum.reduceat(wmean, starts)
-        best = np.maximum.reduceat(np.where(count >= w_row, wsum, -np.inf), starts)
-        totals = np.add.reduceat(surprises, starts)
-        new_tails = padded[(pstart + k + lengths)[:, None] - k + np.arange(k)] if k else np.zeros((n_seg, 0))
-
+    def _advance(self, cols: _Columns, seg: _Segments, w: _Windows) -> tuple[np.ndarray, list[list[str]]]:
+        """Fold the batch into each process's state; its trace score and evidence per segment."""
+        now = time.monotonic()
         evidence: list[list[str]] = []
-        scores = np.empty(n_seg)
-        for g, proc in enumerate(procs):
-            lo, hi, w = int(starts[g]), int(ends[g]), int(windows[g])
-            proc.best = max(proc.best, float(best[g]))
-            proc.total += float(totals[g])
+        scores = []
+        k = w.k
+        per_seg = zip(seg.procs, seg.dets, seg.runs.starts.tolist(), seg.runs.ends.tolist(), seg.windows.tolist(),
+                      w.best.tolist(), w.totals.tolist(), w.top.tolist(), seg.thresholds.tolist(), strict=True)
+        for g, (proc, det, lo, hi, win, best, total, top, threshold) in enumerate(per_seg):
+            proc.best = max(proc.best, best)
+            proc.total += total
             ev: list[str] = []
-            if top[g] > thresholds[g] and (top[g] > 1.1 * proc.shown or now - proc.shown_at >= self.evidence_every):
-                seg = wmean[lo:hi]
-                j = len(seg) - 1 - int(np.argmax(seg[::-1]))  # the latest of equally rare windows: more context
-                size = int(min(w, proc.n + j + 1, EVIDENCE_CALLS))
-                ev = self._evidence(proc, b, lo, j, padded[rowpos[lo + j] + 1 - size:rowpos[lo + j] + 1])
-                proc.shown, proc.shown_at = float(top[g]), now
+            if top > threshold and (top > 1.1 * proc.shown or now - proc.shown_at >= self.evidence_every):
+                part = w.wmean[lo:hi]
+                j = len(part) - 1 - int(np.argmax(part[::-1]))  # the latest of equally rare windows: more context
+                size = int(min(win, proc.n + j + 1, EVIDENCE_CALLS))
+                end = w.rowpos[lo + j] + 1
+                ev = window_text(proc.raw, cols.calls, lo, j, w.padded[end - size:end])
+                proc.shown, proc.shown_at = top, now
             proc.n += hi - lo
-            proc.tail = new_tails[g, k - (w - 1):].copy() if w > 1 else np.zeros(0)
-            if w > 1:
-                proc.raw = b.tail(proc.raw, lo, hi, w - 1)
-            scores[g] = self._trace_score(proc, dets[g], w)
+            proc.tail = w.new_tails[g, k - (win - 1):].copy() if win > 1 else np.zeros(0)
+            if win > 1:
+                proc.raw = cols.calls.tail(proc.raw, lo, hi, win - 1)
+            scores.append(_trace_score(proc, det, win))
             evidence.append(ev)
-        while len(self.procs) > self.max_processes:
-            self.procs.popitem(last=False)
-            self.evicted += 1
-        last = ends - 1
-        return pa.table({
-            "pid": pa.array(pid[starts].astype(np.int32)),
-            "tgid": pa.array(tgid[starts].astype(np.int32)),
-            "ppid": pa.array([p.ppid for p in procs], pa.int32()),
-            "comm": comm_col.take(pa.array(last)).combine_chunks() if isinstance(comm_col, pa.ChunkedArray)
-            else comm_col.take(pa.array(last)),
-            "name": pa.array([p.name for p in procs], pa.string()),
-            "cmdline": pa.array([p.cmdline for p in procs], pa.string()),
-            "program": pa.array([p.program for p in procs], pa.string()),
-            "calls": pa.array(lengths.astype(np.int64)),
-            "total_calls": pa.array(np.array([p.n for p in procs], dtype=np.int64)),
-            "windows_above": pa.array(above.astype(np.int64)),
-            "max_window": pa.array(top.astype(np.float64)),
-            "threshold": pa.array(thresholds),
-            "score": pa.array(scores),
-            "last_seq": pa.array(seq[last]),
-            "evidence": pa.array(evidence, pa.list_(pa.string())),
-        }, schema=RESULT_SCHEMA)
-
-    @staticmethod
-    def _program_name(b: _Batch, comm_col: Any, lo: int, hi: int, is_exec: np.ndarray) -> str:
-        """The program a segment that starts with execve runs: as the capture importer names it."""
-        last = lo
-        while last + 1 < hi and is_exec[last + 1]:
-            last += 1
-        path = b.paths[last] if b.paths is not None else None
-        name = None
-        if path:
-            name = _base(path)
-            argv = b.argvs[last] if b.argvs is not None else None
-            if path == "/proc/self/exe" and argv:
-                name = _base(argv.split(" ", 1)[0]) or name
-        return name or str(comm_col[lo].as_py())
-
-    @staticmethod
-    def _cmdline(b: _Batch, lo: int, hi: int, is_exec: np.ndarray) -> str | None:
-        last = lo
-        while last + 1 < hi and is_exec[last + 1]:
-            last += 1
-        return b.argvs[last] if b.argvs is not None else None
-
-    def _evidence(self, proc: _Proc, b: _Batch, lo: int, j: int, surprise: np.ndarray) -> list[str]:
-        """The calls of the window ending at the segment's call ``j`` (the last ``len(surprise)``);
-        ``*`` marks the surprising ones."""
-        size = len(surprise)
-        from_batch = min(size, j + 1)
-        lines = []
-        old = size - from_batch  # calls from the previous batches' tail
-        raw = proc.raw
-        if old and raw is not None:
-            for i in range(len(raw[0]) - old, len(raw[0])):
-                lines.append(_Batch.text(raw, i))
-        lines.extend(b.call(r) for r in range(lo + j + 1 - from_batch, lo + j + 1))
-        marks = surprise[len(surprise) - len(lines):]
-        return [("*" if m > 0 else " ") + line for m, line in zip(marks, lines, strict=True)]
+        return np.array(scores), evidence
 
 
-class _Batch:
-    """A batch's calls in process order, and their text for evidence."""
-
-    def __init__(self, nr: np.ndarray, ip: np.ndarray, paths: list[str | None] | None,
-                 argvs: list[str | None] | None, sites: list[str | None] | None) -> None:
-        self.nr, self.ip, self.paths, self.argvs, self.sites = nr, ip, paths, argvs, sites
-
-    def call(self, r: int) -> str:
-        return self.text((self.nr, self.ip, self.paths, self.argvs, self.sites), r)
-
-    @staticmethod
-    def text(raw: tuple[Any, ...], r: int) -> str:
-        """One call as text: name, path or command line, call site."""
-        nr, ip, paths, argvs, sites = raw
-        what = (argvs[r] if argvs is not None and argvs[r] else None) or (paths[r] if paths is not None else None)
-        site = sites[r] if sites is not None and sites[r] else f"0x{int(ip[r]):x}"
-        return f"{syscall_name(int(nr[r]))}{f' {what}' if what else ''} @{site}"
-
-    def tail(self, old: tuple[Any, ...] | None, lo: int, hi: int, keep: int) -> tuple[Any, ...]:
-        """The last ``keep`` calls of a process: ``old`` (its earlier tail) followed by rows ``lo:hi``."""
-        lo2 = max(lo, hi - keep)
-        new = [self.nr[lo2:hi], self.ip[lo2:hi]] + [None if col is None else col[lo2:hi]
-                                                     for col in (self.paths, self.argvs, self.sites)]
-        if old is None or hi - lo2 >= keep:
-            return tuple(new)
-        need = keep - (hi - lo2)
-        n_old = len(old[0])
-        out: list[Any] = [np.concatenate([old[0][-need:], new[0]]), np.concatenate([old[1][-need:], new[1]])]
-        for o, x in zip(old[2:], new[2:], strict=True):
-            if o is None and x is None:
-                out.append(None)
-            else:
-                out.append(list(o if o is not None else [None] * n_old)[-need:]
-                           + list(x if x is not None else [None] * (hi - lo2)))
-        return tuple(out)
-
-
-def _base(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def events_from_calls(calls: Mapping[int, Sequence[int]], comm: str = "prog", vm_id: str = "vm-1",
-                      interleave: int = 0, start_seq: int = 0, ts_ns: int = 0) -> pa.Table:
-    """An EVENT_SCHEMA table of made-up events: ``calls`` maps pid -> its system call numbers.
-
-    ``interleave`` > 0 deals the processes' calls out in chunks of that many (round robin) instead of
-    one process after the other. Call sites are the call's position; ``ts_ns`` 1 µs apart from ``ts_ns``.
-
-    >>> events_from_calls({5: [0, 1], 6: [2]}, interleave=1).column("pid").to_pylist()
-    [5, 6, 5]
-    """
-    order: list[tuple[int, int]] = []  # (pid, index)
-    if interleave > 0:
-        cursors = {pid: 0 for pid in calls}
-        while cursors:
-            for pid in list(cursors):
-                i = cursors[pid]
-                chunk = list(calls[pid][i:i + interleave])
-                order.extend((pid, i + k) for k in range(len(chunk)))
-                cursors[pid] = i + interleave
-                if cursors[pid] >= len(calls[pid]):
-                    del cursors[pid]
-    else:
-        order = [(pid, i) for pid, seq in calls.items() for i in range(len(seq))]
-    n = len(order)
-    pids = np.array([p for p, _ in order], dtype=np.int32)
-    idx = np.array([i for _, i in order], dtype=np.int64)
-    nrs = np.array([calls[p][i] for p, i in order], dtype=np.int32)
-    return conform(pa.table({
-        "seq": pa.array(np.arange(start_seq, start_seq + n, dtype=np.uint64)),
-        "ts_ns": pa.array(ts_ns + 1000 * np.arange(n, dtype=np.uint64)),
-        "vm_id": pa.array([vm_id] * n, pa.string()),
-        "vcpu": pa.array(np.zeros(n, dtype=np.uint16)),
-        "pid": pa.array(pids),
-        "tgid": pa.array(pids),
-        "comm": pa.array([comm] * n, pa.string()),
-        "cr3": pa.array(np.zeros(n, dtype=np.uint64)),
-        "nr": pa.array(nrs),
-        "args": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6 * n, dtype=np.uint64)), 6),
-        "user_ip": pa.array((0x400000 + 4 * idx).astype(np.uint64)),
-        "path": pa.nulls(n, pa.string()),
-    }), EVENT_SCHEMA)
+def _rows(cols: _Columns, seg: _Segments, w: _Windows, scores: np.ndarray, evidence: list[list[str]]) -> pa.Table:
+    """The RESULT_SCHEMA rows of a batch, one per segment."""
+    starts, procs = seg.runs.starts, seg.procs
+    last = seg.runs.ends - 1
+    comm = cols.comm.take(pa.array(last))
+    return pa.table({
+        "vm_id": pa.repeat(pa.scalar(cols.vm[0], pa.string()), len(starts)) if len(cols.vm) == 1
+        else pa.array([cols.vm[c] for c in cols.vm_code[starts].tolist()], pa.string()),
+        "pid": pa.array(cols.pid[starts].astype(np.int32)),
+        "tgid": pa.array(cols.tgid[starts].astype(np.int32)),
+        "ppid": pa.array([p.ppid for p in procs], pa.int32()),
+        "comm": comm.combine_chunks() if isinstance(comm, pa.ChunkedArray) else comm,
+        "name": pa.array([p.name for p in procs], pa.string()),
+        "cmdline": pa.array([p.cmdline for p in procs], pa.string()),
+        "program": pa.array([p.program for p in procs], pa.string()),
+        "calls": pa.array(seg.lengths.astype(np.int64)),
+        "total_calls": pa.array(np.array([p.n for p in procs], dtype=np.int64)),
+        "windows_above": pa.array(w.above.astype(np.int64)),
+        "max_window": pa.array(w.top.astype(np.float64)),
+        "threshold": pa.array(seg.thresholds),
+        "score": pa.array(scores),
+        "last_seq": pa.array(cols.seq[last]),
+        "evidence": pa.array(evidence, pa.list_(pa.string())),
+    }, schema=RESULT_SCHEMA)

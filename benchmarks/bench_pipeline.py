@@ -1,7 +1,10 @@
 """Benchmark of the A-VM pipeline: events through ZeroMQ into scores, batched against one event per message,
 and the latency from event to score at a fixed rate.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--workers 2] [--events 4000000] [--json]
+    .venv/bin/python benchmarks/bench_pipeline.py [--workers 2] [--events 4000000] [--json] [--quick]
+
+``--quick`` is a smoke run of a few seconds (fewer events, a shorter latency phase): it checks that the
+benchmark still runs and prints its table; its numbers mean little.
 
 One run, one machine, one model (stide k=6 fitted on synthetic normal traces with an x86-64 sized call
 set); every phase goes through the same :class:`vims.avm.agent.Agent` (dispatcher -> ZeroMQ PUSH/PULL
@@ -27,7 +30,7 @@ import pyarrow as pa
 
 
 def _events(n: int, n_procs: int, seed: int = 0) -> pa.Table:
-    from vims.schemas import EVENT_SCHEMA
+    from vims.schemas import EVENT_SCHEMA, conform
 
     rng = np.random.default_rng(seed)
     nxt = np.random.default_rng(99).integers(0, 300, size=(300, 4))
@@ -40,7 +43,7 @@ def _events(n: int, n_procs: int, seed: int = 0) -> pa.Table:
         calls[i] = c
     pids = rng.integers(100, 100 + n_procs, n).astype(np.int32)
     comms = np.array([f"prog{p % 17}" for p in range(100, 100 + n_procs)], dtype=object)[pids - 100]
-    return pa.table({
+    return conform(pa.table({
         "seq": pa.array(np.arange(n, dtype=np.uint64)), "ts_ns": pa.array(np.zeros(n, dtype=np.uint64)),
         "vm_id": pa.array(np.full(n, "vm-1", dtype=object), pa.string()), "vcpu": pa.array(np.zeros(n, np.uint16)),
         "pid": pa.array(pids), "tgid": pa.array(pids), "comm": pa.array(comms, pa.string()),
@@ -48,7 +51,7 @@ def _events(n: int, n_procs: int, seed: int = 0) -> pa.Table:
         "args": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6 * n, np.uint64)), 6),
         "user_ip": pa.array(rng.integers(0x400000, 0x401000, n).astype(np.uint64)),
         "path": pa.nulls(n, pa.string()),
-    }, schema=EVENT_SCHEMA)
+    }), EVENT_SCHEMA)
 
 
 def _restamp(batch: pa.Table, ts: np.ndarray, seq0: int) -> pa.Table:
@@ -112,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--tick", type=float, default=0.01, help="Seconds of events per batch in the latency phase.")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="A smoke run of a few seconds.")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.events, args.baseline_events, args.seconds = 100_000, 500, 0.5
+    warmup = min(200_000, args.events // 2)
+    n_train = 40_000 if args.quick else 400_000
 
     from rich.table import Table
 
@@ -122,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
     err.print(f"making {args.events:,} events and a model...", highlight=False)
     events = _events(args.events, args.processes)
-    train = _events(400_000, 50, seed=1)
-    det = Stide(k=6).fit([train.column("nr").to_numpy()[i:i + 2000] for i in range(0, 400_000, 2000)])
+    train = _events(n_train, 50, seed=1)
+    det = Stide(k=6).fit([train.column("nr").to_numpy()[i:i + 2000] for i in range(0, n_train, 2000)])
     with Agent(det, workers=args.workers, interval_s=3600, queue_size=8, hwm=4) as agent:
         # one event stream: sequence numbers go on from phase to phase (a jump would count as missing)
-        _, _, seq = throughput(agent, events.slice(0, 200_000), args.batch_size, 0)  # warm up
+        _, _, seq = throughput(agent, events.slice(0, warmup), args.batch_size, 0)  # warm up
         err.print("batched...", highlight=False)
         batched, share_b, seq = throughput(agent, events, args.batch_size, seq)
         err.print("one event per message...", highlight=False)

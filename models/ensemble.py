@@ -13,9 +13,6 @@ threshold for free.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 
 from vims.errors import InputError
@@ -87,7 +84,7 @@ class Ensemble(Detector):
         if self.normalise not in NORMALISE:
             raise InputError(f"normalise must be one of {', '.join(NORMALISE)}, not {self.normalise!r}")
 
-    def _fit(self, flat: Flat, on_step: Callable[[str], Any] | None = None) -> None:
+    def _fit(self, flat: Flat) -> None:
         from sklearn.base import clone
 
         members = self.members if self.members is not None else default_members()
@@ -97,8 +94,6 @@ class Ensemble(Detector):
             s = oof_scores(det, flat, cv=int(self.cv), random_state=int(self.random_state))
             oof.append(s)
             self.members_.append((name, clone(det).fit(flat)))
-            if on_step is not None:
-                on_step(name)
         oof_arr = np.stack(oof, axis=1)
         self.centers_ = np.median(oof_arr, axis=0)
         q75, q25 = np.quantile(oof_arr, [0.75, 0.25], axis=0)

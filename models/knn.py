@@ -3,8 +3,8 @@
 Each trace becomes a bag of its 1- to ``max_n``-grams (start-of-trace pads included), hashed into
 ``2 ** bits`` buckets, weighted by TF and IDF and L2-normalised; the anomaly of a trace is
 its cosine distance to the nearest training trace (mean over the ``k`` nearest). An update appends the
-new traces' counts and recomputes the IDF. This model looks at a trace as a whole, so the streaming
-scorer does not support it.
+new traces' counts and recomputes the IDF. This model looks at a trace as a whole, so it is not a
+per-call detector and cannot stream (the A-VM's scorer refuses it).
 """
 
 from __future__ import annotations

@@ -12,9 +12,6 @@ scorer relies on it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import scipy.sparse as sp
 
@@ -95,18 +92,16 @@ class MLPNextCall(CallDetector):
         data = np.ones(len(cols), dtype=np.float32)
         return sp.csr_matrix((data, cols, indptr), shape=(len(windows), c * nc))
 
-    def _train(self, windows: np.ndarray, epochs: int, seed: int, on_epoch: Callable[[int], Any] | None) -> None:
+    def _train(self, windows: np.ndarray, epochs: int, seed: int) -> None:
         x, y = self._onehot(windows), windows[:, -1].astype(np.int64)
         self.net_.batch_size = min(int(self.batch_size), x.shape[0])
         rng = np.random.default_rng(seed)
         classes = np.arange(self.n_codes_)
-        for epoch in range(epochs):
+        for _ in range(epochs):
             order = rng.permutation(x.shape[0])
             self.net_.partial_fit(x[order], y[order], classes=classes)
-            if on_epoch is not None:
-                on_epoch(epoch)
 
-    def _fit(self, flat: Flat, on_epoch: Callable[[int], Any] | None = None) -> None:
+    def _fit(self, flat: Flat) -> None:
         from sklearn.neural_network import MLPClassifier
 
         self.vocab_ = Vocab(int(self.min_count)).extend(flat.values)
@@ -117,7 +112,7 @@ class MLPNextCall(CallDetector):
         self.net_ = MLPClassifier(hidden_layer_sizes=(int(self.hidden),), alpha=float(self.alpha),
                                   learning_rate_init=float(self.learning_rate),
                                   batch_size=int(self.batch_size), random_state=int(self.random_state))
-        self._train(windows, int(self.epochs), int(self.random_state), on_epoch)
+        self._train(windows, int(self.epochs), int(self.random_state))
         # a replay sample of the training calls, kept so that an update does not forget them
         rng = np.random.default_rng(int(self.random_state))
         keep = rng.choice(len(windows), size=min(len(windows), 100_000), replace=False)
@@ -130,7 +125,7 @@ class MLPNextCall(CallDetector):
         replay = self.replay_[rng.choice(len(self.replay_), size=min(len(self.replay_), 2 * len(new)),
                                          replace=False)]
         self._train(np.concatenate([new, replay]), max(1, int(self.epochs) // 2),
-                    int(self.random_state) + 1, None)
+                    int(self.random_state) + 1)
         self._weights()
 
     def _weights(self) -> None:

@@ -78,7 +78,7 @@ def sha256_file(path: str | Path) -> str:
 def data_digest(flat: Flat) -> str:
     """SHA-256 over the traces' calls and boundaries (int64, little-endian).
 
-    >>> from vims.models._seq import as_flat
+    >>> from vims.models import as_flat
     >>> data_digest(as_flat([[1, 2], [3]])) == data_digest(as_flat([[1, 2], [3]]))
     True
     """

@@ -9,8 +9,9 @@ import pytest
 
 from vims.avm.agent import Agent
 from vims.avm.replay import replay, score_table
-from vims.avm.scoring import WindowScorer, events_from_calls
+from vims.avm.scoring import WindowScorer
 from vims.errors import InputError
+from vims.events import example_events
 from vims.models.modelset import ModelSet
 from vims.models.persist import load_model, save_model
 from vims.training.per_program import fit_model_set, train_per_program, window_means
@@ -70,9 +71,9 @@ def test_window_thresholds_are_calibrated_out_of_fold(capture) -> None:
 def test_pipeline_scores_each_program_with_its_model(capture) -> None:
     ms, _ = fit_model_set(capture, detector="stide", params=["k=4"], min_traces=5, cv=3)
     test = {1: _program_traces(5, 1, 1)[0], 2: _program_traces(6, 2, 1)[0], 3: _program_traces(7, 3, 1)[0]}
-    events = pa.concat_tables([events_from_calls({1: test[1]}, comm="httpd"),
-                               events_from_calls({2: test[2]}, comm="cron", start_seq=300),
-                               events_from_calls({3: test[3]}, comm="rare", start_seq=600)])
+    events = pa.concat_tables([example_events({1: test[1]}, comm="httpd"),
+                               example_events({2: test[2]}, comm="cron", start_seq=300),
+                               example_events({3: test[3]}, comm="rare", start_seq=600)])
     with Agent(ms, workers=2) as agent:
         replay(agent, events, batch_size=128)
         got = {(r["pid"], r["comm"]): r["score"] for r in score_table(agent, None).to_pylist()}

@@ -17,11 +17,12 @@ import pyarrow as pa
 import pytest
 
 from vims.avm.agent import Agent
+from vims.avm.pipeline import Pipeline
 from vims.avm.replay import replay, score_table, traces_to_events
-from vims.avm.scoring import WindowScorer, events_from_calls
+from vims.avm.scoring import WindowScorer
+from vims.events import example_events
 from vims.models.ngram import NGram
 from vims.models.stide import Stide
-from vims.models.streaming import StreamingScorer
 from vims.remote.protocol import check_report
 
 
@@ -68,7 +69,7 @@ def test_replay_gives_batch_scores(normal, make) -> None:
     events = traces_to_events(traces)
     # deal the processes' calls out in small chunks so that every process spans many batches and workers
     calls = {1000 + i: t for i, t in enumerate(test)}
-    interleaved = events_from_calls(calls, comm="prog", interleave=7)
+    interleaved = example_events(calls, comm="prog", interleave=7)
     assert interleaved.num_rows == events.num_rows
     with Agent(det, workers=2, interval_s=0.2) as agent:
         run = replay(agent, interleaved, batch_size=997)
@@ -79,10 +80,10 @@ def test_replay_gives_batch_scores(normal, make) -> None:
     assert got.column("trace_id").to_pylist() == traces.column("trace_id").to_pylist()
     np.testing.assert_allclose(got.column("score").to_numpy(), expected, rtol=1e-9, atol=1e-12)
     assert got.column("anomalous").to_pylist() == (expected > -det.offset_).tolist()
-    # the models' own streaming scorer agrees too
-    ss = StreamingScorer(det)
-    ss.update(interleaved)
-    ref = {r["pid"]: r["score"] for r in ss.scores().to_pylist()}
+    # the scorer in this process, on the whole capture at once, agrees too
+    ss = WindowScorer(det)
+    ss.score(interleaved)
+    ref = {pid: s for (_, pid, _), s in ss.trace_scores().items()}
     np.testing.assert_allclose(got.column("score").to_numpy(), [ref[1000 + i] for i in range(len(test))],
                                rtol=1e-9, atol=1e-12)
     check_report(report)
@@ -104,7 +105,7 @@ def test_killed_scorer_is_restarted_and_its_gap_reported(normal) -> None:
             nonlocal seq
             for _ in range(n_batches):
                 calls = {int(p): list(rng.integers(0, 25, rows // 20)) for p in range(2, 42)}  # both slots
-                ev = events_from_calls(calls, start_seq=seq, ts_ns=time.time_ns())
+                ev = example_events(calls, start_seq=seq, ts_ns=time.time_ns())
                 seq += ev.num_rows
                 agent.send(ev)
 
@@ -138,7 +139,7 @@ def test_overload_drops_and_counts_instead_of_blocking(normal) -> None:
     queue_size = 2
     rng = np.random.default_rng(5)
     calls = {int(p): list(rng.integers(0, 25, 2500)) for p in range(2, 22)}
-    batch = events_from_calls(calls)  # 50,000 events
+    batch = example_events(calls)  # 50,000 events
     with Agent(det, workers=1, interval_s=0.5, queue_size=queue_size, hwm=1) as agent:
         results = []
         most_queued = 0
@@ -160,7 +161,7 @@ def test_overload_drops_and_counts_instead_of_blocking(normal) -> None:
 
 def test_collector_sequence_gaps_count_as_missing(normal) -> None:
     det = Stide(k=3).fit(normal)
-    ev = events_from_calls({5: normal[0][:100]})
+    ev = example_events({5: normal[0][:100]})
     holes = ev.filter(pa.array([(i % 10) != 3 for i in range(100)]))  # every 10th event never arrived
     with Agent(det, workers=1) as agent:
         agent.send(holes, wait=10)
@@ -170,10 +171,34 @@ def test_collector_sequence_gaps_count_as_missing(normal) -> None:
     assert report["events"]["seen"] == 90 == report["events"]["scored"]
 
 
+def test_two_vms_with_the_same_pid_do_not_mix(normal) -> None:
+    det = NGram(order=3).fit(normal[:40])
+    a, b = normal[40][:300], _markov_traces(1, 300, seed=12, noise=0.5)[0]
+    events = example_events({("vm-a", 7): a, ("vm-b", 7): b}, interleave=5)
+    results: list[pa.Table] = []
+    with Pipeline(det, workers=2, on_result=lambda t, _meta: results.append(t)) as pipe:
+        for lo in range(0, events.num_rows, 64):
+            pipe.send(events.slice(lo, 64), wait=10)
+        assert pipe.drain(30)
+    rows = pa.concat_tables(results).to_pylist()
+    last = {(r["vm_id"], r["pid"]): r for r in rows}
+    assert set(last) == {("vm-a", 7), ("vm-b", 7)}
+    assert last[("vm-a", 7)]["total_calls"] == len(a) and last[("vm-b", 7)]["total_calls"] == len(b)
+    want = det.anomaly_score([a, b])
+    assert last[("vm-a", 7)]["score"] == pytest.approx(want[0], rel=1e-9)
+    assert last[("vm-b", 7)]["score"] == pytest.approx(want[1], rel=1e-9)
+    assert want[0] != pytest.approx(want[1])  # mixed up, they would not give these
+    # the scorer alone keys them apart too
+    ws = WindowScorer(det)
+    ws.score(events)
+    assert ws.trace_scores() == {("vm-a", 7, "prog"): pytest.approx(want[0], rel=1e-9),
+                                 ("vm-b", 7, "prog"): pytest.approx(want[1], rel=1e-9)}
+
+
 def test_window_scorer_cuts_programs_and_names_evidence(normal) -> None:
     det = Stide(k=3).fit(normal)
     ws = WindowScorer(det, window=5)
-    ev = events_from_calls({7: [*normal[0][:50], 59, 257, 0, 3, 60], 8: normal[1][:30]}, comm="exe")
+    ev = example_events({7: [*normal[0][:50], 59, 257, 0, 3, 60], 8: normal[1][:30]}, comm="exe")
     paths = [None] * 50 + ["/proc/self/exe", "/etc/shadow"] + [None] * 33
     argv = [None] * 50 + ["sh -c cat /etc/shadow"] + [None] * 34
     ev = ev.set_column(ev.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
@@ -188,7 +213,7 @@ def test_window_scorer_cuts_programs_and_names_evidence(normal) -> None:
     text = "\n".join(sh["evidence"])
     assert "*execve sh -c cat /etc/shadow" in text and "openat /etc/shadow" in text and "exit" in text
     # the next call of pid 7 after exit is a new process
-    more = ws.score(events_from_calls({7: normal[2][:10]}, comm="cat", start_seq=85)).to_pylist()
+    more = ws.score(example_events({7: normal[2][:10]}, comm="cat", start_seq=85)).to_pylist()
     assert [(r["name"], r["total_calls"]) for r in more] == [("cat", 10)]
 
 
@@ -199,7 +224,7 @@ def test_report_document(normal) -> None:
     b = ReportBuilder("vm-9", "avm-9", interval_s=2.0, threshold=0.5, min_windows=10, horizon=2)
     ws = WindowScorer(det)
     odd = _markov_traces(1, 200, seed=11, noise=0.9)[0]
-    b.add(ws.score(events_from_calls({10: normal[1][:300], 11: odd}, comm="httpd")))
+    b.add(ws.score(example_events({10: normal[1][:300], 11: odd}, comm="httpd")))
     b.set_checks([{"check": "kernel-text", "target": "_text", "status": "pass", "detail": None,
                    "cost": "deep", "ts_ns": 1}])
     counts = {"seen": 500, "scored": 500, "dropped": 0, "missing": 0, "workers": [], "restarts": 0}

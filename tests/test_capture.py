@@ -7,8 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from vims.datasets.capture import example_events, traces_from_events
+from vims.datasets.capture import traces_from_events
 from vims.errors import InputError
+from vims.events import example_events
 from vims.schemas import EVENT_SCHEMA, TRACE_SCHEMA
 from vims.tables import read_table, write_table
 
@@ -25,7 +26,7 @@ def test_segments_between_execves_per_pid() -> None:
         (11, "cat", 0, None),
         (11, "cat", 231, None),            # exit_group: pid 11 is free again
         (11, "ls", 0, None),               # a reused pid, a new task (trace started mid-way)
-    ])
+    ], vm_id="vm")
     t = traces_from_events(ev)
     assert t.schema.equals(TRACE_SCHEMA)
     rows = t.select(["trace_id", "program", "syscalls", "length", "label", "source"]).to_pylist()

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from vims.errors import InputError, VimsError
-from vims.models._seq import as_flat
+from vims.models import as_flat
 from vims.models.calibration import calibrate, oof_scores, recalibrate_update
 from vims.models.ensemble import Ensemble
 from vims.models.knn import KNN

@@ -84,23 +84,11 @@ CHECK_SCHEMA = _named(
     ],
 )
 
-#: One row per process touched by a batch, from :class:`vims.models.streaming.StreamingScorer`.
-STREAM_SCORE_SCHEMA = _named(
-    "stream-score",
-    [
-        pa.field("vm_id", pa.string(), nullable=False),
-        pa.field("pid", pa.int32(), nullable=False),
-        pa.field("comm", pa.string()),
-        pa.field("n_calls", pa.int64(), nullable=False),
-        pa.field("score", pa.float64(), nullable=False),
-        pa.field("anomalous", pa.bool_(), nullable=False),
-    ],
-)
-
 #: One row per process per batch, from the A-VM's scorer workers (:mod:`vims.avm.scoring`).
 AVM_RESULT_SCHEMA = _named(
     "avm-result",
     [
+        pa.field("vm_id", pa.string(), nullable=False),  # the VM the process runs in
         pa.field("pid", pa.int32(), nullable=False),
         pa.field("tgid", pa.int32(), nullable=False),
         pa.field("ppid", pa.int32()),  # the parent, when the collector gives it
@@ -124,7 +112,6 @@ SCHEMAS: dict[str, pa.Schema] = {
     "event": EVENT_SCHEMA,
     "score": SCORE_SCHEMA,
     "check": CHECK_SCHEMA,
-    "stream-score": STREAM_SCORE_SCHEMA,
     "avm-result": AVM_RESULT_SCHEMA,
 }
 
