@@ -14,11 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vims.datasets.traces import Trace, trace_table
-from vims.events import example_events
 from vims.runs import cut_runs, program_name
 from vims.schemas import EVENT_SCHEMA, TRACE_SCHEMA, conform
 
-__all__ = ["example_events", "traces_from_events"]  # example_events: kept for callers of its old home
+__all__ = ["traces_from_events"]
 
 
 def traces_from_events(events: pa.Table, label: str = "normal", split: str | None = None,
@@ -38,6 +37,7 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
 
     Examples
     --------
+    >>> from vims.events import example_events
     >>> ev = example_events([(7, "sh", 59, "/bin/cat"), (7, "cat", 257, "/etc/passwd"), (7, "cat", 0, None),
     ...                      (8, "sh", 1, None), (7, "cat", 231, None)], vm_id="vm")
     >>> t = traces_from_events(ev)

@@ -187,7 +187,7 @@ def test_shared_unm_sendmail_has_both_labels(unm_dir: Path, tmp_path: Path) -> N
 
 
 def test_cli_import_vims_capture(tmp_path: Path) -> None:
-    from vims.datasets.capture import example_events
+    from vims.events import example_events
     from vims.tables import write_table
 
     events = write_table(example_events([(5, "sh", 0, None), (6, "cat", 1, None), (5, "sh", 59, "/bin/ls"),
