@@ -38,8 +38,8 @@ def sim(dep: Deployment, vm: str = "vm-1", **kwargs) -> SimulatedAvm:
 
 
 def content(**kw) -> dict:
-    report = example_report(**kw)
-    return {k: report[k] for k in ("behaviour", "checks", "events", "collector")}
+    report = example_report(time=time.time(), **kw)
+    return {k: report[k] for k in ("behaviour", "checks", "events", "collector", "measured_at", "model")}
 
 
 def test_healthy_vm_client_is_let_through(dep):
