@@ -170,6 +170,8 @@ def test_silent_avm_gets_its_connection_cut_within_the_deadline(dep):
     finally:
         avm.stop()
     store = dep.store()
+    # The sockets are closed first, the cut recorded after: wait for the record.
+    wait_until(lambda: store.history("vm-1")["decisions"][0]["kind"] == "cut", what="the cut to be recorded")
     cut = store.history("vm-1")["decisions"][0]
     last_ok = store.db.execute("SELECT MAX(received_at) FROM reports WHERE status = 'accepted'").fetchone()[0]
     assert cut["kind"] == "cut"
@@ -190,6 +192,7 @@ def test_failing_report_cuts_an_open_connection(dep):
         again.sendall(b"x\n")
         assert read_line(again) == b"data: x\n"
         again.close()
+    wait_until(lambda: len(dep.store().history("vm-1")["decisions"]) >= 3, what="the decisions to be recorded")
     assert [d["kind"] for d in dep.store().history("vm-1")["decisions"]][:3][::-1] == ["allow", "cut", "allow"]
 
 
