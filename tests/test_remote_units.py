@@ -111,3 +111,27 @@ def test_not_a_database_is_a_user_error(tmp_path):
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(InputError, match="not a REM-S database"):
         Store(path)
+
+
+def test_ids_with_a_trailing_newline_are_refused():
+    """Item 14: ids are matched whole (fullmatch): no newline smuggled into logs or output."""
+    from vims.errors import InputError
+    from vims.remote.keys import check_id
+
+    assert check_id("avm-1", "A-VM id") in (None, "avm-1")
+    for bad in ("avm-1\n", "avm-1\nVIMS ALLOW", "\navm-1"):
+        with pytest.raises(InputError):
+            check_id(bad, "A-VM id")
+
+
+def test_rems_home_and_database_are_private(tmp_path):
+    """Item 8: the REM-S home is created 0700 and rems.sqlite (and its WAL) 0600."""
+    import stat
+
+    from vims.remote.store import Store
+
+    home = tmp_path / "home" / "rems"
+    Store(home / "rems.sqlite").close()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for part in home.iterdir():
+        assert stat.S_IMODE(part.stat().st_mode) == 0o600, part
