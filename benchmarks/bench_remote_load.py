@@ -207,7 +207,8 @@ def check(name: str, avms: list[SimAvm], attempts: list[Attempt], first_seq: dic
                 lost += 1
             elif row["status"] != "accepted":
                 rejected += 1
-            elif row["vm_id"] != a.vm_id or json.loads(row["document"])["collector"] != {"sim": avm_id, "tag": tag, "alive": True}:
+            elif row["vm_id"] != a.vm_id or \
+                    json.loads(row["document"])["collector"] != {"sim": avm_id, "tag": tag, "alive": True}:
                 misattributed += 1
     # A client's local port can serve several gate ports at once: match on (client address, VM), in time.
     decisions: dict[tuple[str, str], list[Any]] = {}
