@@ -195,7 +195,8 @@ class Gate:
         loop = asyncio.get_running_loop()
         conn.tasks = [loop.create_task(_pump(reader, s_writer)), loop.create_task(_pump(s_reader, writer))]
         try:
-            await asyncio.wait(conn.tasks, return_when=asyncio.FIRST_COMPLETED)
+            # Both directions end: a side that half-closes still gets the other side's answer.
+            await asyncio.wait(conn.tasks, return_when=asyncio.ALL_COMPLETED)
         finally:
             for task in conn.tasks:
                 task.cancel()
@@ -242,10 +243,13 @@ async def _close_after_drain(writer: asyncio.StreamWriter, timeout: float = 1.0)
     writer.close()
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then pass the half-close on (the other direction keeps flowing)."""
     with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
         while True:
             data = await reader.read(65536)
             if not data:
+                if writer.can_write_eof():
+                    writer.write_eof()
                 break
             writer.write(data)
             await writer.drain()

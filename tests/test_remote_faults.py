@@ -185,3 +185,17 @@ def test_cuts_do_not_wait_for_clients_that_never_read(dep):
         assert len(ages) == 7 and max(ages) < FAST["deadline_s"] + 1.0
         for c in stuck:
             c.close()
+
+
+def test_half_close_is_relayed_and_the_answer_still_arrives(dep):
+    """Item 12: a client that shuts down its sending side still reads the service's answer."""
+    import socket
+
+    with sim(dep):
+        for _ in range(5):
+            client = dep.connect()
+            client.sendall(b"last words\n")
+            client.shutdown(socket.SHUT_WR)
+            assert read_all(client) == b"data: last words\n"
+            client.close()
+    wait_until(lambda: dep.metric("vims_open_connections") == 0, what="the relays to end")
