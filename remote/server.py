@@ -389,6 +389,10 @@ class RemsServer:
             return
         if rid != st.rid:
             st.rid, st.out_seq, st.in_seq = rid, 0, 0
+            if msg["type"] != "hello" and st.acked_version != self.policies[st.vm_id]["version"]:
+                # Reconnected without a hello (REM-S restarted) under a policy changed meanwhile: push it.
+                log.info("pushing policy v%d to %s on reconnect", self.policies[st.vm_id]["version"], avm_id)
+                self._send_policy(st)
         if st.in_seq and msg["seq"] != st.in_seq + 1:
             self.metrics.inc("vims_frame_gaps_total")
         st.in_seq = msg["seq"]

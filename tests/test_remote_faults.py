@@ -199,3 +199,27 @@ def test_half_close_is_relayed_and_the_answer_still_arrives(dep):
             assert read_all(client) == b"data: last words\n"
             client.close()
     wait_until(lambda: dep.metric("vims_open_connections") == 0, what="the relays to end")
+
+
+def test_policy_changed_while_rems_was_down_is_pushed_on_reconnect(tmp_path):
+    """Item 9: the A-VM reconnects after a REM-S restart and gets the policy set meanwhile."""
+    from vims.remote.testing import free_port
+
+    d = Deployment(tmp_path, vms=1, policy=FAST)
+    control = f"tcp://127.0.0.1:{free_port()}"
+    d.start(control=control)
+    avm = sim(d)
+    try:
+        d.stop()
+        version = d.store().set_policy("vm-1", {**FAST, "threshold": 0.6})
+        d.start(control=control)
+        wait_until(lambda: avm.policy and avm.policy["version"] == version, what="the policy pushed on reconnect")
+        wait_until(lambda: d.thread.call(lambda: d.thread.server.avms["avm-1"].acked_version) == version,
+                   what="its acknowledgement")
+        client = d.connect()
+        client.sendall(b"x\n")
+        assert read_line(client) == b"data: x\n"
+        client.close()
+    finally:
+        avm.stop()
+        d.stop()
