@@ -150,7 +150,9 @@ def test_unenrolled_key_is_refused_at_the_handshake_and_counted(dep):
         wait_until(lambda: dep.metric("vims_reports_rejected_total", reason="unenrolled") >= 1,
                    what="the refusal to be counted")
         assert rogue.policy is None
-        rows = dep.store().db.execute("SELECT detail FROM reports WHERE reason = 'unenrolled'").fetchall()
+        # Recorded by the history writer after it was counted: wait for the row.
+        rows = wait_until(lambda: dep.store().db.execute(
+            "SELECT detail FROM reports WHERE reason = 'unenrolled'").fetchall(), what="the refusal recorded")
         assert rows and "unknown CURVE key" in rows[0][0]
         assert read_all(dep.connect("vm-1")).startswith(b"VIMS DENY")
     finally:
