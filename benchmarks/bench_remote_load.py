@@ -69,9 +69,12 @@ class SimAvm:
         score = 0.95 if healthy(self.vm_id) else 0.2
         return {"behaviour": {"score": score, "threshold": 0.5,
                               "top_processes": [{"pid": 1, "comm": "sim", "score": score, "evidence": []}]},
-                "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": None}],
-                "events": {"seen": 1000, "dropped": 0, "missing": 0},
-                "collector": {"sim": self.session.identity.avm_id, "tag": tag}}
+                "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": None,
+                            "ts_ns": time.time_ns()}],
+                "events": {"seen": 1000, "dropped": 0, "missing": 0,
+                           "interval": {"seen": 1000, "dropped": 0, "missing": 0}},
+                "measured_at": time.time(), "model": {"sha256": "5" * 64, "path": "bench.skops"},
+                "collector": {"sim": self.session.identity.avm_id, "tag": tag, "alive": True}}
 
     async def send_report(self, nonce: str | None, tag: str) -> None:
         seq = self.session.next_seq
@@ -204,7 +207,8 @@ def check(name: str, avms: list[SimAvm], attempts: list[Attempt], first_seq: dic
                 lost += 1
             elif row["status"] != "accepted":
                 rejected += 1
-            elif row["vm_id"] != a.vm_id or json.loads(row["document"])["collector"] != {"sim": avm_id, "tag": tag}:
+            elif row["vm_id"] != a.vm_id or \
+                    json.loads(row["document"])["collector"] != {"sim": avm_id, "tag": tag, "alive": True}:
                 misattributed += 1
     # A client's local port can serve several gate ports at once: match on (client address, VM), in time.
     decisions: dict[tuple[str, str], list[Any]] = {}

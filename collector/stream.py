@@ -18,8 +18,15 @@ still returns at once. :class:`BatchReceiver` (a PULL socket) decodes messages a
 sender, the batches received and the batches missing by sequence number.
 
 CURVE: give the sender the server's public key (and its own key pair, or one is made), and the
-receiver its secret key; :func:`curve_keypair` makes keys (Z85 text). A receiver may also restrict
-which client keys it accepts.
+receiver its secret key; :func:`curve_keypair` makes keys (Z85 text). A receiver given ``allowed_keys``
+admits only those sender public keys (its own ZAP handler, in a ZeroMQ context of its own; a refused
+key is counted as ``unknown_key``).
+
+A message that is not a VIMS batch never makes :meth:`BatchReceiver.recv` raise: it is dropped and
+counted by reason in :attr:`BatchReceiver.refused` (``not_vims``: wrong tag or frame count;
+``bad_header``: not a JSON object with ``sender`` (a name) and ``seq`` (an integer >= 0), and integer
+``rows``/``dropped_batches``/``dropped_rows``/``ts_ns`` and a text ``kind`` when present;
+``bad_payload``: not an Arrow IPC stream, or not ``rows`` rows; ``unknown_key``).
 
 >>> import pyarrow as pa
 >>> rx = BatchReceiver("tcp://127.0.0.1:*")
@@ -36,7 +43,9 @@ True
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import queue
 import threading
 import time
@@ -45,6 +54,7 @@ from typing import Any
 
 import pyarrow as pa
 import zmq
+from zmq.utils import z85
 
 from vims.errors import InputError
 
@@ -274,8 +284,10 @@ class BatchReceiver:
         Bind (default) or connect.
     secret_key : str, optional
         This receiver's CURVE secret key: turns on CURVE (the sender needs the matching public key).
-    allowed_clients : list of str, optional
-        CURVE public keys of the senders allowed to connect (default: any sender that knows our key).
+    allowed_keys : list of str, optional
+        CURVE public keys (Z85) of the senders allowed to connect (default: any sender that knows our key).
+    max_message : int
+        Largest message accepted, in bytes (ZeroMQ drops the connection of a peer that sends more).
 
     Attributes
     ----------
@@ -283,25 +295,33 @@ class BatchReceiver:
         Per-sender counts; :attr:`gaps` sums their gaps.
     rejected : int
         Messages that were not VIMS batches (bad tag, header or payload); counted and skipped.
+    refused : collections.Counter
+        The same, and refused CURVE keys, by reason (see the module text).
     """
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:*", bind: bool = True, secret_key: str | None = None,
-                 allowed_clients: list[str] | None = None, hwm: int = 1000,
+                 allowed_keys: list[str] | None = None, hwm: int = 1000, max_message: int = 64 << 20,
                  context: zmq.Context[Any] | None = None) -> None:
-        self._ctx = context or zmq.Context.instance()
-        self._auth = None
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.rejected = 0
+        self.senders: dict[str, SenderStats] = {}
+        self._zap: _Zap | None = None
+        own = allowed_keys is not None and context is None  # one ZAP handler per context: our own
+        self._own_ctx = zmq.Context() if own else None
+        self._ctx = self._own_ctx or context or zmq.Context.instance()
+        if allowed_keys is not None:
+            if secret_key is None:
+                raise InputError("allowed_keys needs secret_key (the allow-list is enforced by CURVE)")
+            self._zap = _Zap(self._ctx, {_key(k, "allowed_keys") for k in allowed_keys}, self.refused)
         self._socket = self._ctx.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         if secret_key is not None:
-            if allowed_clients is not None:
-                from zmq.auth.thread import ThreadAuthenticator
-
-                self._auth = ThreadAuthenticator(self._ctx)
-                self._auth.start()
-                self._auth.configure_curve_callback(domain="*", credentials_provider=_KeySet(allowed_clients))
             self._socket.curve_server = True
             self._socket.curve_secretkey = _key(secret_key, "secret_key")
+            if self._zap is not None:
+                self._socket.zap_domain = b"vims-batches"
         try:
             if bind:
                 self._socket.bind(endpoint)
@@ -313,8 +333,6 @@ class BatchReceiver:
             raise InputError(f"cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from exc
         #: The endpoint actually bound (with the port chosen when ``*`` was asked for).
         self.endpoint = endpoint
-        self.senders: dict[str, SenderStats] = {}
-        self.rejected = 0
 
     @property
     def gaps(self) -> int:
@@ -335,16 +353,27 @@ class BatchReceiver:
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
+    def _refuse(self, reason: str) -> None:
+        self.rejected += 1
+        self.refused[reason] += 1
+
     def _decode(self, frames: list[bytes]) -> Message | None:
-        try:
-            if len(frames) != 3 or frames[0] != PROTOCOL:
-                raise ValueError("not a vims/1 message")
-            header = json.loads(frames[1])
-            sender, seq = str(header["sender"]), int(header["seq"])
-            batch = decode_batch(frames[2])
-        except (ValueError, KeyError, TypeError, pa.ArrowInvalid):
-            self.rejected += 1
+        if len(frames) != 3 or frames[0] != PROTOCOL:
+            self._refuse("not_vims")
             return None
+        header = _header(frames[1])
+        if header is None:
+            self._refuse("bad_header")
+            return None
+        try:
+            batch = decode_batch(frames[2])
+        except Exception:  # whatever a corrupt Arrow stream raises
+            self._refuse("bad_payload")
+            return None
+        if header.setdefault("rows", batch.num_rows) != batch.num_rows:
+            self._refuse("bad_payload")
+            return None
+        sender, seq = header["sender"], header["seq"]
         stats = self.senders.setdefault(sender, SenderStats())
         gap = 0
         if seq >= stats.next_seq:
@@ -354,9 +383,9 @@ class BatchReceiver:
         stats.gaps += gap
         stats.received += 1
         stats.rows += batch.num_rows
-        stats.dropped_batches = int(header.get("dropped_batches", 0))
-        stats.dropped_rows = int(header.get("dropped_rows", 0))
-        return Message(sender, seq, str(header.get("kind", "")), batch, header, gap)
+        stats.dropped_batches = header.get("dropped_batches", 0)
+        stats.dropped_rows = header.get("dropped_rows", 0)
+        return Message(sender, seq, header["kind"], batch, header, gap)
 
     def __iter__(self) -> Any:
         """Received messages, for ever."""
@@ -370,10 +399,14 @@ class BatchReceiver:
         return {name: vars(s).copy() for name, s in self.senders.items()}
 
     def close(self) -> None:
-        self._socket.close(0)
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        if getattr(self, "_socket", None) is not None:
+            self._socket.close(0)
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
+        if self._own_ctx is not None:
+            self._own_ctx.term()
+            self._own_ctx = None
 
     def __enter__(self) -> BatchReceiver:
         return self
@@ -382,12 +415,69 @@ class BatchReceiver:
         self.close()
 
 
-class _KeySet:
-    """ZAP credentials provider accepting a fixed set of client public keys."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
 
-    def __init__(self, keys: list[str]) -> None:
-        self.keys = {_key(k, "allowed_clients") for k in keys}
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        # pyzmq hands the client key over as Z85 bytes.
-        return key in self.keys
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _header(raw: bytes) -> dict[str, Any] | None:
+    """The header of a batch message, or None when it is not a valid one."""
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    sender = header.get("sender")
+    if not isinstance(sender, str) or not 0 < len(sender) <= 128:
+        return None
+    if not _count(header.get("seq")) or ("rows" in header and not _count(header["rows"])):
+        return None
+    header.setdefault("kind", "")
+    if not isinstance(header["kind"], str):
+        return None
+    if not all(_count(header[k]) for k in ("dropped_batches", "dropped_rows", "ts_ns") if k in header):
+        return None
+    return header
+
+
+class _Zap:
+    """A ZAP handler (a thread) admitting only the CURVE keys in ``keys``; refusals go to ``refused``."""
+
+    def __init__(self, ctx: zmq.Context[Any], keys: set[bytes], refused: collections.Counter[str]) -> None:
+        self.keys = keys
+        self.refused = refused
+        self._sock = ctx.socket(zmq.REP)
+        self._sock.linger = 0
+        self._sock.bind("inproc://zeromq.zap.01")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vims-batch-zap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(100):
+                continue
+            frames = self._sock.recv_multipart()
+            version, request_id = [*frames, b"", b""][:2]
+            key = z85.encode(frames[6]) if len(frames) == 7 and frames[5] == b"CURVE" else b""
+            if key and key in self.keys:
+                self._sock.send_multipart([version, request_id, b"200", b"OK", key, b""])
+            else:
+                self.refused["unknown_key"] += 1
+                self._sock.send_multipart([version, request_id, b"400", b"key not allowed", b"", b""])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(0)

@@ -13,8 +13,12 @@ from that VM, whatever it says. Each accepted TCP connection is one attempt:
    accepted report of its VM fails the policy, the A-VM is revoked, or no report was accepted for the
    policy's ``deadline_s``: REM-S fails closed.
 
-Every decision (allow, deny, cut) is recorded with its reason and latency. :class:`GateMixin` is the
-gate half of :class:`vims.remote.server.RemsServer`.
+Every decision (allow, deny, cut) is recorded with its reason and latency, by the history writer
+(:mod:`vims.remote.history`), never on the event loop. A cut closes the sockets first and records after;
+cuts run concurrently (each drains its client for at most a second, in a task of its own). An allow is
+recorded before the first byte is relayed: when it cannot be, the connection is refused, and while the
+history cannot be written every new connection is refused. :class:`Gate` is composed by
+:class:`vims.remote.server.RemsServer`, which gives it the decision (``attest``) and the latest verdict.
 """
 
 from __future__ import annotations
@@ -25,18 +29,21 @@ import functools
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from vims.errors import VimsError
+from vims.remote.history import HistoryWriter
 from vims.remote.metrics import Metrics
 from vims.remote.policy import one_line
-from vims.remote.store import Store
-
-if TYPE_CHECKING:
-    from vims.remote.server import AvmState
 
 log = logging.getLogger("vims.remote.server")
+
+#: How long a connection waits for its decision to be recorded before it is refused.
+RECORD_WAIT_S = 2.0
+
+Attest = Callable[[str], Awaitable[tuple[bool, str, int | None]]]
+Verdict = Callable[[str], tuple[bool, str] | None]
 
 
 @dataclass
@@ -51,104 +58,122 @@ class OpenConn:
     closed: bool = False
 
 
-class GateMixin:
-    """The gate's half of REM-S (state it shares with the control channel is declared here)."""
+class Gate:
+    """The gate's listeners and open connections.
 
-    store: Store
-    metrics: Metrics
-    service: tuple[str, int] | None
-    gate_host: str
-    avms: dict[str, AvmState]
-    by_vm: dict[str, str]
-    policies: dict[str, dict[str, Any]]
-    waiters: dict[str, tuple[str, asyncio.Future[tuple[bool, str, int | None]]]]
-    gates: dict[int, asyncio.Server]
-    gate_vm: dict[int, str]
-    open: dict[str, OpenConn]
-    _conn_ids: itertools.count[int]
+    Parameters
+    ----------
+    history : HistoryWriter
+        Where decisions are recorded.
+    metrics : Metrics
+        REM-S's counters.
+    attest : callable
+        ``await attest(vm_id) -> (allowed, reason, report_seq)``: the decision on a new connection.
+    verdict : callable
+        ``verdict(vm_id) -> (allowed, reason) or None``: the verdict on the VM's latest accepted report.
+    service : tuple of (str, int), optional
+        The protected service (None: allowed connections get one ``VIMS ALLOW`` line).
+    host : str
+        Where the gates listen.
+    """
 
-    def _send(self, st: AvmState, kind: str, body: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def __init__(self, history: HistoryWriter, metrics: Metrics, attest: Attest, verdict: Verdict,
+                 service: tuple[str, int] | None = None, host: str = "127.0.0.1") -> None:
+        self.history = history
+        self.metrics = metrics
+        self.attest = attest
+        self.verdict = verdict
+        self.service = service
+        self.host = host
+        self.servers: dict[int, asyncio.Server] = {}
+        self.port_vm: dict[int, str] = {}
+        self.open: dict[str, OpenConn] = {}
+        self._conn_ids = itertools.count(1)
+        self._closers: set[asyncio.Task[None]] = set()
 
-    def _new_nonce(self, st: AvmState) -> str:
-        raise NotImplementedError
+    def ports(self) -> dict[str, int]:
+        """vm_id -> the port its gate listens on."""
+        return {vm: port for port, vm in self.port_vm.items()}
 
-    async def _open_gate(self, port: int, vm_id: str) -> None:
-        if self.gate_vm.get(port) == vm_id:
+    async def listen(self, port: int, vm_id: str) -> None:
+        """Listen on ``port`` for ``vm_id`` (no-op when it already does)."""
+        if self.port_vm.get(port) == vm_id:
             return
-        old = self.gates.pop(port, None)
+        old = self.servers.pop(port, None)
         if old is not None:
             old.close()
         try:
-            server = await asyncio.start_server(functools.partial(self._gate_connection, vm_id),
-                                                self.gate_host, port)
+            server = await asyncio.start_server(functools.partial(self._connection, vm_id), self.host, port)
         except OSError as exc:
-            raise VimsError(f"cannot listen on gate port {self.gate_host}:{port} for VM {vm_id}: {exc}") from None
-        self.gates[port] = server
-        self.gate_vm[port] = vm_id
-        log.info("gate for VM %s on %s:%d", vm_id, self.gate_host, port)
+            raise VimsError(f"cannot listen on gate port {self.host}:{port} for VM {vm_id}: {exc}") from None
+        self.servers[port] = server
+        self.port_vm[port] = vm_id
+        log.info("gate for VM %s on %s:%d", vm_id, self.host, port)
 
-    async def _check_deadlines(self) -> None:
-        """Cut the open connections whose VM has no accepted report younger than its deadline."""
-        now = time.monotonic()
+    async def close(self, reason: str) -> None:
+        """Cut every open connection, stop listening, wait (briefly) for the cut clients to drain."""
         for conn in list(self.open.values()):
-            avm_id = self.by_vm.get(conn.vm_id)
-            st = self.avms.get(avm_id) if avm_id else None
-            deadline = self.policies.get(conn.vm_id, {}).get("deadline_s", 0.0)
-            if st is None:
-                await self._cut(conn, "no A-VM enrolled for this VM")
-            elif st.last_ok is None or now - st.last_ok > deadline:
-                age = "never" if st.last_ok is None else f"{now - st.last_ok:.1f} s ago"
-                await self._cut(conn, f"no fresh report within {deadline:g} s (last accepted {age})")
+            self.cut(conn, reason)
+        for server in self.servers.values():
+            server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        if self._closers:
+            await asyncio.wait(list(self._closers), timeout=2.0)
 
-    async def _attest(self, vm_id: str) -> tuple[bool, str, int | None]:
-        """Ask the VM's A-VM for a report on a fresh nonce and judge it."""
-        avm_id = self.by_vm.get(vm_id)
-        if avm_id is None:
-            return False, f"no A-VM enrolled for VM {vm_id}", None
-        st = self.avms[avm_id]
-        if st.rid is None:
-            return False, f"A-VM {avm_id} is not connected", None
-        policy = self.policies[vm_id]
-        if st.acked_version != policy["version"]:
-            return False, f"A-VM {avm_id} has not acknowledged policy v{policy['version']}", None
-        nonce = self._new_nonce(st)
-        future: asyncio.Future[tuple[bool, str, int | None]] = asyncio.get_running_loop().create_future()
-        self.waiters[nonce] = (avm_id, future)
+    async def _record(self, *, retry: bool, **kwargs: object) -> bool:
+        """Record a decision; True once written (waits at most :data:`RECORD_WAIT_S`)."""
+        future = self.history.submit("record_decision", retry=retry, **kwargs)
         try:
-            self._send(st, "nonce", {"nonce": nonce, "purpose": "connect"})
-            return await asyncio.wait_for(future, policy["attest_timeout_s"])
-        except TimeoutError:
-            return False, f"no fresh report from A-VM {avm_id} within {policy['attest_timeout_s']:g} s", None
-        finally:
-            self.waiters.pop(nonce, None)
+            await asyncio.wait_for(asyncio.wrap_future(future), RECORD_WAIT_S)
+        except Exception:
+            return False
+        return True
 
-    async def _gate_connection(self, vm_id: str, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
+    async def _decide(self, vm_id: str) -> tuple[bool, str, int | None, tuple[asyncio.StreamReader,
+                                                                              asyncio.StreamWriter] | None]:
+        trouble = self.history.trouble()
+        if trouble is not None:
+            return False, one_line(f"history cannot be written ({trouble})"), None, None
+        allowed, reason, seq = await self.attest(vm_id)
+        service_rw = None
+        if allowed and self.service is not None:
+            try:
+                service_rw = await asyncio.wait_for(asyncio.open_connection(*self.service), 5.0)
+            except (OSError, TimeoutError) as exc:
+                allowed, reason = False, f"protected service unavailable ({exc.__class__.__name__})"
+            verdict = self.verdict(vm_id)
+            if allowed and verdict is not None and not verdict[0]:
+                # A failing report arrived while the service connection was being opened.
+                allowed, reason = False, verdict[1]
+            if not allowed and service_rw is not None:
+                service_rw[1].close()
+                service_rw = None
+        return allowed, reason, seq, service_rw
+
+    async def _connection(self, vm_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         t0 = time.monotonic()
         conn_id = f"{vm_id}#{next(self._conn_ids)}"
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         try:
-            allowed, reason, seq = await self._attest(vm_id)
-            service_rw = None
-            if allowed and self.service is not None:
-                try:
-                    service_rw = await asyncio.wait_for(asyncio.open_connection(*self.service), 5.0)
-                except (OSError, TimeoutError) as exc:
-                    allowed, reason = False, f"protected service unavailable ({exc.__class__.__name__})"
-                verdict = self._latest_verdict(vm_id)
-                if allowed and verdict is not None and not verdict[0]:
-                    # A failing report arrived while the service connection was being opened.
-                    allowed, reason = False, verdict[1]
-                if not allowed and service_rw is not None:
-                    service_rw[1].close()
+            allowed, reason, seq, service_rw = await self._decide(vm_id)
             latency = time.monotonic() - t0
+            record = {"vm_id": vm_id, "conn_id": conn_id, "reason": reason, "peer": peer, "latency_s": latency,
+                      "report_seq": seq, "at": time.time()}
+            # An allow that cannot be recorded is not given: fail closed.
+            if allowed and not await self._record(retry=False, kind="allow", **record):
+                if service_rw is not None:
+                    service_rw[1].close()
+                    service_rw = None
+                allowed = False
+                reason = one_line(f"history cannot be written ({self.history.trouble() or 'allow not recorded'})")
+                record["reason"] = reason
             kind = "allow" if allowed else "deny"
+            if not allowed:
+                await self._record(retry=True, kind="deny", **record)
             self.metrics.inc("vims_decisions_total", kind=kind)
             self.metrics.observe("vims_decision_latency_seconds", latency)
-            self.store.record_decision(vm_id=vm_id, conn_id=conn_id, kind=kind, reason=reason, peer=peer,
-                                       latency_s=latency, report_seq=seq)
             log.info("%s %s: %s", kind, conn_id, reason)
             if not allowed or service_rw is None:
                 await _last_word(reader, writer, f"VIMS {'ALLOW' if allowed else 'DENY'} {reason}\n")
@@ -161,11 +186,6 @@ class GateMixin:
         finally:
             writer.close()
 
-    def _latest_verdict(self, vm_id: str) -> tuple[bool, str] | None:
-        avm_id = self.by_vm.get(vm_id)
-        st = self.avms.get(avm_id) if avm_id else None
-        return None if st is None else st.last_verdict
-
     async def _relay(self, conn_id: str, vm_id: str, peer: str, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter, s_reader: asyncio.StreamReader,
                      s_writer: asyncio.StreamWriter) -> None:
@@ -175,44 +195,61 @@ class GateMixin:
         loop = asyncio.get_running_loop()
         conn.tasks = [loop.create_task(_pump(reader, s_writer)), loop.create_task(_pump(s_reader, writer))]
         try:
-            await asyncio.wait(conn.tasks, return_when=asyncio.FIRST_COMPLETED)
+            # Both directions end: a side that half-closes still gets the other side's answer.
+            await asyncio.wait(conn.tasks, return_when=asyncio.ALL_COMPLETED)
         finally:
             for task in conn.tasks:
                 task.cancel()
             s_writer.close()
-            self.open.pop(conn_id, None)
-            self.metrics.set("vims_open_connections", len(self.open))
+            if not conn.closed:
+                self.open.pop(conn_id, None)
+                self.metrics.set("vims_open_connections", len(self.open))
 
-    async def _cut(self, conn: OpenConn, reason: str, record: bool = True) -> None:
+    def cut(self, conn: OpenConn, reason: str) -> None:
+        """Cut ``conn`` now: stop relaying and close both sides first, then record the cut (never blocks)."""
         if conn.closed:
             return
         conn.closed = True
-        self.open.pop(conn.conn_id, None)
-        self.metrics.set("vims_open_connections", len(self.open))
-        self.metrics.inc("vims_decisions_total", kind="cut")
-        if record:
-            self.store.record_decision(vm_id=conn.vm_id, conn_id=conn.conn_id, kind="cut", reason=one_line(reason),
-                                       peer=conn.peer, latency_s=time.monotonic() - conn.opened)
-        log.info("cut %s: %s", conn.conn_id, reason)
-        with contextlib.suppress(Exception):
-            conn.client.write(f"\nVIMS CUT {one_line(reason)}\n".encode())
+        at = time.time()
+        line = one_line(reason)
         for task in conn.tasks:
             task.cancel()
         conn.service.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.client.drain(), 1.0)
-        conn.client.close()
+            conn.client.write(f"\nVIMS CUT {line}\n".encode())
+        if conn.client.can_write_eof():
+            with contextlib.suppress(Exception):
+                conn.client.write_eof()
+        self.open.pop(conn.conn_id, None)
+        self.metrics.set("vims_open_connections", len(self.open))
+        self.metrics.inc("vims_decisions_total", kind="cut")
+        log.info("cut %s: %s", conn.conn_id, reason)
+        # Drain the client's last line in the background: one slow client delays no other cut.
+        task = asyncio.get_running_loop().create_task(_close_after_drain(conn.client))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+        self.history.submit("record_decision", vm_id=conn.vm_id, conn_id=conn.conn_id, kind="cut", reason=line,
+                            peer=conn.peer, latency_s=time.monotonic() - conn.opened, at=at)
 
-    async def _cut_vm(self, vm_id: str, reason: str) -> None:
+    def cut_vm(self, vm_id: str, reason: str) -> None:
+        """Cut every open connection of ``vm_id``."""
         for conn in [c for c in self.open.values() if c.vm_id == vm_id]:
-            await self._cut(conn, reason)
+            self.cut(conn, reason)
 
+
+async def _close_after_drain(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain(), timeout)
+    writer.close()
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then pass the half-close on (the other direction keeps flowing)."""
     with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
         while True:
             data = await reader.read(65536)
             if not data:
+                if writer.can_write_eof():
+                    writer.write_eof()
                 break
             writer.write(data)
             await writer.drain()

@@ -56,21 +56,21 @@ def check_id(value: str, what: str = "id") -> str:
     ...
     vims.errors.InputError: not a valid id: 'a b' (letters, digits, '._-', at most 64)
     """
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise InputError(f"not a valid {what}: {value!r} (letters, digits, '._-', at most 64)")
     return value
 
 
 def check_z85(value: Any, where: str = "key") -> str:
     """Return ``value`` if it is a Z85 CURVE key (40 characters)."""
-    if not isinstance(value, str) or not _Z85.match(value):
+    if not isinstance(value, str) or not _Z85.fullmatch(value):
         raise InputError("not a Z85 CURVE key (40 characters)", where=where)
     return value
 
 
 def check_hex32(value: Any, where: str = "key") -> str:
     """Return ``value`` if it is 32 bytes as 64 lower-case hex digits."""
-    if not isinstance(value, str) or not _HEX64.match(value):
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
         raise InputError("not a 32-byte hex key (64 hex digits)", where=where)
     return value
 

@@ -7,6 +7,8 @@ Series:
 - ``vims_report_latency_seconds``: from a nonce request to the accepted report that carries it
 - ``vims_decision_latency_seconds``: from a client's connect to the gate's decision
 - ``vims_frame_gaps_total``: sequence gaps seen on the control channel
+- ``vims_history_writable`` (1/0), ``vims_history_write_failures_total``: the history writer's health
+- ``vims_metrics_refused_total``: metrics connections beyond the cap, closed at once
 
 >>> m = Metrics()
 >>> m.inc("vims_reports_rejected_total", reason="replayed")
@@ -25,7 +27,8 @@ import bisect
 from collections import defaultdict
 
 #: Series without labels, shown as 0 before their first change.
-UNLABELLED = frozenset({"vims_open_connections", "vims_frame_gaps_total", "vims_internal_errors_total"})
+UNLABELLED = frozenset({"vims_open_connections", "vims_frame_gaps_total", "vims_internal_errors_total",
+                        "vims_history_writable", "vims_history_write_failures_total"})
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -36,6 +39,9 @@ HELP = {
     "vims_open_connections": ("gauge", "Client connections currently relayed."),
     "vims_frame_gaps_total": ("counter", "Sequence-number gaps seen on the control channel."),
     "vims_internal_errors_total": ("counter", "Messages whose handling hit a bug (the server carried on)."),
+    "vims_history_writable": ("gauge", "1 while REM-S's history can be written; 0: new connections refused."),
+    "vims_history_write_failures_total": ("counter", "Failed attempts to write the history."),
+    "vims_metrics_refused_total": ("counter", "Metrics connections closed at once (too many at a time)."),
     "vims_report_latency_seconds": ("histogram", "Nonce request to accepted report carrying it."),
     "vims_decision_latency_seconds": ("histogram", "Client connect to gate decision."),
 }
@@ -55,7 +61,10 @@ def _escape(value: str) -> str:
 class Metrics:
     """Counters, gauges and histograms kept in memory (one REM-S process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_clients: int = 32, request_timeout_s: float = 5.0) -> None:
+        self.max_clients = max_clients
+        self.request_timeout_s = request_timeout_s
+        self._clients = 0
         self.values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
         self.hist: dict[str, list[float]] = {}  # bucket counts + [sum, count]
 
@@ -103,10 +112,14 @@ class Metrics:
         return await asyncio.start_server(self._handle, host, port)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= self.max_clients:  # a cap on concurrent scrapers: the rest are closed at once
+            self.inc("vims_metrics_refused_total")
+            writer.close()
+            return
+        self._clients += 1
         try:
-            request = await asyncio.wait_for(reader.readline(), 5.0)
-            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
-                pass  # headers: nothing in them matters
+            # One timeout for the whole request (a slow sender cannot restart it line by line).
+            request = await asyncio.wait_for(_read_request(reader), self.request_timeout_s)
             parts = request.split()
             if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
                 body, status = self.render().encode(), b"200 OK"
@@ -114,8 +127,17 @@ class Metrics:
                 body, status = b"not found: GET /metrics\n", b"404 Not Found"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), self.request_timeout_s)
         except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
+            self._clients -= 1
             writer.close()
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    """The request line; the headers are read and dropped (nothing in them matters)."""
+    request = await reader.readline()
+    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+        pass
+    return request

@@ -53,13 +53,17 @@ Integrity report (body of a ``report`` envelope)
      "time": 1764240000.25,       # unix seconds when the report was made (float)
      "nonce": "9f2c...",          # the latest nonce from REM-S (hex), or the one a nonce request named
      "interval_s": 1.0,           # the reporting interval the A-VM runs under
-     "policy_version": 3,         # optional: the policy version applied
+     "policy_version": 3,         # the policy version the report was made under (must be the current one)
+     "measured_at": 1764240000.0, # unix seconds when the measured interval closed
      "behaviour": {"score": 0.97, # in [0, 1]; 1 = entirely normal
                    "threshold": 0.5,  # the A-VM's own threshold (REM-S decides with the policy's)
                    "top_processes": [{"pid": 812, "comm": "nc", "score": 0.2, "evidence": ["..."]}]},
-     "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": null}],
-     "events": {"seen": 5120, "dropped": 0, "missing": 0},
-     "collector": {...}}           # free-form health of the collector
+     "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": null,
+                 "ts_ns": 1764239995000000000}],   # ts_ns: when this result was measured (unix ns)
+     "events": {"seen": 5120, "dropped": 0, "missing": 0,       # totals since the A-VM started
+                "interval": {"seen": 480, "dropped": 0, "missing": 0}},   # this interval
+     "collector": {"alive": true, "last_batch_age_s": 0.2, ...},   # the collector's health
+     "model": {"sha256": "<64 hex>", "path": "..."}}               # the model that scored
 
 ``checks`` holds the latest result of every static check the A-VM runs (``status`` is ``pass``,
 ``fail`` or ``error``). Other keys are allowed and signed, and kept in the history.
@@ -104,10 +108,11 @@ SERVER_TYPES = frozenset({"policy", "nonce", "ack", "error"})
 
 #: Every reason a report (or a connecting key) can be refused for.
 REJECT_REASONS = ("malformed", "unsigned", "bad_signature", "wrong_sender", "replayed", "out_of_sequence",
-                  "stale", "revoked", "unenrolled")
+                  "stale", "wrong_policy", "unrecorded", "revoked", "unenrolled")
 
 CHECK_STATUSES = frozenset({"pass", "fail", "error"})
-_HEX = re.compile(r"^[0-9a-f]{2,256}$")
+_HEX = re.compile(r"[0-9a-f]{2,256}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ProtocolError(ValueError):
@@ -258,14 +263,15 @@ def check_report(report: dict[str, Any]) -> dict[str, Any]:
     _require(_is_int(seq) and 0 < seq < 2**63, "seq is not a positive integer")
     _require(_is_num(report.get("time")) and report["time"] > 0, "time is not unix seconds")
     nonce = report.get("nonce")
-    _require(nonce is None or (isinstance(nonce, str) and bool(_HEX.match(nonce))), "nonce is not hex or null")
+    _require(nonce is None or (isinstance(nonce, str) and bool(_HEX.fullmatch(nonce))), "nonce is not hex or null")
     _require(_is_num(report.get("interval_s")) and report["interval_s"] > 0, "interval_s is not positive")
     pv = report.get("policy_version")
     _require(pv is None or (_is_int(pv) and pv >= 0), "policy_version is not an integer")
     beh = report.get("behaviour")
     if not isinstance(beh, dict):
         raise ProtocolError("malformed", "behaviour is not an object")
-    _require(_is_num(beh.get("score")) and 0.0 <= beh["score"] <= 1.0, "behaviour.score is not in [0, 1]")
+    score = beh.get("score")
+    _require(score is None or (_is_num(score) and 0.0 <= score <= 1.0), "behaviour.score is not in [0, 1] or null")
     _require(_is_num(beh.get("threshold")), "behaviour.threshold is not a number")
     top = beh.get("top_processes", [])
     _require(isinstance(top, list), "behaviour.top_processes is not a list")
@@ -281,10 +287,26 @@ def check_report(report: dict[str, Any]) -> dict[str, Any]:
                  f"checks[{i}] lacks check/target")
         _require(c.get("status") in CHECK_STATUSES, f"checks[{i}].status is not pass, fail or error")
         _require(c.get("detail") is None or isinstance(c.get("detail"), str), f"checks[{i}].detail is not text")
-    ev = report.get("events")
+        _require(c.get("ts_ns") is None or (_is_int(c["ts_ns"]) and 0 <= c["ts_ns"] < 2**63),
+                 f"checks[{i}].ts_ns is not unix nanoseconds")
+    ev: Any = report.get("events")
     _require(isinstance(ev, dict) and all(_is_int(ev.get(k)) and ev[k] >= 0 for k in ("seen", "dropped", "missing")),
              "events is not {seen, dropped, missing} counts")
-    _require(isinstance(report.get("collector"), dict), "collector is not an object")
+    interval = ev.get("interval")
+    _require(interval is None or (isinstance(interval, dict) and all(
+        _is_int(interval.get(k)) and interval[k] >= 0 for k in ("seen", "dropped", "missing"))),
+        "events.interval is not {seen, dropped, missing} counts")
+    col: Any = report.get("collector")
+    _require(isinstance(col, dict), "collector is not an object")
+    _require(col.get("alive") is None or isinstance(col["alive"], bool), "collector.alive is not true/false")
+    age = col.get("last_batch_age_s")
+    _require(age is None or (_is_num(age) and age >= 0), "collector.last_batch_age_s is not seconds")
+    measured = report.get("measured_at")
+    _require(measured is None or (_is_num(measured) and measured > 0), "measured_at is not unix seconds")
+    model = report.get("model")
+    _require(model is None or (isinstance(model, dict) and isinstance(model.get("sha256"), str)
+                               and bool(_SHA256.fullmatch(model["sha256"])) and isinstance(model.get("path"), str)),
+             "model is not {sha256, path}")
     return report
 
 
@@ -294,14 +316,19 @@ def example_report(**overrides: Any) -> dict[str, Any]:
     >>> example_report(seq=3)["seq"]
     3
     """
+    t = overrides.get("time", 1764240000.25)
+    now = float(t) if _is_num(t) else 1764240000.25
     report: dict[str, Any] = {
-        "vm_id": "vm-1", "avm_id": "avm-1", "seq": 1, "time": 1764240000.25, "nonce": None,
-        "interval_s": 1.0,
+        "vm_id": "vm-1", "avm_id": "avm-1", "seq": 1, "time": now, "nonce": None,
+        "interval_s": 1.0, "measured_at": now,
         "behaviour": {"score": 0.97, "threshold": 0.5,
                       "top_processes": [{"pid": 1, "comm": "init", "score": 0.97, "evidence": []}]},
-        "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": None}],
-        "events": {"seen": 0, "dropped": 0, "missing": 0},
-        "collector": {"state": "running"},
+        "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": None,
+                    "ts_ns": int(now * 1e9)}],
+        "events": {"seen": 100, "dropped": 0, "missing": 0,
+                   "interval": {"seen": 100, "dropped": 0, "missing": 0}},
+        "collector": {"state": "running", "alive": True, "last_batch_age_s": 0.1},
+        "model": {"sha256": "0" * 64, "path": "models/default.skops"},
     }
     report.update(overrides)
     return report

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import secrets
 import threading
@@ -34,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from zmq.utils import z85
 
 from vims.errors import VimsError
-from vims.remote.gate import GateMixin, OpenConn
+from vims.remote.gate import RECORD_WAIT_S, Gate
+from vims.remote.history import HistoryWriter
 from vims.remote.keys import ServerKeys, verify_key
 from vims.remote.metrics import Metrics
 from vims.remote.policy import evaluate, one_line
@@ -77,7 +77,7 @@ class AvmState:
     last_verdict: tuple[bool, str] | None = None
 
 
-class RemsServer(GateMixin):
+class RemsServer:
     """REM-S.
 
     Parameters
@@ -115,12 +115,10 @@ class RemsServer(GateMixin):
         self.by_vm: dict[str, str] = {}  # vm_id -> unrevoked avm_id
         self.policies: dict[str, dict[str, Any]] = {}
         self.waiters: dict[str, tuple[str, asyncio.Future[tuple[bool, str, int | None]]]] = {}
-        self.gates: dict[int, asyncio.Server] = {}
-        self.gate_vm: dict[int, str] = {}
-        self.open: dict[str, OpenConn] = {}
+        self.history = HistoryWriter(store.path, self.metrics)
+        self.gate = Gate(self.history, self.metrics, self._attest, self._latest_verdict, service, gate_host)
         self.endpoint = ""
         self.metrics_bound: int | None = None
-        self._conn_ids = itertools.count(1)
         self._unenrolled_logged: dict[str, float] = {}
         self._data_version = -1
         self._tasks: list[asyncio.Task[None]] = []
@@ -158,24 +156,66 @@ class RemsServer(GateMixin):
         log.info("REM-S control channel at %s, metrics on port %s", self.endpoint, self.metrics_bound)
 
     async def stop(self) -> None:
-        for conn in list(self.open.values()):
-            await self._cut(conn, "REM-S shutting down", record=True)
+        await self.gate.close("REM-S shutting down")
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for server in [*self.gates.values(), *([self._metrics_server] if self._metrics_server else [])]:
-            server.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                await asyncio.wait_for(self._metrics_server.wait_closed(), 2.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.history.close)
         self.router.close(linger=0)
         self.zap.close(linger=0)
         self.ctx.term()
 
     def gate_ports(self) -> dict[str, int]:
         """vm_id -> the port its gate listens on."""
-        return {vm: port for port, vm in self.gate_vm.items()}
+        return self.gate.ports()
+
+    # -- decisions ------------------------------------------------------------------------------------
+
+    def _check_deadlines(self) -> None:
+        """Cut the open connections whose VM has no accepted report younger than its deadline."""
+        now = time.monotonic()
+        for conn in list(self.gate.open.values()):
+            avm_id = self.by_vm.get(conn.vm_id)
+            st = self.avms.get(avm_id) if avm_id else None
+            deadline = self.policies.get(conn.vm_id, {}).get("deadline_s", 0.0)
+            if st is None:
+                self.gate.cut(conn, "no A-VM enrolled for this VM")
+            elif st.last_ok is None or now - st.last_ok > deadline:
+                age = "never" if st.last_ok is None else f"{now - st.last_ok:.1f} s ago"
+                self.gate.cut(conn, f"no fresh report within {deadline:g} s (last accepted {age})")
+
+    async def _attest(self, vm_id: str) -> tuple[bool, str, int | None]:
+        """Ask the VM's A-VM for a report on a fresh nonce and judge it."""
+        avm_id = self.by_vm.get(vm_id)
+        if avm_id is None:
+            return False, f"no A-VM enrolled for VM {vm_id}", None
+        st = self.avms[avm_id]
+        if st.rid is None:
+            return False, f"A-VM {avm_id} is not connected", None
+        policy = self.policies[vm_id]
+        if st.acked_version != policy["version"]:
+            return False, f"A-VM {avm_id} has not acknowledged policy v{policy['version']}", None
+        nonce = self._new_nonce(st)
+        future: asyncio.Future[tuple[bool, str, int | None]] = asyncio.get_running_loop().create_future()
+        self.waiters[nonce] = (avm_id, future)
+        try:
+            self._send(st, "nonce", {"nonce": nonce, "purpose": "connect"})
+            return await asyncio.wait_for(future, policy["attest_timeout_s"])
+        except TimeoutError:
+            return False, f"no fresh report from A-VM {avm_id} within {policy['attest_timeout_s']:g} s", None
+        finally:
+            self.waiters.pop(nonce, None)
+
+    def _latest_verdict(self, vm_id: str) -> tuple[bool, str] | None:
+        avm_id = self.by_vm.get(vm_id)
+        st = self.avms.get(avm_id) if avm_id else None
+        return None if st is None else st.last_verdict
 
     # -- enrolments and policies ----------------------------------------------------------------------
 
@@ -198,7 +238,7 @@ class RemsServer(GateMixin):
             if revoked and not st.revoked:
                 st.rid = None
                 log.warning("A-VM %s revoked", st.avm_id)
-                await self._cut_vm(st.vm_id, f"A-VM {st.avm_id} revoked")
+                self.gate.cut_vm(st.vm_id, f"A-VM {st.avm_id} revoked")
             st.revoked = revoked  # enrolled again (--force) after a revocation: admitted again
             if not revoked:
                 by_key[row["curve_public"]] = st.avm_id
@@ -212,7 +252,7 @@ class RemsServer(GateMixin):
             if old is not None and old["version"] != policy["version"] and st.rid is not None:
                 log.info("pushing policy v%d to %s", policy["version"], avm_id)
                 self._send_policy(st)
-            await self._open_gate(st.gate_port, vm_id)
+            await self.gate.listen(st.gate_port, vm_id)
 
     async def _watch_loop(self) -> None:
         """Cut connections whose VM has no fresh report; pick up changes made in the database."""
@@ -221,7 +261,7 @@ class RemsServer(GateMixin):
             await asyncio.sleep(self.poll_s)
             now = time.monotonic()
             try:
-                await self._check_deadlines()
+                self._check_deadlines()
                 if now - last_db >= 0.5:
                     last_db = now
                     if self.store.data_version() != self._data_version:
@@ -255,7 +295,8 @@ class RemsServer(GateMixin):
             if len(self._unenrolled_logged) > 10000:
                 self._unenrolled_logged.clear()
             revoked = any(st.curve_public == key for st in self.avms.values())
-            self.store.record_report(avm_id=None, vm_id=None, seq=None, status="rejected", reason="unenrolled",
+            self.history.submit("record_report", avm_id=None, vm_id=None, seq=None, status="rejected",
+                                reason="unenrolled",
                                      detail=one_line(f"{'revoked' if revoked else 'unknown'} CURVE key {key} "
                                                   f"from {address.decode(errors='replace')}"))
             log.warning("refused CURVE key %s from %s", key, address.decode(errors="replace"))
@@ -268,7 +309,7 @@ class RemsServer(GateMixin):
             frames = await self.router.recv_multipart(copy=False)
             received = time.time()
             try:
-                self._on_message(frames, received)
+                await self._on_message(frames, received)
             except Exception:  # a bug must not take the server down with it
                 log.exception("handling a control message")
                 self.metrics.inc("vims_internal_errors_total")
@@ -299,16 +340,25 @@ class RemsServer(GateMixin):
         self._send(st, "policy", {"vm_id": st.vm_id, "policy": policy, "version": policy["version"],
                                   "last_seq": st.last_seq, "nonce": self._new_nonce(st)})
 
-    def _reject(self, st: AvmState | None, reason: str, detail: str, *, seq: int | None = None,
-                nonce: str | None = None, document: str | None = None, received: float | None = None) -> None:
+    async def _write(self, method: str, **kwargs: Any) -> bool:
+        """Record through the history writer and wait (at most RECORD_WAIT_S) for it; True once written."""
+        future = self.history.submit(method, **kwargs)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), RECORD_WAIT_S)
+        except Exception:
+            return False
+        return True
+
+    async def _reject(self, st: AvmState | None, reason: str, detail: str, *, seq: int | None = None,
+                      nonce: str | None = None, document: str | None = None, received: float | None = None) -> None:
         self.metrics.inc("vims_reports_rejected_total", reason=reason)
         detail = one_line(detail)
-        self.store.record_report(avm_id=st.avm_id if st else None, vm_id=st.vm_id if st else None, seq=seq,
-                                 status="rejected", reason=reason, detail=detail, nonce=nonce,
-                                 document=document, received_at=received)
+        await self._write("record_report", avm_id=st.avm_id if st else None, vm_id=st.vm_id if st else None,
+                          seq=seq, status="rejected", reason=reason, detail=detail, nonce=nonce,
+                          document=document, received_at=received)
         log.info("rejected message from %s: %s: %s", st.avm_id if st else "?", reason, detail)
 
-    def _on_message(self, frames: list[zmq.Frame], received: float) -> None:
+    async def _on_message(self, frames: list[zmq.Frame], received: float) -> None:
         rid = frames[0].bytes
         try:
             key = str(frames[-1].get("User-Id"))
@@ -318,13 +368,13 @@ class RemsServer(GateMixin):
         if avm_id is None:
             # Admitted at the handshake, revoked since: nothing it says counts any more.
             st = next((s for s in self.avms.values() if s.curve_public == key), None)
-            self._reject(st, "revoked" if st else "unenrolled", "message from a key no longer enrolled",
+            await self._reject(st, "revoked" if st else "unenrolled", "message from a key no longer enrolled",
                          received=received)
             self._send_raw_error(rid, "revoked", "this A-VM is no longer enrolled")
             return
         st = self.avms[avm_id]
         if len(frames) != 2:
-            self._reject(st, "malformed", f"{len(frames) - 1} frames, expected 1", received=received)
+            await self._reject(st, "malformed", f"{len(frames) - 1} frames, expected 1", received=received)
             self._send_raw_error(rid, "malformed", "expected one frame")
             return
         raw = frames[1].bytes
@@ -333,32 +383,40 @@ class RemsServer(GateMixin):
             if msg["sender"] != avm_id:
                 raise ProtocolError("wrong_sender", f"sender {msg['sender']!r} on the key of {avm_id}")
         except ProtocolError as exc:
-            self._reject(st, exc.reason, exc.detail, document=raw[:1024].decode("utf-8", "replace"),
+            await self._reject(st, exc.reason, exc.detail, document=raw[:1024].decode("utf-8", "replace"),
                          received=received)
             self._send_raw_error(rid, exc.reason, exc.detail)
             return
         if rid != st.rid:
             st.rid, st.out_seq, st.in_seq = rid, 0, 0
+            if msg["type"] != "hello" and st.acked_version != self.policies[st.vm_id]["version"]:
+                # Reconnected without a hello (REM-S restarted) under a policy changed meanwhile: push it.
+                log.info("pushing policy v%d to %s on reconnect", self.policies[st.vm_id]["version"], avm_id)
+                self._send_policy(st)
         if st.in_seq and msg["seq"] != st.in_seq + 1:
             self.metrics.inc("vims_frame_gaps_total")
         st.in_seq = msg["seq"]
         kind = msg["type"]
         if kind == "hello":
             caps = msg["body"].get("capabilities", {})
-            self.store.record_hello(avm_id, caps)
+            self.history.submit("record_hello", avm_id=avm_id, capabilities=caps)
             log.info("hello from %s (VM %s)", avm_id, st.vm_id)
             self._send_policy(st)
         elif kind == "policy_ack":
             version = msg["body"].get("version")
             if not isinstance(version, int) or isinstance(version, bool):
-                self._reject(st, "malformed", "policy_ack without an integer version", received=received)
+                await self._reject(st, "malformed", "policy_ack without an integer version", received=received)
+                return
+            if version != self.policies[st.vm_id]["version"]:
+                await self._reject(st, "wrong_policy", f"policy_ack for v{version}, the current policy is "
+                                   f"v{self.policies[st.vm_id]['version']}", received=received)
                 return
             st.acked_version = version
-            self.store.record_ack(avm_id, version)
+            self.history.submit("record_ack", avm_id=avm_id, version=version)
         else:
-            self._on_report(st, msg, received)
+            await self._on_report(st, msg, received)
 
-    def _on_report(self, st: AvmState, msg: dict[str, Any], received: float) -> None:
+    async def _on_report(self, st: AvmState, msg: dict[str, Any], received: float) -> None:
         body = msg["body"]
         nonce = body.get("nonce") if isinstance(body.get("nonce"), str) else None
         seq = body.get("seq") if isinstance(body.get("seq"), int) and not isinstance(body.get("seq"), bool) \
@@ -376,6 +434,9 @@ class RemsServer(GateMixin):
                     raise ProtocolError("replayed", f"report seq {body['seq']} was accepted before")
                 raise ProtocolError("out_of_sequence", f"seq {body['seq']} <= last accepted {st.last_seq}")
             policy = self.policies[st.vm_id]
+            if body.get("policy_version") != policy["version"]:
+                raise ProtocolError("wrong_policy", f"report made under policy v{body.get('policy_version')}, "
+                                                    f"the current one is v{policy['version']}")
             deadline = policy["deadline_s"]
             skew = received - body["time"]
             if abs(skew) > deadline:
@@ -390,19 +451,24 @@ class RemsServer(GateMixin):
             if age > deadline:
                 raise ProtocolError("stale", f"nonce issued {age:.1f} s ago (limit {deadline:g})")
         except ProtocolError as exc:
-            self._reject(st, exc.reason, exc.detail, seq=seq, nonce=nonce, received=received,
-                         document=canonical(body).decode()[:65536] if exc.reason != "malformed" else None)
-            self._send(st, "ack", {"seq": seq, "accepted": False, "reason": exc.reason, "detail": exc.detail,
-                                   "nonce": self._new_nonce(st)})
-            waiter = self.waiters.get(nonce) if nonce else None
-            if waiter is not None and waiter[0] == st.avm_id and not waiter[1].done():
-                waiter[1].set_result((False, f"report refused ({exc.reason}: {exc.detail})", seq))
+            await self._reject(st, exc.reason, exc.detail, seq=seq, nonce=nonce, received=received,
+                               document=canonical(body).decode()[:65536] if exc.reason != "malformed" else None)
+            self._answer_refusal(st, seq, nonce, exc.reason, exc.detail)
             return
-        allowed, reason = evaluate(body, policy)
-        self.store.record_report(avm_id=st.avm_id, vm_id=st.vm_id, seq=body["seq"], status="accepted",
-                                 nonce=nonce, score=float(body["behaviour"]["score"]),
-                                 verdict="allow" if allowed else "deny", detail=reason, digest=d,
-                                 document=text, received_at=received)
+        allowed, reason = evaluate(body, policy, received)
+        # Recorded before answered; a report that cannot be recorded is not accepted (fail closed).
+        future = self.history.submit("record_report", retry=False, avm_id=st.avm_id, vm_id=st.vm_id,
+                                     seq=body["seq"], status="accepted", nonce=nonce,
+                                     score=_score(body), verdict="allow" if allowed else "deny",
+                                     detail=reason, digest=d, document=text, received_at=received)
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as exc:
+            detail = one_line(f"history cannot be written: {exc}")
+            self.metrics.inc("vims_reports_rejected_total", reason="unrecorded")
+            log.error("report %s of %s not accepted: %s", body["seq"], st.avm_id, detail)
+            self._answer_refusal(st, seq, nonce, "unrecorded", detail)
+            return
         self.metrics.inc("vims_reports_accepted_total", vm=st.vm_id)
         st.last_seq = body["seq"]
         st.last_ok = time.monotonic()
@@ -414,7 +480,21 @@ class RemsServer(GateMixin):
             self.metrics.observe("vims_report_latency_seconds", time.monotonic() - st.nonces[nonce])
             waiter[1].set_result((allowed, reason, body["seq"]))
         if not allowed:
-            asyncio.get_running_loop().create_task(self._cut_vm(st.vm_id, reason))
+            self.gate.cut_vm(st.vm_id, reason)
+
+    def _answer_refusal(self, st: AvmState, seq: int | None, nonce: str | None, reason: str, detail: str) -> None:
+        """Tell the A-VM its report was refused, and end the wait of a client whose nonce it carried."""
+        self._send(st, "ack", {"seq": seq, "accepted": False, "reason": reason, "detail": detail,
+                               "nonce": self._new_nonce(st)})
+        waiter = self.waiters.get(nonce) if nonce else None
+        if waiter is not None and waiter[0] == st.avm_id and not waiter[1].done():
+            waiter[1].set_result((False, f"report refused ({reason}: {detail})", seq))
+
+
+def _score(report: dict[str, Any]) -> float | None:
+    score = report["behaviour"].get("score")
+    return None if score is None else float(score)
+
 
 class ServerThread:
     """Run a :class:`RemsServer` in a thread with its own event loop (tests, benchmarks, the demo).

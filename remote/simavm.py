@@ -2,15 +2,21 @@
 
 Its knobs can be turned while it runs: ``score`` (the behaviour score it reports), ``failing_check``
 (a check name reported as ``fail``), ``silent`` (stops reporting and answering nonce requests, as a
-crashed or blocked A-VM would).
+crashed or blocked A-VM would), ``collector_alive`` (False: the collector stopped), ``missing_events``
+(events lost per interval, of 100 seen), ``model_sha256``. Its reports carry complete evidence
+(``measured_at``, check times, interval counts, collector health, model digest).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from vims.remote.client import AvmClient
 from vims.remote.keys import AvmIdentity
+
+#: The model digest a simulated A-VM reports.
+SIMULATED_MODEL = "5" * 64
 
 
 class SimulatedAvm(AvmClient):
@@ -26,7 +32,7 @@ class SimulatedAvm(AvmClient):
         The static checks it claims to run (each reported ``pass`` unless it is ``failing_check``).
     """
 
-    def __init__(self, identity: AvmIdentity, endpoint: str, server_public: str, score: float = 0.95,
+    def __init__(self, identity: AvmIdentity, endpoint: str, server_public: str, score: float | None = 0.95,
                  checks: tuple[str, ...] = ("kernel-text", "syscall-table"), **kwargs: Any) -> None:
         super().__init__(identity, endpoint, server_public,
                          capabilities={"checks": list(checks), "collectors": ["simulated"], "models": []},
@@ -35,18 +41,29 @@ class SimulatedAvm(AvmClient):
         self.check_names = tuple(checks)
         self.failing_check: str | None = None
         self.silent = False
+        self.collector_alive = True
+        self.missing_events = 0
+        self.model_sha256 = SIMULATED_MODEL
 
     def _content(self, nonce: str | None) -> dict[str, Any] | None:
         if self.silent:
             return None
         threshold = float((self.policy or {}).get("threshold", 0.5))
+        now = time.time()
+        lost = self.missing_events
         return {
+            "measured_at": now,
             "behaviour": {"score": self.score, "threshold": threshold,
-                          "top_processes": [{"pid": 1, "comm": "init", "score": self.score, "evidence": []}]},
+                          "top_processes": [] if self.score is None else
+                          [{"pid": 1, "comm": "init", "score": self.score, "evidence": []}]},
             "checks": [{"check": c, "target": "simulated",
                         "status": "fail" if c == self.failing_check else "pass",
-                        "detail": "simulated failure" if c == self.failing_check else None}
+                        "detail": "simulated failure" if c == self.failing_check else None,
+                        "ts_ns": time.time_ns()}
                        for c in self.check_names],
-            "events": {"seen": 100, "dropped": 0, "missing": 0},
-            "collector": {"kind": "simulated", "answering": nonce is not None},
+            "events": {"seen": 100, "dropped": 0, "missing": lost,
+                       "interval": {"seen": 100, "dropped": 0, "missing": lost}},
+            "collector": {"kind": "simulated", "answering": nonce is not None, "alive": self.collector_alive,
+                          "last_batch_age_s": 0.1 if self.collector_alive else 60.0},
+            "model": {"sha256": self.model_sha256, "path": "simulated.skops"},
         }

@@ -21,6 +21,7 @@ set or an A-VM revoked there is picked up by the server, which watches ``PRAGMA 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -94,13 +95,20 @@ class Store:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Reports, command lines and nonces are private: the home 0700, the database (and WAL) 0600.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
             self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(f"{self.path}{suffix}")
+                if part.exists() and part.stat().st_uid == os.getuid():
+                    os.chmod(part, 0o600)
         except sqlite3.DatabaseError as exc:
             raise InputError(f"not a REM-S database: {exc}", where=self.path) from exc
 

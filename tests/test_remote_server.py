@@ -38,8 +38,8 @@ def sim(dep: Deployment, vm: str = "vm-1", **kwargs) -> SimulatedAvm:
 
 
 def content(**kw) -> dict:
-    report = example_report(**kw)
-    return {k: report[k] for k in ("behaviour", "checks", "events", "collector")}
+    report = example_report(time=time.time(), **kw)
+    return {k: report[k] for k in ("behaviour", "checks", "events", "collector", "measured_at", "model")}
 
 
 def test_healthy_vm_client_is_let_through(dep):
@@ -150,7 +150,9 @@ def test_unenrolled_key_is_refused_at_the_handshake_and_counted(dep):
         wait_until(lambda: dep.metric("vims_reports_rejected_total", reason="unenrolled") >= 1,
                    what="the refusal to be counted")
         assert rogue.policy is None
-        rows = dep.store().db.execute("SELECT detail FROM reports WHERE reason = 'unenrolled'").fetchall()
+        # Recorded by the history writer after it was counted: wait for the row.
+        rows = wait_until(lambda: dep.store().db.execute(
+            "SELECT detail FROM reports WHERE reason = 'unenrolled'").fetchall(), what="the refusal recorded")
         assert rows and "unknown CURVE key" in rows[0][0]
         assert read_all(dep.connect("vm-1")).startswith(b"VIMS DENY")
     finally:
@@ -170,6 +172,8 @@ def test_silent_avm_gets_its_connection_cut_within_the_deadline(dep):
     finally:
         avm.stop()
     store = dep.store()
+    # The sockets are closed first, the cut recorded after: wait for the record.
+    wait_until(lambda: store.history("vm-1")["decisions"][0]["kind"] == "cut", what="the cut to be recorded")
     cut = store.history("vm-1")["decisions"][0]
     last_ok = store.db.execute("SELECT MAX(received_at) FROM reports WHERE status = 'accepted'").fetchone()[0]
     assert cut["kind"] == "cut"
@@ -190,6 +194,7 @@ def test_failing_report_cuts_an_open_connection(dep):
         again.sendall(b"x\n")
         assert read_line(again) == b"data: x\n"
         again.close()
+    wait_until(lambda: len(dep.store().history("vm-1")["decisions"]) >= 3, what="the decisions to be recorded")
     assert [d["kind"] for d in dep.store().history("vm-1")["decisions"]][:3][::-1] == ["allow", "cut", "allow"]
 
 

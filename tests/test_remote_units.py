@@ -111,3 +111,66 @@ def test_not_a_database_is_a_user_error(tmp_path):
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(InputError, match="not a REM-S database"):
         Store(path)
+
+
+def test_ids_with_a_trailing_newline_are_refused():
+    """Item 14: ids are matched whole (fullmatch): no newline smuggled into logs or output."""
+    from vims.errors import InputError
+    from vims.remote.keys import check_id
+
+    assert check_id("avm-1", "A-VM id") in (None, "avm-1")
+    for bad in ("avm-1\n", "avm-1\nVIMS ALLOW", "\navm-1"):
+        with pytest.raises(InputError):
+            check_id(bad, "A-VM id")
+
+
+def test_rems_home_and_database_are_private(tmp_path):
+    """Item 8: the REM-S home is created 0700 and rems.sqlite (and its WAL) 0600."""
+    import stat
+
+    from vims.remote.store import Store
+
+    home = tmp_path / "home" / "rems"
+    Store(home / "rems.sqlite").close()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for part in home.iterdir():
+        assert stat.S_IMODE(part.stat().st_mode) == 0o600, part
+
+
+def test_metrics_endpoint_caps_its_clients_and_times_out_whole_requests():
+    """Item 13: beyond the cap a connection is closed at once; a request trickled line by line ends."""
+    import asyncio
+    import contextlib
+
+    from vims.remote.metrics import Metrics
+
+    async def scenario() -> tuple[bytes, bytes, float, int]:
+        m = Metrics(max_clients=2, request_timeout_s=0.5)
+        server = await m.serve()
+        port = server.sockets[0].getsockname()[1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        refused = await asyncio.wait_for(r.read(), 10)
+        # A slowloris: a header line every 0.2 s never completes the request; the server hangs up.
+        slow_r, slow_w = idle[0]
+        slow_w.write(b"GET /metrics HTTP/1.1\r\n")
+        sent = 0
+        for _ in range(10):
+            with contextlib.suppress(ConnectionError):
+                slow_w.write(b"X-A: b\r\n")
+            sent += 1
+            await asyncio.sleep(0.2)
+            if slow_r.at_eof():
+                break
+        trickled = await asyncio.wait_for(slow_r.read(), 10)
+        for _, wr in idle:
+            wr.close()
+        w.close()
+        server.close()
+        return refused, trickled, m.get("vims_metrics_refused_total"), sent
+
+    refused, trickled, count, sent = asyncio.run(scenario())
+    assert refused == b"" and count == 1
+    assert sent < 10  # hung up while header lines were still trickling in
+    assert b"200 OK" not in trickled

@@ -127,7 +127,7 @@ def test_close_without_receiver_counts_what_is_left() -> None:
 def test_curve_round_trip_and_refusals() -> None:
     server_pub, server_sec = curve_keypair()
     client_pub, client_sec = curve_keypair()
-    with BatchReceiver("tcp://127.0.0.1:*", secret_key=server_sec, allowed_clients=[client_pub]) as rx:
+    with BatchReceiver("tcp://127.0.0.1:*", secret_key=server_sec, allowed_keys=[client_pub]) as rx:
         tx = BatchSender(rx.endpoint, sender="vm-d", server_key=server_pub, public_key=client_pub,
                          secret_key=client_sec)
         tx.send(_events(4))
@@ -159,3 +159,54 @@ def test_bad_keys_and_endpoints_are_input_errors() -> None:
         BatchSender("tcp://127.0.0.1:1", sender="x", server_key="short")
     with pytest.raises(InputError, match="cannot bind"):
         BatchReceiver("nonsense://here")
+
+
+def test_allow_listed_receiver_counts_refused_keys() -> None:
+    """Item 2: only allow-listed collector keys get through; a refused key is counted by reason."""
+    server_pub, server_sec = curve_keypair()
+    client_pub, client_sec = curve_keypair()
+    with BatchReceiver("tcp://127.0.0.1:*", secret_key=server_sec, allowed_keys=[client_pub]) as rx:
+        stranger = BatchSender(rx.endpoint, sender="vm-x", kind="check", server_key=server_pub)
+        stranger.send(_events(1))
+        assert rx.recv(timeout=1.5) is None
+        assert rx.refused["unknown_key"] >= 1 and rx.senders == {}
+        stranger.close(timeout=0.1)
+        good = BatchSender(rx.endpoint, sender="vm-x", server_key=server_pub, public_key=client_pub,
+                           secret_key=client_sec)
+        good.send(_events(3))
+        assert (m := rx.recv(timeout=10)) is not None and m.batch.num_rows == 3
+        good.close()
+
+
+def test_malformed_messages_are_refused_and_counted_never_raised() -> None:
+    """Item 2: bad headers (1e400, a string count, missing fields) and bad Arrow payloads are counted."""
+    payload = encode_batch(_events(2))
+    bad = [
+        ([b"vims/1", b'{"sender": "a", "seq": 1e400, "kind": "event", "rows": 2}', payload], "bad_header"),
+        ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "event", "rows": "2"}', payload], "bad_header"),
+        ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "event", "rows": 2, "dropped_rows": "x"}', payload],
+         "bad_header"),
+        ([b"vims/1", b'{"seq": 0, "rows": 2}', payload], "bad_header"),
+        ([b"vims/1", b'{"sender": "a", "rows": 2}', payload], "bad_header"),
+        ([b"vims/1", b'{"sender": "a", "seq": NaN, "rows": 2}', payload], "bad_header"),
+        ([b"vims/1", b"[1, 2]", payload], "bad_header"),
+        ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "check", "rows": 2}', b"not arrow"], "bad_payload"),
+        ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "check", "rows": 2}', payload[:-9]], "bad_payload"),
+        ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "check", "rows": 5}', payload], "bad_payload"),
+        ([b"other", b"{}", payload], "not_vims"),
+    ]
+    ctx = zmq.Context.instance()
+    with BatchReceiver("tcp://127.0.0.1:*") as rx:
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(rx.endpoint)
+        for frames, _ in bad:
+            push.send_multipart(frames)
+        push.send_multipart([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "event", "rows": 2}', payload])
+        msg = rx.recv(timeout=10)
+        assert msg is not None and msg.seq == 0 and msg.batch.num_rows == 2
+        expected: dict[str, int] = {}
+        for _, reason in bad:
+            expected[reason] = expected.get(reason, 0) + 1
+        assert dict(rx.refused) == expected and rx.rejected == len(bad)
+        push.close()
