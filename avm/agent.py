@@ -10,9 +10,11 @@ interval is over and hands it to every sink (print, file, REM-S). The sources ar
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +23,24 @@ from vims.avm.pipeline import Pipeline
 from vims.avm.report import ReportBuilder
 
 Report = dict[str, Any]
+
+
+def model_digest(model: Any) -> dict[str, str] | None:
+    """``{"sha256": hex digest of the model file's bytes, "path": its file name}``; None for a fitted model.
+
+    Parameters
+    ----------
+    model : str, Path or fitted model
+        What :class:`Agent` was given.
+    """
+    if not isinstance(model, str | Path):
+        return None
+    path = Path(model)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "path": path.name}
 
 
 class Agent:
@@ -48,6 +68,7 @@ class Agent:
                  interval_s: float = 1.0, threshold: float = 0.5, min_windows: int = 10, top: int = 5,
                  horizon: int = 5, **pipeline: Any) -> None:
         self.builder = ReportBuilder(vm_id, avm_id, interval_s, threshold, min_windows, top, horizon)
+        self.builder.model = model_digest(model)
         self.pipeline = Pipeline(model, workers=workers, on_result=self.builder.add, **pipeline)
         self.interval_s = interval_s
         self.sinks: list[Callable[[Report], None]] = []

@@ -155,3 +155,21 @@ def test_bad_messages_are_counted_and_the_ingest_goes_on_and_a_silent_collector_
             raw.close(0)
             stop.set()
             receiver.join(10)
+
+
+def test_no_scored_window_is_no_data_not_normal_and_the_report_names_its_model_and_time(model, tmp_path) -> None:
+    import hashlib
+
+    from vims.avm.report import summary_line
+    from vims.models.persist import save_model
+
+    path = tmp_path / "stide.skops"
+    save_model(Stide(k=4).fit(model.normal_), path)
+    with Agent(path, workers=1, interval_s=60) as agent:
+        before = time.time()
+        report = agent.report()
+    beh = report["behaviour"]
+    assert beh["score"] is None and beh["anomalous"] is None and beh["windows"] == 0
+    assert "NO DATA" in summary_line(report)
+    assert before <= report["measured_at"] <= report["time"]
+    assert report["model"] == {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "path": "stide.skops"}
