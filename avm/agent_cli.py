@@ -75,7 +75,7 @@ def _run(
     from vims.console import err
 
     identity, client = _client(remote, keys, server_key, model)
-    if identity is not None:
+    if client is not None:
         avm_id = identity.avm_id
     agent = Agent(model, vm_id=vm_id, avm_id=avm_id, workers=workers, interval_s=interval, threshold=threshold,
                   queue_size=queue_size)
