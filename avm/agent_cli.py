@@ -53,7 +53,10 @@ def _run(
                                        "the light static checks."),
     remote: str = typer.Option(None, "--remote", help="Send signed reports to REM-S at this endpoint "
                                "(needs --keys and --server-key)."),
-    keys: Path = typer.Option(None, "--keys", help="This A-VM's secret key file (`vims avm init`)."),
+    keys: Path = typer.Option(None, "--keys", help="This A-VM's secret key file (`vims avm init`); with --pull "
+                              "its CURVE key also authenticates the collector's channel."),
+    collector_key: Path = typer.Option(None, "--collector-key", help="With --pull and --keys: the only "
+                                       "collector allowed to send, its public key file (JSON with curve_public)."),
     server_key: Path = typer.Option(None, "--server-key", help="REM-S's public key file (rems.public.json)."),
     vm_id: str = VM_ID,
     avm_id: str = AVM_ID,
@@ -67,71 +70,82 @@ def _run(
     counted in the report, a scorer that dies is restarted and its gap reported. Reports go to stdout
     (--json), a file (-o) and REM-S (--remote).
     """
-    import threading
-
-    from vims.avm.agent import Agent, RemoteSink, ingest, trace_guest
+    from vims.avm.agent import Agent
+    from vims.avm.assembly import AvmRun
     from vims.console import err
-    from vims.errors import InputError
 
-    client = None
-    if remote is not None:
-        if keys is None or server_key is None:
-            raise InputError("--remote needs --keys (avm.secret.json) and --server-key (rems.public.json)")
-        from vims.remote.client import AvmClient
-        from vims.remote.keys import AvmIdentity, load_server_public
-
-        identity = AvmIdentity.load(keys)
+    identity, client = _client(remote, keys, server_key, model)
+    if client is not None:
         avm_id = identity.avm_id
-        client = AvmClient(identity, remote, load_server_public(server_key),
-                           capabilities={"collectors": ["push"], "checks": [], "models": [str(model)]})
     agent = Agent(model, vm_id=vm_id, avm_id=avm_id, workers=workers, interval_s=interval, threshold=threshold,
                   queue_size=queue_size)
-    agent.sinks.append(_printer(as_json, output))
-    if client is not None:
-        agent.sinks.append(RemoteSink(agent, client))
-    stop = threading.Event()
+    run = AvmRun(agent, client, sinks=[_printer(as_json, output)])
     err.print(f"starting {workers} scorer worker(s)...", highlight=False)
-    agent.start()
-    failure: list[BaseException] = []
-
-    def source(target: Any, *args: Any) -> None:
-        try:
-            target(*args)
-        except BaseException as exc:  # raised again below, in the main thread: one red line for the user
-            failure.append(exc)
-            stop.set()
-
-    if pull is not None:
-        thread = threading.Thread(target=source, args=(ingest, agent, pull, stop), name="vims-ingest", daemon=True)
-        where = f"listening at {pull}"
-    else:
-        from vims.collector.policy import Policy
-
-        policy = Policy.load(policy_file) if policy_file is not None else None
-        if policy is None and client is not None:
-            # REM-S decides how the guest is traced: its policy's tracing part, unless --policy overrides it.
-            client.start()
-            policy = Policy.from_dict(client.wait_policy(timeout=30).get("tracing", {}), where="REM-S policy")
-            err.print(f"tracing as REM-S's policy says: {policy.to_dict()}", highlight=False)
-        thread = threading.Thread(target=source, args=(trace_guest, agent, guest, stop, policy, vm_id, checks_every),
-                                  name="vims-tracer", daemon=True)
-        where = f"tracing guest {guest!r}"
-    thread.start()
-    if client is not None:
-        client.start()  # idempotent: it may have started above to fetch the policy
-    err.print(f"A-VM agent {where}; a report every {interval:g} s (Ctrl-C stops)", highlight=False)
     try:
-        agent.run(duration, stop)
-    except KeyboardInterrupt:
-        pass
+        if pull is not None:
+            run.start()
+            run.pull(pull, *_pull_keys(identity, collector_key))
+            where = f"listening at {pull}"
+        else:
+            policy = _tracing_policy(policy_file, run)
+            run.trace(guest, policy, vm_id, checks_every)
+            where = f"tracing guest {guest!r}"
+        err.print(f"A-VM agent {where}; a report every {interval:g} s (Ctrl-C stops)", highlight=False)
+        run.run(duration)
     finally:
-        stop.set()
-        thread.join(timeout=5)
-        if client is not None:
-            client.stop()
-        agent.close()
-    if failure:
-        raise failure[0]
+        run.close(join_s=5)
+    run.raise_failure()
+
+
+def _client(remote: str | None, keys: Path | None, server_key: Path | None, model: Path) -> tuple[Any, Any]:
+    """This A-VM's identity (from ``--keys``) and its REM-S client (with ``--remote``), or None."""
+    from vims.errors import InputError
+
+    if remote is not None and (keys is None or server_key is None):
+        raise InputError("--remote needs --keys (avm.secret.json) and --server-key (rems.public.json)")
+    if keys is None:
+        return None, None
+    from vims.remote.keys import AvmIdentity, load_server_public
+
+    identity = AvmIdentity.load(keys)
+    if remote is None or server_key is None:
+        return identity, None
+    from vims.remote.client import AvmClient
+
+    return identity, AvmClient(identity, remote, load_server_public(server_key),
+                               capabilities={"collectors": ["push"], "checks": [], "models": [str(model)]})
+
+
+def _pull_keys(identity: Any, collector_key: Path | None) -> tuple[str | None, list[str] | None]:
+    """``--pull``'s CURVE secret key (the A-VM's own, from ``--keys``) and the collectors allowed to send."""
+    from vims.errors import InputError
+
+    if identity is None:
+        if collector_key is not None:
+            raise InputError("--collector-key needs --keys (the A-VM's CURVE keys authenticate the channel)")
+        return None, None
+    if collector_key is None:
+        return identity.curve_secret, None
+    from vims.remote.keys import load_server_public
+
+    return identity.curve_secret, [load_server_public(collector_key)]
+
+
+def _tracing_policy(policy_file: Path | None, run: Any) -> Any:
+    """The tracer's sampling policy: ``--policy``, else the tracing part of REM-S's policy, else the default."""
+    from vims.console import err
+    from vims.tracing_policy import Policy
+
+    if policy_file is not None:
+        run.start()
+        return Policy.load(policy_file)
+    if run.client is None:
+        run.start()
+        return None
+    # REM-S decides how the guest is traced: its policy's tracing part, unless --policy overrides it.
+    policy = Policy.from_dict((run.start(wait_policy=30) or {}).get("tracing", {}), where="REM-S policy")
+    err.print(f"tracing as REM-S's policy says: {policy.to_dict()}", highlight=False)
+    return policy
 
 
 def _replay(

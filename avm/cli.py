@@ -10,7 +10,7 @@ avm_app = typer.Typer(help="The A-VM agent: its keys, and running or replaying t
                       no_args_is_help=True)
 
 #: Modules that add commands to the ``avm`` group through ``register(avm_app)``.
-SUBCOMMANDS = ("vims.remote.avm_cli", "vims.avm.agent_cli")
+SUBCOMMANDS = ("vims.avm.init_cli", "vims.avm.agent_cli")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,10 +10,12 @@ and ``vims avm replay --json`` print one per line::
      "time": 1764240000.25,         # unix seconds when the report was made
      "nonce": null,                 # the latest REM-S nonce (filled in by the REM-S client)
      "interval_s": 1.0,             # the reporting interval
+     "measured_at": 1764240000.25,  # unix seconds when this interval's measurements closed
+     "model": {"sha256": "9f2c...", "path": "model-set.skops"},  # the model file that scored
      "behaviour": {
-        "score": 0.97,              # in [0, 1], 1 = entirely normal (definition below)
+        "score": 0.97,              # in [0, 1], 1 = entirely normal (definition below); null: nothing scored
         "threshold": 0.5,           # below it the A-VM calls the VM anomalous
-        "anomalous": false,         # score < threshold
+        "anomalous": false,         # score < threshold (null with the score)
         "windows": 5120,            # windows closed in the last `horizon` intervals (one per scored call)
         "windows_above": 40,        # of which above their program's window threshold
         "processes": 12,            # processes that made calls in those intervals
@@ -43,6 +45,8 @@ and ``vims avm replay --json`` print one per line::
                                     # batches lost on the way to or inside a scorer that died
                 "interval": {"seen": 5120, "scored": 5120, "dropped": 0, "missing": 0}},
      "collector": {...,             # the collector's own health (tracer state, rate, its drops)
+                   "alive": true,   # the source runs and delivered a batch within 2 intervals
+                   "last_batch_age_s": 0.1,  # null before the first batch
                    "pipeline": {"workers": [...], "restarts": 0, "latency_p50_s": 0.004,
                                 "latency_p99_s": 0.02, "result_gaps": 0}}}
 
@@ -58,7 +62,10 @@ is the normality of its least normal process, among the processes that closed at
 ``min_windows`` windows in those intervals (processes with fewer are pooled into one, so a burst of
 short-lived processes counts as one):
 
-    score = min over processes p of (1 - above_p / windows_p),  or 1.0 if no calls were scored
+    score = min over processes p of (1 - above_p / windows_p),  or null if no calls were scored
+
+(missing data is never normal: with no scored window in the horizon, ``score`` and ``anomalous`` are
+null and ``windows`` 0; REM-S refuses such a report's VM).
 
 One process behaving abnormally most of the time (a web server's shell reading ``/etc/shadow``) pulls
 the score under the threshold (default 0.5: more than half of a process's windows are rare), however
@@ -127,6 +134,8 @@ class ReportBuilder:
         self.vm_id = vm_id
         self.avm_id = avm_id
         self.interval_s = interval_s
+        #: ``{"sha256", "path"}`` of the model file that scores, carried by every report (None: not a file).
+        self.model: dict[str, str] | None = None
         self.threshold = threshold
         self.min_windows = min_windows
         self.top = top
@@ -202,7 +211,7 @@ class ReportBuilder:
         short = [p for p in interval.values() if 0 < p.windows < self.min_windows]
         if short:
             groups.append(1.0 - sum(p.above for p in short) / sum(p.windows for p in short))
-        score = min(groups) if groups else 1.0
+        score = min(groups) if groups else None  # no scored windows: no evidence, never "normal"
         # least normal first; among equals, the one with more rare windows (more evidence) first
         ranked = sorted(((k, p) for k, p in interval.items() if p.above > 0),
                         key=lambda kp: ((kp[1].windows - kp[1].above) / kp[1].windows, -kp[1].above))
@@ -226,7 +235,8 @@ class ReportBuilder:
                         "score": round(1.0 - p.above / p.windows, 6), "windows": p.windows,
                         "windows_above": p.above, "max_window": round(p.max_window, 6),
                         "threshold": p.threshold, "trace_score": round(p.trace_score, 6), "evidence": evidence})
-        return {"score": round(score, 6), "threshold": self.threshold, "anomalous": score < self.threshold,
+        return {"score": None if score is None else round(score, 6), "threshold": self.threshold,
+                "anomalous": None if score is None else score < self.threshold,
                 "horizon_s": round(self.horizon * self.interval_s, 6),
                 "windows": windows, "windows_above": above, "processes": len(interval), "top_processes": top}
 
@@ -250,19 +260,23 @@ class ReportBuilder:
                                  "missing_seq_gaps": counts.get("missing_seq_gaps", 0)}
         with self._lock:
             checks = sorted(self.checks.values(), key=lambda c: (c["check"], c["target"]))
-        return {"behaviour": self.behaviour(), "checks": checks, "events": {**totals, "interval": interval},
-                "collector": collector}
+        content: dict[str, Any] = {"measured_at": time.time(), "behaviour": self.behaviour(), "checks": checks,
+                                   "events": {**totals, "interval": interval}, "collector": collector}
+        if self.model is not None:
+            content["model"] = dict(self.model)
+        return content
 
     def report(self, counts: Mapping[str, Any], collector: Mapping[str, Any] | None = None,
                latency: Mapping[str, float | None] | None = None, nonce: str | None = None,
                policy_version: int | None = None) -> dict[str, Any]:
         """A whole report document (for ``--json`` and files); starts a new interval."""
+        content = self.content(counts, collector, latency)  # measured first: measured_at <= time
         self.seq += 1
         doc: dict[str, Any] = {"vm_id": self.vm_id, "avm_id": self.avm_id, "seq": self.seq, "time": time.time(),
                                "nonce": nonce, "interval_s": self.interval_s}
         if policy_version is not None:
             doc["policy_version"] = policy_version
-        doc.update(self.content(counts, collector, latency))
+        doc.update(content)
         return doc
 
 
@@ -314,13 +328,17 @@ def summary_line(report: Mapping[str, Any]) -> str:
     '#3 behaviour 0.20 < 0.5 ANOMALOUS | sh[9] 0.20 | checks 1 pass | events 10 seen, 1 dropped, 0 missing'
     """
     b = report["behaviour"]
-    verdict = "ANOMALOUS" if b["score"] < b["threshold"] else "normal"
-    sign = "<" if b["score"] < b["threshold"] else ">="
+    if b["score"] is None:
+        verdict, sign, shown = "NO DATA", "?", "-"
+    else:
+        verdict = "ANOMALOUS" if b["score"] < b["threshold"] else "normal"
+        sign = "<" if b["score"] < b["threshold"] else ">="
+        shown = f"{b['score']:.2f}"
     top = ", ".join(f"{p.get('name', p['comm'])}[{p['pid']}] {p['score']:.2f}"
                     for p in b.get("top_processes", [])[:3]) or "-"
     checks = report.get("checks", [])
     failed = [c for c in checks if c.get("status") != "pass"]
     chk = f"{len(checks) - len(failed)} pass" + (f", {len(failed)} FAIL" if failed else "")
     ev = report["events"]
-    return (f"#{report['seq']} behaviour {b['score']:.2f} {sign} {b['threshold']:g} {verdict} | {top} | "
+    return (f"#{report['seq']} behaviour {shown} {sign} {b['threshold']:g} {verdict} | {top} | "
             f"checks {chk} | events {ev['seen']} seen, {ev['dropped']} dropped, {ev['missing']} missing")

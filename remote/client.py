@@ -127,17 +127,24 @@ class AvmSession:
             self.nonce = body["nonce"]
 
     def report(self, content: dict[str, Any], nonce: str | None = None) -> bytes:
-        """Complete, sign and frame a report; ``nonce`` defaults to the latest one from REM-S."""
+        """Complete, sign and frame a report; ``nonce`` defaults to the latest one from REM-S not yet used.
+
+        A nonce goes into one report only; ``policy_version`` is the version this session acknowledged.
+        """
         if self.policy is None or self.vm_id is None:
             raise VimsError("no policy from REM-S yet: cannot report")
         doc: dict[str, Any] = {"events": {"seen": 0, "dropped": 0, "missing": 0}, "collector": {}, "checks": []}
         doc.update(content)
+        nonce = nonce or self.nonce
         doc.update({"vm_id": self.vm_id, "avm_id": self.identity.avm_id, "seq": self.next_seq,
-                    "time": time.time(), "nonce": nonce or self.nonce,
+                    "time": time.time(), "nonce": nonce,
                     "interval_s": float(self.policy.get("interval_s", 1.0)),
                     "policy_version": self.policy["version"]})
+        sig = sign_report(doc, self.signing_key)  # raises on an unencodable report: the nonce stays unused
         self.next_seq += 1
-        return self._frame("report", doc, sign_report(doc, self.signing_key))
+        if nonce is not None and nonce == self.nonce:
+            self.nonce = None  # each REM-S nonce is answered at most once
+        return self._frame("report", doc, sig)
 
 
 def dealer(ctx: zmq.Context[Any], identity: AvmIdentity, server_public: str, endpoint: str) -> zmq.Socket[Any]:

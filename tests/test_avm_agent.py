@@ -10,7 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vims.avm.agent import Agent, RemoteSink, ingest
+from vims.avm.agent import Agent
+from vims.avm.ingest import ingest
+from vims.avm.remote_sink import RemoteSink
 from vims.avm.scoring import events_from_calls
 from vims.collector.stream import BatchSender
 from vims.models.stide import Stide
@@ -115,3 +117,59 @@ def test_reports_reach_rems_which_gates_on_them(tmp_path, model) -> None:
     history = dep.store().history("vm-1")
     assert {r["status"] for r in history["reports"]} == {"accepted"}
     assert [d["kind"] for d in reversed(history["decisions"])][:2] == ["allow", "deny"]
+
+
+def test_bad_messages_are_counted_and_the_ingest_goes_on_and_a_silent_collector_is_not_alive(model) -> None:
+    import json
+
+    import zmq
+
+    from vims.collector.stream import PROTOCOL
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    stop = threading.Event()
+    with Agent(model, workers=1, interval_s=0.2) as agent:
+        receiver = threading.Thread(target=ingest, args=(agent, endpoint, stop))
+        receiver.start()
+        ctx = zmq.Context.instance()
+        raw = ctx.socket(zmq.PUSH)
+        try:
+            wait_until(lambda: agent.collector_health().get("endpoint") == endpoint, what="receiver bound")
+            assert agent.collector_health()["alive"] is False  # nothing delivered yet
+            raw.connect(endpoint)
+            raw.send_multipart([PROTOCOL, b'{"sender": "x", "seq": 1e400}', b"not arrow"])
+            raw.send_multipart([PROTOCOL, json.dumps({"sender": "x", "seq": 0, "kind": "check"}).encode(),
+                                b""])
+            wait_until(lambda: sum(agent.collector_health()["bad"].values()) + agent.collector_health()["rejected"]
+                       >= 2, what="the bad messages counted")
+            sender = BatchSender(endpoint, sender="vm-1", kind="event")
+            assert sender.send(events_from_calls({7: model.normal_[0]}))
+            assert sender.flush(10)
+            wait_until(lambda: agent.collector_health()["alive"], what="a good batch after the bad ones")
+            sender.close()
+            health = wait_until(lambda: (h := agent.collector_health())["alive"] is False and h, what="silence")
+            assert health["last_batch_age_s"] > 0.4
+            assert health["state"].startswith("silent")
+            assert receiver.is_alive()
+        finally:
+            raw.close(0)
+            stop.set()
+            receiver.join(10)
+
+
+def test_no_scored_window_is_no_data_not_normal_and_the_report_names_its_model_and_time(model, tmp_path) -> None:
+    import hashlib
+
+    from vims.avm.report import summary_line
+    from vims.models.persist import save_model
+
+    path = tmp_path / "stide.skops"
+    save_model(Stide(k=4).fit(model.normal_), path)
+    with Agent(path, workers=1, interval_s=60) as agent:
+        before = time.time()
+        report = agent.report()
+    beh = report["behaviour"]
+    assert beh["score"] is None and beh["anomalous"] is None and beh["windows"] == 0
+    assert "NO DATA" in summary_line(report)
+    assert before <= report["measured_at"] <= report["time"]
+    assert report["model"] == {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "path": "stide.skops"}

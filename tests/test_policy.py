@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vims.collector.policy import Policy, Sampler
 from vims.errors import InputError
+from vims.tracing_policy import Policy, Sampler
 
 S = 1_000_000_000
 MS = 1_000_000

@@ -12,6 +12,7 @@ from vims.remote.client import AvmClient
 from vims.remote.testing import Deployment, read_line, wait_until
 
 agent_mod = pytest.importorskip("vims.avm.agent")
+RemoteSink = pytest.importorskip("vims.avm.remote_sink").RemoteSink
 stide = pytest.importorskip("vims.models.stide")
 
 
@@ -24,7 +25,7 @@ def test_agent_reports_are_accepted_and_let_its_client_through(tmp_path):
     stop = threading.Event()
     try:
         with agent_mod.Agent(detector, vm_id="vm-1", avm_id="avm-1", workers=1, interval_s=0.5) as agent:
-            agent.sinks.append(agent_mod.RemoteSink(agent, client))
+            agent.sinks.append(RemoteSink(agent, client))
             client.start()
 
             def every_interval() -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from vims.avm.agent import Agent, trace_guest
+from vims.avm.agent import Agent
+from vims.avm.guest_source import trace_guest
 from vims.collector.gdbstub import GdbStub
 from vims.collector.guest import Guest
 from vims.collector.kernel import KernelView

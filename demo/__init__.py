@@ -33,6 +33,7 @@ import typer
 
 from vims.console import err, out, print_json
 from vims.errors import MissingDependencyError, VimsError
+from vims.poll import poll_until
 
 VM_ID = "demo-vm"
 AVM_ID = "avm-demo"
@@ -80,16 +81,13 @@ class Timeline:
 
 
 def _wait(pred: Callable[[], Any], timeout: float, step: str, seen: Callable[[], str] = lambda: "") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            detail = seen()
-            raise DemoStepError(f"step '{step}' did not happen within {timeout:g} s" + (f": {detail}" if detail
-                                                                                        else ""))
-        time.sleep(0.2)
+    """Wait for one step of the story; a :class:`DemoStepError` saying what was seen when it does not come."""
+
+    def late() -> DemoStepError:
+        detail = seen()
+        return DemoStepError(f"step '{step}' did not happen within {timeout:g} s" + (f": {detail}" if detail else ""))
+
+    return poll_until(pred, timeout, late, every=0.2)
 
 
 def _decisions(db: Path) -> list[dict[str, Any]]:
@@ -195,127 +193,132 @@ def _live_table(timeline: Timeline, db: Path, phase: str) -> Any:
 
 def run_demo(output: Path, capture_s: float = 60.0, refit: bool = False, live: bool = True) -> dict[str, Any]:
     """Play the whole story; returns the summary (also written to ``output/summary.json``)."""
-    from vims.avm.agent import Agent, RemoteSink, trace_guest
     from vims.collector.guest import Guest, build_guest
-    from vims.remote.client import AvmClient
     from vims.remote.keys import AvmIdentity, ServerKeys
     from vims.remote.server import ServerThread
-    from vims.remote.store import Store
-    from vims.remote.testing import free_port
 
     if shutil.which("qemu-system-x86_64") is None:
         raise MissingDependencyError("qemu-system-x86_64 not found: `apt-get install qemu-system-x86` "
                                      "(or `make demo`, which installs it)")
     output.mkdir(parents=True, exist_ok=True)
     db = output / "rems.sqlite"
-    db.unlink(missing_ok=True)
     err.print("building the guest image (cached after the first run) ...")
     image = build_guest()
     keys = ServerKeys.generate()
     identity = AvmIdentity.generate(AVM_ID)
-    gate_port = free_port()
-    store = Store(db)
-    store.enroll(identity.public, VM_ID, gate_port, POLICY)
-    store.close()
-    timeline = Timeline()
+    gate_port = _enroll(db, identity)
     summary: dict[str, Any] = {"output": str(output), "interval_s": INTERVAL_S, "policy": POLICY}
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
+    timeline: Timeline | None = None
     with ServerThread(db, keys, demo_service=True) as rems:
         err.print(f"REM-S listening; the guest's client line goes through its gate on 127.0.0.1:{gate_port}")
         with Guest.start(image, name=f"vims-demo-{os.getpid()}", gate_port=gate_port) as guest:
             model = _learn_normal(guest, image, capture_s, refit)
             timeline = Timeline()
-            agent = Agent(model, vm_id=VM_ID, avm_id=AVM_ID, workers=1, interval_s=INTERVAL_S,
-                          threshold=float(POLICY["threshold"]))
-            client = AvmClient(identity, rems.server.endpoint, keys.public)
-            agent.sinks.append(RemoteSink(agent, client))
-            agent.sinks.append(timeline.add_report)
-            patched: tuple[int, bytes] | None = None
+            avm = _attach_avm(model, identity, rems.server.endpoint, keys.public, guest, timeline)
+            patched: list[tuple[int, bytes]] = []
             try:
-                agent.start()
-                client.start()
-                client.wait_policy(timeout=30)
-                threads = [
-                    threading.Thread(target=trace_guest, args=(agent, guest, stop),
-                                     kwargs={"checks_every": 2.0}, name="demo-tracer", daemon=True),
-                    threading.Thread(target=agent.run, kwargs={"stop": stop}, name="demo-agent", daemon=True),
-                ]
-                for thread in threads:
-                    thread.start()
-                timeline.mark("A-VM attached")
-
-                def view(phase: str) -> Callable[[], str]:
-                    return lambda: _describe(timeline, db, phase)
-
-                def decided(kinds: tuple[str, ...], after: float) -> dict[str, Any] | None:
-                    return next((d for d in _decisions(db) if d["kind"] in kinds and d["time"] >= after), None)
-
                 with _maybe_live(live, timeline, db) as show:
-                    show("waiting for the client to be let through")
-                    allowed = _wait(lambda: decided(("allow",), timeline.start), DEADLINES["allowed"],
-                                    "client allowed", view("allow"))
-                    timeline.mark("client allowed")
-                    summary["allowed_before_attack"] = True
-                    summary["first_allow_s"] = round(allowed["time"] - timeline.start, 2)
-                    show("normal behaviour, client connected")
-                    time.sleep(DWELL_S)  # a few reports of normal life: a false alarm would show here
-                    summary["false_alarms_before_attack"] = [
-                        f"{d['kind']}: {d['reason']}" for d in _decisions(db)
-                        if d["kind"] in ("cut", "deny") and d["time"] > allowed["time"]]
-
-                    show("webshell: the web server runs a shell")
-                    attack = timeline.mark("webshell starts")
-                    answer = guest.scenario("webshell", timeout=120)
-                    timeline.mark("webshell done")
-                    cut = _wait(lambda: decided(("cut", "deny"), attack), DEADLINES["cut"], "connection cut",
-                                view("cut"))
-                    timeline.mark(f"connection {cut['kind']}")
-                    summary["webshell"] = answer.strip()
-                    summary["cut_kind"] = cut["kind"]
-                    summary["cut_reason"] = cut["reason"]
-                    summary["cut_after_s"] = round(cut["time"] - attack, 2)
-                    summary["cut_within_two_intervals"] = cut["time"] - attack <= 2 * INTERVAL_S
-                    summary["blamed"] = _blamed(timeline, after=attack)
-
-                    show("kernel text patched from outside")
-                    patch_time = timeline.mark(f"kernel text patched ({PATCH_SYMBOL})")
-                    patched = _patch_kernel_text(guest, PATCH_SYMBOL)
-                    seen = _wait(lambda: _report_with_failing(timeline, "kernel-text", patch_time),
-                                 DEADLINES["refused"], "kernel-text fails", view("kernel-text"))
-                    timeline.mark("kernel-text fails")
-                    refused = _wait(lambda: decided(("deny",), seen["time"]), DEADLINES["refused"],
-                                    "connection refused after the patch", view("refused"))
-                    timeline.mark("connection refused")
-                    time.sleep(DWELL_S / 2)  # refusals go on: the check keeps failing
-                    summary["allowed_after_cut"] = [
-                        f"{d['time'] - timeline.start:.1f} s: {d['reason']}" for d in _decisions(db)
-                        if d["kind"] == "allow" and d["time"] > cut["time"]]
-                    summary["kernel_text_detail"] = next(
-                        (c.get("detail") for c in seen["checks"] if c["check"] == "kernel-text"
-                         and c["status"] == "fail"), None)
-                    summary["refused_after_kernel_patch"] = True
-                    summary["refusal_reason"] = refused["reason"]
+                    _play(guest, timeline, db, show, summary, patched)
             finally:
-                stop.set()
-                if patched is not None:
-                    _restore_byte(guest, *patched)
-                for thread in threads:
-                    thread.join(timeout=30)
-                client.stop()
-                agent.close()
+                avm.close()
+                for physical, original in patched:
+                    _restore_byte(guest, physical, original)
         summary["decisions"] = _count_kinds(_decisions(db))
-    summary.setdefault("allowed_before_attack", False)
-    summary.setdefault("cut_within_two_intervals", False)
-    summary.setdefault("refused_after_kernel_patch", False)
+    for flag in ("allowed_before_attack", "cut_within_two_intervals", "refused_after_kernel_patch"):
+        summary.setdefault(flag, False)
     summary.setdefault("allowed_after_cut", [])
     summary["ok"] = bool(summary["allowed_before_attack"] and summary["cut_within_two_intervals"]
                          and summary["refused_after_kernel_patch"] and not summary["allowed_after_cut"])
-    from vims.demo_report import write_report
+    from vims.demo.report import write_report
 
     write_report(output, summary, timeline.reports, _decisions(db), timeline.marks, timeline.start,
                  float(POLICY["threshold"]))
     return summary
+
+
+def _enroll(db: Path, identity: Any) -> int:
+    """A fresh REM-S database with the demo's A-VM enrolled; returns the gate port of its VM."""
+    from vims.net import free_port
+    from vims.remote.store import Store
+
+    db.unlink(missing_ok=True)
+    gate_port = free_port()
+    store = Store(db)
+    store.enroll(identity.public, VM_ID, gate_port, POLICY)
+    store.close()
+    return gate_port
+
+
+def _attach_avm(model: Path, identity: Any, endpoint: str, server_public: str, guest: Any,
+                timeline: Timeline) -> Any:
+    """The demo's A-VM, as ``vims avm run`` builds it: tracing ``guest``, reporting to REM-S and the timeline."""
+    from vims.avm.agent import Agent
+    from vims.avm.assembly import AvmRun
+    from vims.remote.client import AvmClient
+
+    agent = Agent(model, vm_id=VM_ID, avm_id=AVM_ID, workers=1, interval_s=INTERVAL_S,
+                  threshold=float(POLICY["threshold"]))
+    avm = AvmRun(agent, AvmClient(identity, endpoint, server_public), sinks=[timeline.add_report])
+    try:
+        avm.start(wait_policy=30)
+    except BaseException:
+        avm.close()
+        raise
+    avm.trace(guest, checks_every=2.0)
+    avm.report_in_background()
+    timeline.mark("A-VM attached")
+    return avm
+
+
+def _play(guest: Any, timeline: Timeline, db: Path, show: Callable[[str], None], summary: dict[str, Any],
+          patched: list[tuple[int, bytes]]) -> None:
+    """The story once the A-VM reports: allowed, the webshell cut, the kernel patch refused."""
+
+    def view(phase: str) -> Callable[[], str]:
+        return lambda: _describe(timeline, db, phase)
+
+    def decided(kinds: tuple[str, ...], after: float) -> dict[str, Any] | None:
+        return next((d for d in _decisions(db) if d["kind"] in kinds and d["time"] >= after), None)
+
+    show("waiting for the client to be let through")
+    allowed = _wait(lambda: decided(("allow",), timeline.start), DEADLINES["allowed"], "client allowed",
+                    view("allow"))
+    timeline.mark("client allowed")
+    summary["allowed_before_attack"] = True
+    summary["first_allow_s"] = round(allowed["time"] - timeline.start, 2)
+    show("normal behaviour, client connected")
+    time.sleep(DWELL_S)  # a few reports of normal life: a false alarm would show here
+    summary["false_alarms_before_attack"] = [
+        f"{d['kind']}: {d['reason']}" for d in _decisions(db)
+        if d["kind"] in ("cut", "deny") and d["time"] > allowed["time"]]
+
+    show("webshell: the web server runs a shell")
+    attack = timeline.mark("webshell starts")
+    answer = guest.scenario("webshell", timeout=120)
+    timeline.mark("webshell done")
+    cut = _wait(lambda: decided(("cut", "deny"), attack), DEADLINES["cut"], "connection cut", view("cut"))
+    timeline.mark(f"connection {cut['kind']}")
+    summary.update({"webshell": answer.strip(), "cut_kind": cut["kind"], "cut_reason": cut["reason"],
+                    "cut_after_s": round(cut["time"] - attack, 2),
+                    "cut_within_two_intervals": cut["time"] - attack <= 2 * INTERVAL_S,
+                    "blamed": _blamed(timeline, after=attack)})
+
+    show("kernel text patched from outside")
+    patch_time = timeline.mark(f"kernel text patched ({PATCH_SYMBOL})")
+    patched.append(_patch_kernel_text(guest, PATCH_SYMBOL))
+    seen = _wait(lambda: _report_with_failing(timeline, "kernel-text", patch_time), DEADLINES["refused"],
+                 "kernel-text fails", view("kernel-text"))
+    timeline.mark("kernel-text fails")
+    refused = _wait(lambda: decided(("deny",), seen["time"]), DEADLINES["refused"],
+                    "connection refused after the patch", view("refused"))
+    timeline.mark("connection refused")
+    time.sleep(DWELL_S / 2)  # refusals go on: the check keeps failing
+    summary["allowed_after_cut"] = [f"{d['time'] - timeline.start:.1f} s: {d['reason']}" for d in _decisions(db)
+                                    if d["kind"] == "allow" and d["time"] > cut["time"]]
+    summary["kernel_text_detail"] = next((c.get("detail") for c in seen["checks"]
+                                          if c["check"] == "kernel-text" and c["status"] == "fail"), None)
+    summary["refused_after_kernel_patch"] = True
+    summary["refusal_reason"] = refused["reason"]
 
 
 def _count_kinds(decisions: list[dict[str, Any]]) -> dict[str, int]:
