@@ -34,7 +34,7 @@ def ingest(agent: Agent, endpoint: str, stop: threading.Event, secret_key: str |
     """
     from vims.collector.stream import BatchReceiver
 
-    rx = BatchReceiver(endpoint, secret_key=secret_key, allowed_clients=allowed_keys)
+    rx = BatchReceiver(endpoint, secret_key=secret_key, allowed_keys=allowed_keys)
     state: dict[str, Any] = {"state": "listening", "endpoint": rx.endpoint, "batches": 0, "bad": {},
                              "authenticated": secret_key is not None}
     last: list[float] = []

@@ -1,7 +1,7 @@
 """``vims avm init``: an A-VM's keys (CURVE keypair for the control channel, Ed25519 for its reports).
 
 The key code is :mod:`vims.remote.keys` (REM-S reads the same files); where the keys live is
-:func:`vims.remote.avm_cli.avm_home`.
+:func:`vims.remote.keys.avm_home`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import typer
 
-from vims.remote.avm_cli import DIR_HELP, avm_home
+from vims.remote.keys import AVM_DIR_HELP as DIR_HELP
+from vims.remote.keys import avm_home
 
 
 def init(avm_id: str = typer.Option("avm-1", "--id", help="This A-VM's id (letters, digits, '._-')."),

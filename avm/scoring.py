@@ -49,7 +49,6 @@ import pyarrow.compute as pc
 
 from vims.avm.evidence import EVIDENCE_CALLS, BatchCalls, Tail, window_text
 from vims.errors import InputError
-from vims.events import example_events as events_from_calls  # noqa: F401 (its old name, for callers not yet moved)
 from vims.models.base import CallDetector, CallState
 from vims.runs import Runs, cut_runs, program_name
 from vims.schemas import AVM_RESULT_SCHEMA

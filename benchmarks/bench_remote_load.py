@@ -41,11 +41,12 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from vims.net import free_port
 from vims.remote.client import AvmSession
 from vims.remote.keys import ServerKeys
 from vims.remote.protocol import ProtocolError
 from vims.remote.store import Store
-from vims.remote.testing import Deployment, free_port
+from vims.remote.testing import Deployment
 
 UNHEALTHY_EVERY = 10  # vm-10, vm-20, ...: low score, their clients must be refused
 

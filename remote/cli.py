@@ -232,8 +232,7 @@ def simulate(keys: Path | None = typer.Option(None, "--keys", help="The A-VM's a
     import time
 
     from vims.console import err, out, print_json
-    from vims.remote.avm_cli import avm_home
-    from vims.remote.keys import PUBLIC_REMS, SECRET_AVM, AvmIdentity, load_server_public
+    from vims.remote.keys import PUBLIC_REMS, SECRET_AVM, AvmIdentity, avm_home, load_server_public
     from vims.remote.simavm import SimulatedAvm
 
     ident = AvmIdentity.load(keys or avm_home(None) / SECRET_AVM)

@@ -46,6 +46,22 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+#: Help text of the options that name an A-VM's key folder.
+AVM_DIR_HELP = "Where to write the keys; default $VIMS_AVM_HOME or ~/.cache/vims/avm."
+
+
+def avm_home(folder: Path | None) -> Path:
+    """The A-VM's key folder: ``folder``, else ``$VIMS_AVM_HOME``, else ``~/.cache/vims/avm``."""
+    if folder is not None:
+        return folder.expanduser()
+    env = os.environ.get("VIMS_AVM_HOME")
+    if env:
+        return Path(env).expanduser()
+    from vims.paths import cache_dir
+
+    return cache_dir("avm")
+
+
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid A-VM or VM id (letters, digits, ``._-``; 1-64 characters).
 

@@ -5,7 +5,7 @@ Policy document (JSON; REM-S adds ``version`` when it stores one; the text belon
 
     {"checks": [{"check": "kernel-text", "every_s": 10.0}],   # static checks to run, how often;
                                                               # each must appear in every report
-     "tracing": {"mode": "duty-cycle",    # the tracer's sampling policy (vims.collector.policy):
+     "tracing": {"mode": "duty-cycle",    # the tracer's sampling policy (vims.tracing_policy):
                  "window_ms": 200,        # "full", or "duty-cycle": trace window_ms of every period_ms;
                  "period_ms": 1000,       # "include"/"exclude": program name patterns;
                  "max_events_per_s": 5000},   # a cap; events beyond it are dropped and counted
@@ -39,8 +39,8 @@ import math
 import re
 from typing import Any
 
-from vims.collector.policy import Policy
 from vims.errors import InputError
+from vims.tracing_policy import Policy
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -30,7 +30,7 @@ Policy (body ``policy`` of a ``policy`` message; :mod:`vims.remote.policy`)
 
     {"checks": [{"check": "kernel-text", "every_s": 10.0}],   # static checks to run and how often;
                                                               # each must appear in every report
-     "tracing": {"mode": "duty-cycle",     # the tracer's sampling policy (vims.collector.policy):
+     "tracing": {"mode": "duty-cycle",     # the tracer's sampling policy (vims.tracing_policy):
                  "window_ms": 200, "period_ms": 1000,   # full, or window_ms of every period_ms;
                  "include": [], "exclude": [],          # program name patterns;
                  "max_events_per_s": 5000},  # a cap; events beyond it are dropped and counted

@@ -1,8 +1,11 @@
 """Helpers for testing REM-S over real sockets: a deployment in a temp folder, a raw A-VM, waiting.
 
->>> port = free_port()
->>> 0 < port < 65536
-True
+>>> wait_until(lambda: [1, 2], timeout=1.0, what="a list")
+[1, 2]
+>>> wait_until(lambda: None, timeout=0.05, what="nothing")
+Traceback (most recent call last):
+    ...
+AssertionError: timed out after 0.05 s waiting for nothing
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import zmq
 
+from vims.net import free_ports
+from vims.poll import poll_until
 from vims.remote.client import AvmSession, dealer
 from vims.remote.keys import AvmIdentity, ServerKeys
 from vims.remote.protocol import ProtocolError
@@ -23,37 +28,9 @@ from vims.remote.server import ServerThread
 from vims.remote.store import Store
 
 
-def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on loopback that were free a moment ago (held together while chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll ``pred`` until it returns something true; raise AssertionError after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+    return poll_until(pred, timeout, lambda: AssertionError(f"timed out after {timeout:g} s waiting for {what}"))
 
 
 class Deployment:

@@ -13,11 +13,12 @@ import pytest
 from vims.avm.agent import Agent
 from vims.avm.ingest import ingest
 from vims.avm.remote_sink import RemoteSink
-from vims.avm.scoring import events_from_calls
 from vims.collector.stream import BatchSender
+from vims.events import example_events
 from vims.models.stide import Stide
+from vims.net import free_port
 from vims.remote.client import AvmClient
-from vims.remote.testing import Deployment, free_port, read_all, read_line, wait_until
+from vims.remote.testing import Deployment, read_all, read_line, wait_until
 
 FAST = {"interval_s": 0.3, "deadline_s": 3.0, "attest_timeout_s": 5.0}
 
@@ -50,7 +51,7 @@ def test_pulled_events_and_checks_are_scored_and_the_senders_drops_reported(mode
             checks = BatchSender(endpoint, sender="vm-1.checks", kind="check")
             seq = 0
             for trace in model.normal_[:10]:
-                ev = events_from_calls({7: trace}, start_seq=seq)
+                ev = example_events({7: trace}, start_seq=seq)
                 seq += ev.num_rows
                 assert sender.send(ev)
             checks.send(pa.table({"check": ["kernel-text"], "target": ["_text"], "status": ["fail"],
@@ -60,7 +61,7 @@ def test_pulled_events_and_checks_are_scored_and_the_senders_drops_reported(mode
                 sender._seq += 1
                 sender.dropped_batches += 1
                 sender.dropped_rows += 5
-            assert sender.send(events_from_calls({7: model.normal_[10][:10]}, start_seq=seq + 5))
+            assert sender.send(example_events({7: model.normal_[10][:10]}, start_seq=seq + 5))
             assert sender.flush(10) and checks.flush(10)
             sender.close()
             checks.close()
@@ -95,7 +96,7 @@ def test_reports_reach_rems_which_gates_on_them(tmp_path, model) -> None:
             runner = threading.Thread(target=agent.run, kwargs={"stop": stop})
             runner.start()
             try:
-                agent.send(events_from_calls({7: model.normal_[0]}), wait=10)
+                agent.send(example_events({7: model.normal_[0]}), wait=10)
                 wait_until(lambda: len([r for r in dep.store().history("vm-1")["reports"]
                                         if r["status"] == "accepted"]) >= 2, what="reports accepted")
                 sock = dep.connect("vm-1")  # REM-S asks the agent for a fresh report with its nonce
@@ -104,7 +105,7 @@ def test_reports_reach_rems_which_gates_on_them(tmp_path, model) -> None:
                 sock.close()
                 # the VM turns anomalous: the next connection is refused, by behaviour
                 odd = [100 + (i * 7) % 13 for i in range(300)]
-                agent.send(events_from_calls({8: odd}, start_seq=200), wait=10)
+                agent.send(example_events({8: odd}, start_seq=200), wait=10)
                 time.sleep(0.7)
                 line = read_all(dep.connect("vm-1"))
                 assert line.startswith(b"VIMS DENY behaviour score"), line
@@ -143,7 +144,7 @@ def test_bad_messages_are_counted_and_the_ingest_goes_on_and_a_silent_collector_
             wait_until(lambda: sum(agent.collector_health()["bad"].values()) + agent.collector_health()["rejected"]
                        >= 2, what="the bad messages counted")
             sender = BatchSender(endpoint, sender="vm-1", kind="event")
-            assert sender.send(events_from_calls({7: model.normal_[0]}))
+            assert sender.send(example_events({7: model.normal_[0]}))
             assert sender.flush(10)
             wait_until(lambda: agent.collector_health()["alive"], what="a good batch after the bad ones")
             sender.close()

@@ -243,7 +243,8 @@ def test_report_document(normal) -> None:
     assert r2["behaviour"]["horizon_s"] == 4.0
     # ... but two quiet intervals later the VM is judged on what it does now
     r3 = b.report(counts, {})
-    assert r3["behaviour"]["score"] == 1.0 and r3["behaviour"]["top_processes"] == []
+    assert r3["behaviour"]["score"] is None and r3["behaviour"]["anomalous"] is None  # no data is not normal
+    assert r3["behaviour"]["windows"] == 0 and r3["behaviour"]["top_processes"] == []
 
 
 def test_replay_command(tmp_path, normal) -> None:

@@ -13,9 +13,10 @@ import urllib.request
 from typer.testing import CliRunner
 
 from vims.cli import app
+from vims.net import free_port
 from vims.remote.keys import AvmIdentity, load_server_public
 from vims.remote.simavm import SimulatedAvm
-from vims.remote.testing import free_port, read_line, wait_until
+from vims.remote.testing import read_line, wait_until
 
 
 def _scrape(url: str) -> str:

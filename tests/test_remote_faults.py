@@ -203,7 +203,7 @@ def test_half_close_is_relayed_and_the_answer_still_arrives(dep):
 
 def test_policy_changed_while_rems_was_down_is_pushed_on_reconnect(tmp_path):
     """Item 9: the A-VM reconnects after a REM-S restart and gets the policy set meanwhile."""
-    from vims.remote.testing import free_port
+    from vims.net import free_port
 
     d = Deployment(tmp_path, vms=1, policy=FAST)
     control = f"tcp://127.0.0.1:{free_port()}"

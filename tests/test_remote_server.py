@@ -11,12 +11,13 @@ import time
 
 import pytest
 
+from vims.net import free_port
 from vims.remote.client import AvmClient
 from vims.remote.keys import AvmIdentity
 from vims.remote.protocol import envelope, example_report, parse_envelope, sign_report
 from vims.remote.simavm import SimulatedAvm
 from vims.remote.store import Store
-from vims.remote.testing import Deployment, RawAvm, free_port, read_all, read_line, wait_until
+from vims.remote.testing import Deployment, RawAvm, read_all, read_line, wait_until
 
 FAST = {"interval_s": 0.3, "deadline_s": 1.5, "attest_timeout_s": 5.0}
 
