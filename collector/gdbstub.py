@@ -4,7 +4,7 @@ It speaks the GDB remote serial protocol over a loopback TCP socket: stop and re
 read their registers (named from the stub's own target description), read and write guest virtual
 memory in a stopped vCPU's address space, and set software/hardware breakpoints and watchpoints.
 
-Facts that shape it (QEMU 7.2, see DESIGN.md):
+Facts that shape it (measured on QEMU 7.2):
 
 - QEMU pauses the whole VM when a GDB client connects; :class:`GdbStub` resumes it after the
   handshake unless asked to keep it stopped (``stop=True``), so connecting does not freeze the guest.

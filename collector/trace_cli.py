@@ -41,13 +41,8 @@ def collect(
 
     Each event has the process (pid, tgid, ppid, comm), the call and its six arguments, the user-space call site (module + offset) and, for calls that take one, the path. The guest keeps running afterwards with no trap left in it, also after Ctrl-C.
     """  # noqa: E501  (one line per paragraph: the help text is reflowed by rich)
-    from vims.collector.gdbstub import GdbStub
-    from vims.collector.guest import Guest
-    from vims.collector.kernel import KernelView
-    from vims.collector.memory import PhysicalMemory
+    from vims.collector.backends import QemuBackend
     from vims.collector.policy import Policy
-    from vims.collector.stream import BatchSender
-    from vims.collector.tracer import SyscallTracer
     from vims.errors import VimsError
     from vims.tables import write_table
 
@@ -56,11 +51,27 @@ def collect(
     if method not in ("auto", "watchpoint", "breakpoint"):
         raise VimsError(f"--method {method!r}: one of auto, watchpoint, breakpoint")
     policy = Policy.load(policy_file) if policy_file is not None else Policy()
-    guest = Guest.attach(name)
-    if not guest.running:
-        raise VimsError(f"the guest {name!r} is not running (QEMU pid {guest.pid} is gone): `vims guest up`")
     vm_id = vm_id or name
-    memory = PhysicalMemory.open(guest.memory_path)
+    with QemuBackend.from_guest(name) as backend:
+        tracer, result, stream = _trace(backend, vm_id, policy, method, duration, max_events, push, server_key,
+                                        keep=output is not None, quiet=as_json)
+    if output is not None:
+        write_table(result.events, output)
+    summary = _summary(tracer, result, guest=name, vm_id=vm_id, policy=policy.to_dict(), output=output, push=push,
+                       stream=stream)
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary, result)
+
+
+def _trace(backend: Any, vm_id: str, policy: Any, method: str, duration: float, max_events: int | None,
+           push: str | None, server_key: str | None, keep: bool, quiet: bool) -> tuple[Any, Any, Any]:
+    """Trace ``backend`` with a progress bar, Ctrl-C ending it cleanly: (tracer, result, stream counts)."""
+    from vims.collector.stream import BatchSender
+    from vims.collector.tracer import SyscallTracer
+    from vims.console import progress
+
     sender = BatchSender(push, sender=vm_id, kind="event", server_key=server_key) if push else None
     stop = threading.Event()
 
@@ -71,51 +82,55 @@ def collect(
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        view = KernelView(memory, guest.profile)
-        with GdbStub(*guest.gdb_address) as gdb:
-            tracer = SyscallTracer(gdb, view, vm_id, policy=policy, method=method,
-                                   on_batch=sender.send if sender else None, keep=output is not None)
-            if not as_json:
-                for note in tracer.notes:
-                    err.print(f"[dim]{note}[/]", highlight=False)
-            from vims.console import progress
+        tracer = SyscallTracer(backend, vm_id, policy=policy, method=method,
+                               on_batch=sender.send if sender else None, keep=keep)
+        if not quiet:
+            for note in tracer.notes:
+                err.print(f"[dim]{note}[/]", highlight=False)
+        with progress() as bar:
+            task = bar.add_task("tracing", total=duration)
 
-            with progress() as bar:
-                task = bar.add_task("tracing", total=duration)
+            def show(p: dict[str, Any]) -> None:
+                bar.update(task, completed=min(p["seconds"], duration),
+                           description=f"tracing: {p['events']:,} events ({p['events_per_s']:,.0f}/s)")
 
-                def show(p: dict[str, Any]) -> None:
-                    bar.update(task, completed=min(p["seconds"], duration),
-                               description=f"tracing: {p['events']:,} events ({p['events_per_s']:,.0f}/s)")
-
-                result = tracer.run(duration=duration, stop=stop, max_events=max_events, progress=show)
+            result = tracer.run(duration=duration, stop=stop, max_events=max_events, progress=show)
     finally:
         signal.signal(signal.SIGINT, previous)
         stream = sender.close() if sender else None
-        memory.close()
-    if output is not None:
-        write_table(result.events, output)
+    return tracer, result, stream
+
+
+def _summary(tracer: Any, result: Any, guest: str, vm_id: str, policy: dict[str, Any], output: Path | None,
+             push: str | None, stream: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``vims collect --json`` prints: the options given, the counts, the top calls and programs."""
     events = result.events
     names = Counter(tracer.syscall_name(nr) for nr in events["nr"].to_pylist())
     programs = Counter(events["comm"].to_pylist())
-    summary = {
-        "guest": name, "vm_id": vm_id, "method": result.method, "reason": result.reason,
-        "policy": policy.to_dict(), "notes": tracer.notes, **result.stats,
-        "output": str(output) if output else None, "push": push, "stream": stream,
-        "top_syscalls": dict(names.most_common(10)), "top_programs": dict(programs.most_common(10)),
+    return {
+        "guest": guest, "vm_id": vm_id, "method": result.method, "reason": result.reason, "policy": policy,
+        "notes": tracer.notes, **result.stats, "output": str(output) if output else None, "push": push,
+        "stream": stream, "top_syscalls": dict(names.most_common(10)),
+        "top_programs": dict(programs.most_common(10)),
     }
-    if as_json:
-        print_json(summary)
-        return
-    out.print(f"[bold]{result.stats['events']:,} events[/] in {result.stats['seconds']:g} s "
-              f"({result.stats['events_per_s']:,.0f}/s) by {result.method}; ended: {result.reason}",
+
+
+def _print_summary(summary: dict[str, Any], result: Any) -> None:
+    """The summary for a person."""
+    stats = result.stats
+    out.print(f"[bold]{stats['events']:,} events[/] in {stats['seconds']:g} s "
+              f"({stats['events_per_s']:,.0f}/s) by {result.method}; ended: {result.reason}",
               highlight=False)
     dropped = [f"{summary[k]:,} {k}" for k in ("filtered", "capped", "path_unreadable") if summary[k]]
     if dropped:
         out.print("not kept or incomplete: " + ", ".join(dropped), highlight=False)
+    stream, push = summary["stream"], summary["push"]
     if stream:
         out.print(f"stream {push}: {stream['sent']} batches sent, {stream['dropped_batches']} dropped "
                   f"({stream['dropped_rows']} events)", highlight=False)
-    out.print("top calls: " + ", ".join(f"{k} {v}" for k, v in names.most_common(8)), highlight=False)
+    calls = Counter(summary["top_syscalls"])
+    programs = Counter(summary["top_programs"])
+    out.print("top calls: " + ", ".join(f"{k} {v}" for k, v in calls.most_common(8)), highlight=False)
     out.print("top programs: " + ", ".join(f"{k} {v}" for k, v in programs.most_common(8)), highlight=False)
-    if output:
-        out.print(f"wrote {output}", highlight=False)
+    if summary["output"]:
+        out.print(f"wrote {summary['output']}", highlight=False)

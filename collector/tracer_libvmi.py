@@ -3,7 +3,7 @@
 As LibVMI's own breakpoint examples do: the byte at ``entry_SYSCALL_64_after_hwframe`` (where the
 kernel runs on its own GS base with every syscall register still intact) is replaced by ``0xCC``;
 an ``IntEvent`` (INT3) reports each hit with the vCPU's registers. The callback records the call
-(the same :class:`~vims.collector.tracer.EventRecorder` as the GDB tracer: identity, path,
+(the same :class:`~vims.collector.recorder.EventRecorder` as the GDB tracer: identity, path,
 ``argv``, call site, program filter, rate cap), tells LibVMI not to reinject the interrupt, puts
 the original byte back and asks for one single step; the ``SingleStepEvent`` after it writes
 ``0xCC`` again. An INT3 elsewhere is the guest's own and is reinjected.
@@ -14,8 +14,8 @@ examples; the count of steps is in the stats.
 
 Use::
 
-    backend = LibvmiBackend("my-domain", profile)
-    result = LibvmiSyscallTracer(backend, "my-domain").run(duration=10)
+    with LibvmiBackend("my-domain", profile) as backend:
+        result = LibvmiSyscallTracer(backend, "my-domain").run(duration=10)
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from vims.collector.backends.libvmi import LibvmiBackend
 from vims.collector.policy import Policy
-from vims.collector.tracer import EventRecorder, GuestUnreadableError, TracerError, TraceResult
+from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
+from vims.collector.tracer import TracerError
 from vims.errors import VimsError
 
 INT3 = b"\xcc"
@@ -41,7 +43,10 @@ class LibvmiSyscallTracer:
     Parameters
     ----------
     backend : LibvmiBackend
-        The guest (:class:`vims.collector.backends.LibvmiBackend`, opened with events).
+        The guest (:class:`vims.collector.backends.LibvmiBackend`, opened with events); the
+        tracer reads through its :attr:`~LibvmiBackend.kernel` and traps through its
+        :attr:`~LibvmiBackend.vmi`, as :class:`~vims.collector.tracer.SyscallTracer` does through a
+        :class:`~vims.collector.backends.QemuBackend` (the caller closes it).
     vm_id : str
         Written in every row.
     policy, callsites, batch_rows, batch_ms, on_batch, keep
@@ -52,7 +57,7 @@ class LibvmiSyscallTracer:
 
     method = "int3"
 
-    def __init__(self, backend: Any, vm_id: str, policy: Policy | None = None, callsites: bool = True,
+    def __init__(self, backend: LibvmiBackend, vm_id: str, *, policy: Policy | None = None, callsites: bool = True,
                  batch_rows: int = 2048, batch_ms: int = 250,
                  on_batch: Callable[[pa.RecordBatch], Any] | None = None, keep: bool = True,
                  target: int | None = None) -> None:

@@ -301,7 +301,7 @@ def test_checks_run_on_any_backend_and_declare_what_they_need(libvmi: Any) -> No
 
     _, profile, _ = libvmi.test_image
     with LibvmiBackend("toy", profile) as backend:
-        rows = run_checks(Context(backend.kernel), [c() for c in registry().values()])
+        rows = run_checks(Context(backend), [c() for c in registry().values()])
     assert {r.check: r.status for r in rows} == dict.fromkeys(registry(), "error")
     by_check = {r.check: r.detail for r in rows}
     assert by_check["kernel-text"] == "the kernel profile lacks _stext, _etext"

@@ -161,7 +161,7 @@ def test_run_stops_at_max_events(toy: tuple[Any, Any, Any]) -> None:
 
 
 def test_unreadable_tasks_end_the_trace(toy: tuple[Any, Any, Any]) -> None:
-    from vims.collector.tracer import MAX_UNREADABLE
+    from vims.collector.recorder import MAX_UNREADABLE
     from vims.collector.tracer_libvmi import LibvmiSyscallTracer
 
     backend, dom, _ = toy

@@ -1,12 +1,15 @@
 """The backend interface: what the collector needs from a hypervisor to look into a guest.
 
-Two channels (DESIGN.md): *memory* (physical reads, and virtual reads through the guest's page tables)
-and *vCPU control* (registers, pause/resume; event delivery is the tracer's business and lives with
-each backend's native object, :attr:`QemuBackend.gdb` or :attr:`LibvmiBackend.vmi`).
+Two channels: *memory* (physical reads, and virtual reads through the guest's page tables) and
+*vCPU control* (registers, pause/resume). Event delivery is the tracer's business and lives with
+each backend's native object: :attr:`QemuBackend.gdb` for :class:`~vims.collector.tracer.SyscallTracer`,
+:attr:`LibvmiBackend.vmi` for :class:`~vims.collector.tracer_libvmi.LibvmiSyscallTracer`.
 
 Every backend exposes its memory as a :class:`~vims.collector.memory.PhysicalMemory`, so the kernel
 readers (:class:`~vims.collector.kernel.KernelView`) and the integrity checks run unchanged on any of
-them.
+them. A backend is the one way the collector attaches to a guest: open it
+(:meth:`QemuBackend.from_guest`, :class:`LibvmiBackend`), hand it to a tracer or a check
+:class:`~vims.collector.checks.Context`, and close it (``with``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from vims.collector.backends.base import Backend, BackendError, check_register
+from vims.collector.kernel import KernelView
 from vims.collector.memory import PhysicalMemory
+from vims.errors import VimsError
 
 # QEMU's GDB stub calls the flags register "eflags".
 _GDB_NAMES = {"rflags": "eflags"}
@@ -22,33 +24,66 @@ class QemuBackend(Backend):
 
     Parameters
     ----------
-    memory_path : str or Path
-        The memory-backend file (``mem-path=`` of ``-object memory-backend-file``).
+    memory_path : str, Path or PhysicalMemory
+        The memory-backend file (``mem-path=`` of ``-object memory-backend-file``), or memory
+        mapped elsewhere (not closed by this backend).
     profile : KernelProfile, optional
         The guest kernel's profile.
     gdb_address : (host, port), optional
         The GDB stub; without it only memory reads work.
     gdb : GdbStub, optional
         An open stub connection to use instead of connecting to ``gdb_address``.
+
+    Open one on a running guest with :meth:`from_guest`, and close it (``with``): that unmaps the
+    memory and detaches from the stub, which removes every trap left in the guest.
     """
 
     name = "qemu"
 
-    def __init__(self, memory_path: str | Path, profile: Any = None,
+    def __init__(self, memory_path: str | Path | PhysicalMemory, profile: Any = None,
                  gdb_address: tuple[str, int] | None = None, gdb: Any = None) -> None:
-        self.memory_path = Path(memory_path)
-        self.memory = PhysicalMemory.open(self.memory_path)
+        if isinstance(memory_path, PhysicalMemory):  # mapped elsewhere: its owner closes it
+            self.memory, self._owns_memory = memory_path, False
+            self.memory_path: Path | None = None
+        else:
+            self.memory_path = Path(memory_path)
+            self.memory, self._owns_memory = PhysicalMemory.open(self.memory_path), True
         self.profile = profile
         self.gdb_address = gdb_address
         self._gdb = gdb
         self._owns_gdb = gdb is None
         self._pauses = 0
         self._halted = False
+        #: The :class:`~vims.collector.guest.Guest` this backend was opened on, if any.
+        self.guest: Any = None
 
     @classmethod
     def from_guest(cls, guest: Any) -> QemuBackend:
-        """The backend of a running :class:`vims.collector.guest.Guest`."""
-        return cls(guest.memory_path, guest.profile, tuple(guest.gdb_address))
+        """The backend of a running guest: a :class:`vims.collector.guest.Guest`, or the name of one
+        started by ``vims guest up``.
+
+        Maps its memory at once; connects to its GDB stub only when registers, pause/resume or
+        :attr:`gdb` are first used (the stub serves one client at a time: memory-only users such as
+        the checks never hold it). A guest that is not running is a :class:`~vims.errors.VimsError`.
+        """
+        if isinstance(guest, str):
+            from vims.collector.guest import Guest
+
+            guest = Guest.attach(guest)
+        if not guest.running:
+            raise VimsError(f"the guest {guest.name!r} is not running (QEMU pid {guest.pid} is gone): "
+                            f"`vims guest down --name {guest.name}`, then `vims guest up`")
+        backend = cls(guest.memory_path, guest.profile, tuple(guest.gdb_address))
+        backend.guest = guest
+        return backend
+
+    @classmethod
+    def over(cls, kernel: KernelView, gdb: Any = None) -> QemuBackend:
+        """A backend around a kernel view and a stub opened elsewhere (it closes neither)."""
+        backend = cls(kernel.memory, kernel.profile, gdb=gdb)
+        backend._kernel = kernel
+        backend._owns_gdb = False
+        return backend
 
     @property
     def gdb(self) -> Any:
@@ -94,4 +129,5 @@ class QemuBackend(Backend):
         if self._gdb is not None and self._owns_gdb:
             self._gdb.close()
             self._gdb = None
-        super().close()
+        if self._owns_memory:
+            self.memory.close()

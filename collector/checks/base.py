@@ -2,11 +2,12 @@
 
 A check declares what it needs from the kernel profile (:attr:`Check.symbols`, :attr:`Check.members`)
 and its cost class (``light``: a few milliseconds of reads; ``deep``: hashes many pages), and
+every subclass registers itself under its :attr:`Check.name` (:func:`registry`).
 :meth:`Check.run` yields :class:`Row` objects: ``(check, target, status, detail)`` with status
 ``pass``, ``fail`` or ``error``. :func:`run_checks` runs a selection and returns the rows as an Arrow
 table in :data:`vims.schemas.CHECK_SCHEMA`.
 
->>> class Always(Check):
+>>> class Always(Check, register=False):
 ...     '''Passes.'''
 ...     name = "always"
 ...     def run(self, ctx):
@@ -83,12 +84,38 @@ class Reference:
 
 @dataclass
 class Context:
-    """What a check runs against: the guest's kernel view and the reference."""
+    """What a check runs against: the guest (a :class:`~vims.collector.backends.Backend`) and the reference.
 
-    kernel: KernelView
+    A :class:`~vims.collector.kernel.KernelView` in place of the backend (the older form) is wrapped
+    in a :class:`~vims.collector.backends.QemuBackend` that does not close it. Checks only read
+    memory: they never use the backend's vCPU channel (a tracer may hold the GDB stub meanwhile).
+    """
+
+    backend: Any
     reference: Reference = field(default_factory=Reference)
     #: The CPU model the guest runs with, when known (``-cpu`` of QEMU).
     cpu: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backend, KernelView):
+            from vims.collector.backends import QemuBackend
+
+            self.backend = QemuBackend.over(self.backend)
+
+    @classmethod
+    def of_guest(cls, backend: Any) -> Context:
+        """The context of a backend opened by :meth:`QemuBackend.from_guest`: the reference of the
+        guest's image and the guest's CPU model."""
+        from vims.collector.guest import GuestImage
+
+        guest = backend.guest
+        image = GuestImage.at(Path(guest.state["kernel"]).parent)
+        return cls(backend, Reference.from_image(image), cpu=guest.state.get("cpu"))
+
+    @property
+    def kernel(self) -> KernelView:
+        """The guest's kernel objects, through the backend's memory."""
+        return self.backend.kernel
 
     @property
     def profile(self) -> Any:
@@ -110,6 +137,20 @@ class Check(ABC):
     symbols: ClassVar[tuple[str, ...]] = ()
     #: ``(struct, member)`` pairs the check reads.
     members: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    _registry: ClassVar[dict[str, type[Check]]] = {}
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        """Register each check under its :attr:`name` (``class X(Check, register=False)`` does not)."""
+        super().__init_subclass__(**kwargs)
+        if not register:
+            return
+        if not cls.name:
+            raise TypeError(f"check {cls.__qualname__} has no name")
+        known = Check._registry.get(cls.name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise TypeError(f"two checks are named {cls.name!r}: {known.__qualname__} and {cls.__qualname__}")
+        Check._registry[cls.name] = cls
 
     @classmethod
     def description(cls) -> str:
@@ -147,13 +188,10 @@ class Check(ABC):
 
 
 def registry() -> dict[str, type[Check]]:
-    """Every check by name."""
-    from vims.collector.checks.hidden_processes import HiddenProcesses
-    from vims.collector.checks.kernel_text import KernelText
-    from vims.collector.checks.process_binaries import ProcessBinaries
-    from vims.collector.checks.syscall_table import SyscallTable
+    """Every check by name, in the order their modules were imported (the package imports them all)."""
+    import vims.collector.checks  # noqa: F401  (its modules register their checks)
 
-    return {c.name: c for c in (KernelText, SyscallTable, ProcessBinaries, HiddenProcesses)}
+    return dict(Check._registry)
 
 
 def select(names: Sequence[str] | None = None, deep: bool = True) -> list[Check]:

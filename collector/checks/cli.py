@@ -7,25 +7,20 @@ from typing import Any
 
 import typer
 
-from vims.errors import VimsError
-
 _STYLE = {"pass": "green", "fail": "bold red", "error": "yellow"}
 
 
 def guest_context(name: str = "vims-guest") -> Any:
-    """The check context of the detached guest ``name`` (``vims guest up``): its memory and reference."""
-    from vims.collector.checks.base import Context, Reference
-    from vims.collector.guest import Guest, GuestImage
-    from vims.collector.kernel import KernelView
-    from vims.collector.memory import PhysicalMemory
+    """The check context of the detached guest ``name`` (``vims guest up``); close ``ctx.backend``."""
+    from vims.collector.backends import QemuBackend
+    from vims.collector.checks.base import Context
 
-    guest = Guest.attach(name)
-    if not guest.running:
-        raise VimsError(f"the guest {name!r} is not running any more (QEMU pid {guest.pid}): "
-                        f"`vims guest down --name {name}`, then `vims guest up`")
-    image = GuestImage.at(Path(guest.state["kernel"]).parent)
-    memory = PhysicalMemory.open(guest.memory_path)
-    return Context(KernelView(memory, guest.profile), Reference.from_image(image), cpu=guest.state.get("cpu"))
+    backend = QemuBackend.from_guest(name)
+    try:
+        return Context.of_guest(backend)
+    except BaseException:
+        backend.close()
+        raise
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +46,7 @@ def register(app: typer.Typer) -> None:
         try:
             rows = run_checks(ctx, checks)
         finally:
-            ctx.kernel.memory.close()
+            ctx.backend.close()
         if output is not None:
             from vims.tables import write_table
 

@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
+from vims.collector.backends import QemuBackend
 from vims.collector.checks import Context, Reference, registry, run_checks
 from vims.collector.checks.kernel_text import NOP5
 from vims.collector.gdbstub import GdbStub
-from vims.collector.kernel import KernelView
-from vims.collector.memory import PhysicalMemory
 from vims.syscalls import names as syscall_names
 
 #: A function nothing in the guest calls while the tests run.
@@ -29,9 +28,8 @@ QUIET_FUNCTION = "__x64_sys_vhangup"
 
 @pytest.fixture
 def ctx(guest: Any, guest_image: Any) -> Iterator[Context]:
-    memory = PhysicalMemory.open(guest.memory_path)
-    yield Context(KernelView(memory, guest.profile), Reference.from_image(guest_image), cpu=guest.state["cpu"])
-    memory.close()
+    with QemuBackend.from_guest(guest) as backend:
+        yield Context(backend, Reference.from_image(guest_image), cpu=guest.state["cpu"])
 
 
 def run(ctx: Context, name: str) -> list[Any]:

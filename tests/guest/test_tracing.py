@@ -16,13 +16,14 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from vims.collector.gdbstub import GdbStub
+from vims.collector.backends import QemuBackend
 from vims.collector.guest import Guest
 from vims.collector.kernel import KernelView
 from vims.collector.memory import PhysicalMemory
 from vims.collector.policy import Policy
+from vims.collector.recorder import TraceResult
 from vims.collector.stream import BatchReceiver
-from vims.collector.tracer import SyscallTracer, TraceResult
+from vims.collector.tracer import SyscallTracer
 from vims.datasets.capture import traces_from_events
 from vims.schemas import EVENT_SCHEMA, conform
 from vims.tables import read_table
@@ -55,15 +56,15 @@ def trace(guest: Guest, view: KernelView, seconds: float, during: Callable[[], A
         except BaseException as exc:  # reported by the test, not lost in the thread
             failures.append(exc)
 
-    with GdbStub(*guest.gdb_address) as gdb:
-        tracer = SyscallTracer(gdb, view, "test-vm", **options)
+    with QemuBackend.from_guest(guest) as backend:
+        tracer = SyscallTracer(backend, "test-vm", **options)
         player = threading.Thread(target=play) if during else None
         if player:
             player.start()
         result = tracer.run(duration=seconds)
         if player:
             player.join()
-        assert gdb.breakpoints() == []  # nothing left in the guest
+        assert backend.gdb.breakpoints() == []  # nothing left in the guest
     if failures:
         raise failures[0]
     return result, tracer
@@ -194,8 +195,8 @@ def test_duty_cycle_and_filters(guest: Guest, view: KernelView) -> None:
 def test_policy_changed_while_tracing_takes_effect(guest: Guest, view: KernelView) -> None:
     busy = "timeout 4 dd if=/dev/zero of=/dev/null bs=1 count=100000000"
     switched: list[int] = []
-    with GdbStub(*guest.gdb_address) as gdb:
-        tracer = SyscallTracer(gdb, view, "test-vm")
+    with QemuBackend.from_guest(guest) as backend:
+        tracer = SyscallTracer(backend, "test-vm")
 
         def change() -> None:
             # As REM-S would: a new policy arrives while the trace runs (here: stop tracing dd).
@@ -227,11 +228,11 @@ def test_breakpoint_fallback_works_too(guest: Guest, view: KernelView) -> None:
 
 def test_stop_leaves_the_guest_running_untouched(guest: Guest, view: KernelView) -> None:
     stop = threading.Event()
-    with GdbStub(*guest.gdb_address) as gdb:
-        tracer = SyscallTracer(gdb, view, "test-vm")
+    with QemuBackend.from_guest(guest) as backend:
+        tracer = SyscallTracer(backend, "test-vm")
         threading.Timer(1.0, stop.set).start()
         result = tracer.run(duration=60, stop=stop)
-        assert result.reason == "interrupted" and gdb.breakpoints() == [] and gdb.running
+        assert result.reason == "interrupted" and backend.gdb.breakpoints() == [] and backend.gdb.running
     assert guest.run("echo alive").strip() == "alive"
     # A new client finds the guest running and free of traps: it can trace again from scratch.
     again, _ = trace(guest, view, 1)
@@ -279,18 +280,16 @@ def test_collect_command_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_guest_dying_mid_trace_ends_cleanly(spare: Guest) -> None:
-    with PhysicalMemory.open(spare.memory_path) as memory:
-        view = KernelView(memory, spare.profile)
-        with GdbStub(*spare.gdb_address) as gdb:
-            tracer = SyscallTracer(gdb, view, "spare")
+    with QemuBackend.from_guest(spare) as backend:
+        tracer = SyscallTracer(backend, "spare")
 
-            def kill_once_tracing() -> None:
-                # Kill QEMU once events flow (a fixed delay races the tracer's start-up under load).
-                wait_for_events(tracer, 10)
-                os.kill(spare.pid, 9)
+        def kill_once_tracing() -> None:
+            # Kill QEMU once events flow (a fixed delay races the tracer's start-up under load).
+            wait_for_events(tracer, 10)
+            os.kill(spare.pid, 9)
 
-            threading.Thread(target=kill_once_tracing, daemon=True).start()
-            result = tracer.run(duration=90)
+        threading.Thread(target=kill_once_tracing, daemon=True).start()
+        result = tracer.run(duration=90)
     assert result.reason.startswith("guest-gone"), result.reason
     assert result.events.num_rows == result.stats["events"] > 0
 
