@@ -18,6 +18,8 @@ its virtual address (``_text`` somewhere above ``__START_KERNEL_map``), both in 
 >>> r = KaslrOffsets(0x1000000, 0x3a000000, 0xffffffff81000000, 0xffffffff8e600000, 4, ["banner"])
 >>> hex(r.virtual_offset), hex(r.physical_offset)
 ('0xd600000', '0x39000000')
+>>> hex(KaslrOffsets(0x1000000, 0x8800000, 0xffffffff81000000, 0xffffffffafe00000, 5).phys_base)
+'-0x27600000'
 """
 
 from __future__ import annotations
@@ -80,7 +82,11 @@ class KaslrOffsets:
 
     @property
     def phys_base(self) -> int:
-        """The kernel's ``phys_base``: ``pa = va - __START_KERNEL_map + phys_base`` in its image."""
+        """The kernel's ``phys_base``: ``pa = va - __START_KERNEL_map + phys_base`` in its image.
+
+        Negative when the kernel sits lower in physical memory than KASLR moved it virtually (the
+        variable then holds it modulo 2**64).
+        """
         return self.text_paddr - (self.text_vaddr - START_KERNEL_MAP)
 
     def as_dict(self) -> dict[str, Any]:
@@ -90,7 +96,7 @@ class KaslrOffsets:
             "physical_offset": hex(self.physical_offset),
             "text_vaddr": hex(self.text_vaddr),
             "text_paddr": hex(self.text_paddr),
-            "phys_base": hex(self.phys_base),
+            "phys_base": hex(self.phys_base),  # may be negative
             "paging_levels": self.paging_levels,
             "how": list(self.how),
         }
@@ -142,6 +148,8 @@ def find_kaslr_in(memory: PhysicalMemory, profile: Any, cr3: int | None = None) 
         return text_pa + profile.symbol(name) - link_text
 
     phys_base = memory.u64(pa("phys_base"))
+    if phys_base >> 63:  # the physical offset is below the virtual one: phys_base is negative
+        phys_base -= 1 << 64
     text_va = text_pa - phys_base + START_KERNEL_MAP
     if phys_base % ALIGN or not START_KERNEL_MAP <= text_va < START_KERNEL_MAP + (1 << 30):
         raise KaslrError(f"phys_base reads {phys_base:#x}: not this kernel's image")
