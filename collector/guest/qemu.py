@@ -683,6 +683,8 @@ def _debian_devices(
         f"hostfwd=tcp:127.0.0.1:{ports['http_port']}-:80"
     )
     if gate_port is not None:  # the guest's client reaches the gate at an intranet address
+        if shutil.which("nc") is None:  # QEMU runs one `nc` per connection the guest opens
+            raise MissingDependencyError("nc not found (the gate's guestfwd needs it): apt-get install netcat-openbsd")
         host, port = GATE_GUEST_ADDRESS
         net += f",guestfwd=tcp:{host}:{port}-cmd:nc 127.0.0.1 {gate_port}"
     return [
