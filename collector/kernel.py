@@ -135,6 +135,7 @@ class KernelView:
         self.init_task = self._sym("init_task")
         self._current_task = self._sym("current_task") if profile.has_symbol("current_task") else None
         self._spaces: dict[int, AddressSpace] = {}
+        self._pti_built = profile.has_symbol("pti_init")
         self._u64 = self.kernel.u64
         self._task_list = o.tasks
 
@@ -180,7 +181,9 @@ class KernelView:
 
     def space(self, cr3: int) -> AddressSpace:
         """The address space whose page tables are at ``cr3`` (a process's, seen by the kernel)."""
-        cr3 = pgd_base(cr3)  # PCID and PTI's user-copy bit are not part of the address space
+        # PCID bits are not part of the address space, nor, on a kernel built for PTI (8 KiB top-level
+        # tables), the user-copy bit 12
+        cr3 = pgd_base(cr3) if self._pti_built else cr3 & ~0xFFF
         space = self._spaces.get(cr3)
         if space is None:
             if len(self._spaces) > 4096:
