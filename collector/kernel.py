@@ -26,6 +26,7 @@ from vims.collector.memory import (
     KernelSpace,
     PhysicalMemory,
     image_paddr,
+    pgd_base,
 )
 from vims.errors import VimsError
 
@@ -111,8 +112,15 @@ class KernelView:
     """
 
     def __init__(self, memory: PhysicalMemory, profile: Any, phys_base: int | None = None) -> None:
+        if getattr(profile, "relocatable", False):  # link-time symbols: find KASLR's offsets first
+            from vims.collector.kaslr import relocate
+
+            profile = relocate(memory, profile)
         self.memory = memory
         self.profile = profile
+        kaslr = getattr(profile, "metadata", {}).get("kaslr") or {}
+        if phys_base is None and "phys_base" in kaslr:
+            phys_base = int(kaslr["phys_base"])
         self.phys_base = self._phys_base() if phys_base is None else phys_base
         pob = memory.u64(self._image_pa("page_offset_base"))
         if not pob >> 63:
@@ -127,6 +135,7 @@ class KernelView:
         self.init_task = self._sym("init_task")
         self._current_task = self._sym("current_task") if profile.has_symbol("current_task") else None
         self._spaces: dict[int, AddressSpace] = {}
+        self._pti_built = profile.has_symbol("pti_init")
         self._u64 = self.kernel.u64
         self._task_list = o.tasks
 
@@ -172,7 +181,9 @@ class KernelView:
 
     def space(self, cr3: int) -> AddressSpace:
         """The address space whose page tables are at ``cr3`` (a process's, seen by the kernel)."""
-        cr3 &= ~0xFFF
+        # PCID bits are not part of the address space, nor, on a kernel built for PTI (8 KiB top-level
+        # tables), the user-copy bit 12
+        cr3 = pgd_base(cr3) if self._pti_built else cr3 & ~0xFFF
         space = self._spaces.get(cr3)
         if space is None:
             if len(self._spaces) > 4096:

@@ -40,6 +40,9 @@ _PRESENT = 1 << 0
 _PAGE_SIZE_BIT = 1 << 7  # PS: this PDPT/PD entry maps a 1 GiB / 2 MiB page
 _LARGE_FRAME = {1 << 30: 0x000F_FFFF_C000_0000, 1 << 21: 0x000F_FFFF_FFE0_0000}
 
+#: CR3 bit 12 selects the user copy of the top-level table under PTI (``PTI_USER_PGTABLE_BIT``).
+PTI_USER_BIT = 1 << 12
+
 #: Where the kernel image is mapped (``__START_KERNEL_map``); fixed on x86-64, also under KASLR.
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
 
@@ -200,6 +203,25 @@ class PhysicalMemory:
     def u32(self, paddr: int) -> int:
         """The little-endian 32-bit word at ``paddr``."""
         return _U32.unpack_from(self._view, self.offset(paddr, 4))[0]
+
+    @property
+    def regions(self) -> list[Region]:
+        """The physical ranges backed by RAM."""
+        return list(self._regions)
+
+    def find(self, needle: bytes, start: int, end: int) -> int:
+        """The lowest physical address in ``[start, end)`` (one region) where ``needle`` starts, or -1."""
+        for r in self._regions:
+            lo, hi = max(start, r.paddr), min(end, r.paddr + r.size)
+            if lo >= hi:
+                continue
+            finder = getattr(self._buf, "find", None)
+            if finder is None:
+                raise GuestMemoryError("this guest memory cannot be searched")
+            at = int(finder(needle, r.offset + lo - r.paddr, r.offset + hi - r.paddr))
+            if at >= 0:
+                return at - r.offset + r.paddr
+        return -1
 
     def read_cstring(self, paddr: int, limit: int = 4096) -> bytes:
         """The NUL-terminated string at ``paddr`` (without the NUL), at most ``limit`` bytes."""
@@ -362,6 +384,20 @@ class KernelSpace(AddressSpace):
     def for_process(self, cr3: int) -> AddressSpace:
         """The address space of the process whose page tables are at ``cr3``."""
         return AddressSpace(self.memory, cr3, self.la57)
+
+
+def pgd_base(cr3: int) -> int:
+    """The kernel's top-level page table of a CR3 value: PCID (bits 0-11) and PTI's bit 12 cleared.
+
+    A kernel built with ``CONFIG_PAGE_TABLE_ISOLATION`` (Debian's) allocates every top-level table
+    as 8 KiB, aligned to 8 KiB: the kernel copy first, the user copy (CR3 bit 12 set) after it,
+    whether PTI is on at run time or not. Both copies map user space alike, so the kernel copy
+    serves user reads and identifies the process. Not for a kernel without that option.
+
+    >>> hex(pgd_base(0x1234_5000 | 0x1000 | 0x5)), hex(pgd_base(0x1234_4000))
+    ('0x12344000', '0x12344000')
+    """
+    return cr3 & _FRAME & ~PTI_USER_BIT
 
 
 def image_paddr(vaddr: int, phys_base: int = 0) -> int:

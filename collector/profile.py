@@ -33,7 +33,9 @@ from vims.errors import InputError, VimsError
 
 __all__ = ["KernelProfile", "example_profile", "make_profile", "parse_kallsyms"]
 
-FORMAT = "6.2.0"  # the Volatility 3 ISF format version this file follows
+FORMAT = "6.2.0"
+#: Where the kernel image is mapped (``__START_KERNEL_map``); KASLR moves symbols above it.
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # the Volatility 3 ISF format version this file follows
 
 
 def parse_kallsyms(text: str, where: str = "kallsyms") -> dict[str, dict[str, Any]]:
@@ -151,6 +153,31 @@ class KernelProfile:
         lo = bisect.bisect_left(addrs, start)
         hi = bisect.bisect_left(addrs, end)
         return list(zip(names[lo:hi], addrs[lo:hi], strict=True))
+
+    @property
+    def relocatable(self) -> bool:
+        """Whether the symbols are link-time addresses still to be moved by the KASLR offset."""
+        return bool(self.metadata.get("relocatable"))
+
+    def relocated(self, virtual_offset: int, phys_base: int) -> KernelProfile:
+        """This profile with every kernel-image symbol moved by ``virtual_offset`` (KASLR).
+
+        Symbols below ``__START_KERNEL_map`` (per-cpu offsets, absolute values) stay. The metadata
+        records the offsets (``kaslr``) and is no longer ``relocatable``.
+
+        >>> p = KernelProfile.from_dict({**example_profile(), "metadata": {"relocatable": True}})
+        >>> r = p.relocated(0x200000, 0x1000000)
+        >>> hex(r.symbol("_stext")), hex(r.symbol("current_task")), r.relocatable
+        ('0xffffffff81200000', '0x20c40', False)
+        """
+        symbols = {
+            name: {**sym, "address": sym["address"] + virtual_offset}
+            if sym["address"] >= START_KERNEL_MAP else sym
+            for name, sym in self._symbols.items()
+        }
+        meta = {**self.metadata, "relocatable": False,
+                "kaslr": {"virtual_offset": virtual_offset, "phys_base": phys_base}}
+        return KernelProfile({**self.data, "metadata": meta, "symbols": symbols}, self.path)
 
     # -- types -----------------------------------------------------------------------------------
     def has_type(self, struct: str) -> bool:

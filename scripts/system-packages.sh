@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages VIMS needs on the host, if any is missing.
 # QEMU runs the bundled guest; the guest image itself is built from Debian packages fetched with
-# `apt-get download` (see collector/guest), so apt's package lists must be current.
+# `apt-get download` (see collector/guest), so apt's package lists must be current; the Debian guest
+# (`vims guest build --image debian`) with mmdebstrap and mke2fs, and is reached with ssh.
 set -euo pipefail
-packages=(python3-venv qemu-system-x86 bpftool xz-utils)
+packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

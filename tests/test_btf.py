@@ -148,3 +148,76 @@ def test_profile_input_errors(tmp_path: Path) -> None:
         KernelProfile.load(bad)
     with pytest.raises(VimsError, match="vims guest build"):
         KernelProfile.load(tmp_path / "missing.json")
+
+
+# -- kallsyms tables (vims.collector.kallsyms): the other half of a profile built from the image --
+
+
+def _kallsyms_blob(symbols: list[tuple[str, int]], seqs: bool) -> bytes:
+    """Kernel-6.1-shaped kallsyms tables (as scripts/kallsyms.c lays them out) inside filler bytes."""
+    import struct as st
+
+    base = 0xFFFFFFFF81000000
+    tokens = [bytes([i]) if 0x20 < i < 0x7F else b"" for i in range(256)]
+    tokens[0x01], tokens[0x02] = b"sys_", b"_task"
+    for i in range(256):
+        tokens[i] = tokens[i] or b"\x7f%d" % i  # unused codes still hold a token
+    encode = {b"sys_": 1, b"_task": 2}
+
+    def pack_name(name: bytes) -> bytes:
+        out = bytearray()
+        while name:
+            for tok, code in encode.items():
+                if name.startswith(tok):
+                    out.append(code)
+                    name = name[len(tok):]
+                    break
+            else:
+                out.append(name[0])
+                name = name[1:]
+        return bytes([len(out)]) + out
+
+    def pad(b: bytes) -> bytes:
+        return b + bytes(-len(b) % 8)
+
+    offs = [a if a < base else -(a - base) - 1 for _, a in symbols]
+    names = [pack_name(n.encode()) for n, _ in symbols]
+    markers, at = [], 0
+    for i, n in enumerate(names):
+        if i % 256 == 0:
+            markers.append(at)
+        at += len(n)
+    blob = pad(st.pack(f"<{len(offs)}i", *offs)) + st.pack("<Q", base)
+    blob += pad(st.pack("<I", len(symbols))) + pad(b"".join(names))
+    blob += pad(st.pack(f"<{len(markers)}I", *markers))
+    if seqs:
+        blob += pad(b"".join(i.to_bytes(3, "big") for i in range(len(symbols))))
+    table = b"".join(t + b"\0" for t in tokens)
+    index, pos = [], 0
+    for t in tokens:
+        index.append(pos)
+        pos += len(t) + 1
+    blob += pad(table) + st.pack("<256H", *index)
+    return b"\x90" * 4096 + blob + b"\xcc" * 4096
+
+
+@pytest.mark.parametrize("seqs", [False, True])
+def test_kallsyms_tables_are_found_by_their_structure(seqs: bool) -> None:
+    from vims.collector.kallsyms import read_symbols
+
+    symbols = [("Dcurrent_task", 0x1FB80)] + [
+        (f"Tsys_call_{i}", 0xFFFFFFFF81000000 + 16 * i) for i in range(4500)
+    ] + [("Dinit_task", 0xFFFFFFFF82A1AA40)]
+    found = read_symbols(_kallsyms_blob(symbols, seqs))
+    assert len(found) == len(symbols)
+    assert found["current_task"] == {"address": 0x1FB80, "type": "D"}
+    assert found["init_task"] == {"address": 0xFFFFFFFF82A1AA40, "type": "D"}
+    assert found["sys_call_4499"]["address"] == 0xFFFFFFFF81000000 + 16 * 4499
+
+
+def test_an_image_without_kallsyms_tables_is_a_clear_error() -> None:
+    from vims.collector.kallsyms import find_tables
+    from vims.errors import InputError
+
+    with pytest.raises(InputError, match="token table"):
+        find_tables(bytes(8192))

@@ -242,3 +242,21 @@ def test_any_mapping_translates_back(vpage: int, ppage: int, offset: int, kernel
         vaddr |= ((1 << 64) - 1) ^ ((1 << (vbits - 1)) - 1)
     t.map(vaddr, ppage << 12)
     assert t.space().translate(vaddr | offset) == (ppage << 12) | offset
+
+
+def test_find_searches_each_region_at_its_physical_address() -> None:
+    from vims.collector.memory import Region
+
+    ram = bytearray(0x3000)
+    ram[0x2100:0x2105] = b"Linux"  # file offset 0x2100 is physical 0x1_0000_0100 (second region)
+    mem = PhysicalMemory(bytes(ram), [Region(0, 0, 0x2000), Region(1 << 32, 0x2000, 0x1000)])
+    assert mem.find(b"Linux", 0, mem.end) == (1 << 32) + 0x100
+    assert mem.find(b"Linux", 0, 0x2000) == -1
+
+
+def test_pgd_base_drops_pcid_and_the_pti_user_bit() -> None:
+    from vims.collector.memory import pgd_base
+
+    kernel_copy = 0x3423E000
+    assert pgd_base(kernel_copy) == kernel_copy
+    assert pgd_base(kernel_copy | 0x1000 | 0x7) == kernel_copy  # user copy, PCID 7

@@ -16,6 +16,21 @@ guest_app = typer.Typer(
 
 NAME = typer.Option("vims-guest", "--name", help="Name of the detached guest.")
 JSON = typer.Option(False, "--json", help="Print JSON.")
+IMAGE = typer.Option(
+    "mini", "--image", help="mini: the busybox guest; debian: a Debian bookworm system (2 vCPUs, 1 GiB)."
+)
+IMAGES = ("mini", "debian")
+
+
+def _build(image: str, force: bool = False) -> Any:
+    from vims.collector.guest import build_guest
+    from vims.collector.guest.debian import build_debian
+    from vims.errors import InputError
+
+    if image not in IMAGES:
+        raise InputError(f"--image {image!r}: one of {', '.join(IMAGES)}")
+    builder = build_debian if image == "debian" else build_guest
+    return builder(force=force, log=lambda msg: err.print(f"[dim]{msg}[/dim]"))
 
 
 def _show(data: dict[str, Any], as_json: bool) -> None:
@@ -29,16 +44,28 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
 @guest_app.command("build")
 def build(
     force: bool = typer.Option(False, "--force", help="Rebuild even when the cache is up to date."),
+    image_name: str = IMAGE,
     as_json: bool = JSON,
 ) -> None:
     """Build the guest image (kernel, initramfs, kernel profile, kernel-text reference), or reuse it.
 
     The first build downloads the Debian kernel that linux-image-amd64 depends on and busybox-static,
     boots the guest once to read its kernel symbols, and caches everything under the VIMS cache.
+    ``--image debian`` builds a Debian bookworm disk with mmdebstrap and its profile from the kernel's
+    own files (no boot).
     """
-    from vims.collector.guest import build_guest
-
-    image = build_guest(force=force, log=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    image = _build(image_name, force)
+    if image_name == "debian":
+        _show(
+            {
+                "release": image.release, "directory": image.directory, "kernel": image.kernel,
+                "initrd": image.initramfs, "disk": image.disk, "profile": image.profile,
+                "ssh_key": image.ssh_key,
+                **{k: image.info.get(k) for k in ("build_seconds", "disk_bytes_used", "built", "key")},
+            },
+            as_json,
+        )  # fmt: skip
+        return
     _show(
         {
             "release": image.release,
@@ -57,7 +84,9 @@ def build(
 @guest_app.command("up")
 def up(
     name: str = NAME,
-    memory: int = typer.Option(256, "--memory", help="Guest RAM in MiB."),
+    memory: int = typer.Option(0, "--memory", help="Guest RAM in MiB (0: 256 mini, 1024 debian)."),
+    image_name: str = IMAGE,
+    pti: bool = typer.Option(False, "--pti", help="Debian guest: add pti=on to its command line."),
     gate_port: int = typer.Option(
         0, "--gate-port", help="Host port the guest's client connects to (0: a free one)."
     ),
@@ -66,12 +95,12 @@ def up(
     as_json: bool = JSON,
 ) -> None:
     """Boot the guest in the background (build the image first if needed) and print its endpoints."""
-    from vims.collector.guest import Guest, build_guest
+    from vims.collector.guest import Guest
 
-    image = build_guest(log=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    image = _build(image_name)
     guest = Guest.start(
-        image, name=name, memory_mb=memory, gate_port=gate_port or None, cpu=cpu,
-        gdb_port=gdb_port or None, detach=True,
+        image, name=name, memory_mb=memory or None, gate_port=gate_port or None, cpu=cpu,
+        gdb_port=gdb_port or None, detach=True, extra_args=("pti=on",) if pti else (),
     )  # fmt: skip
     _show(guest.status(), as_json)
 

@@ -13,6 +13,13 @@ Serial ports of the guest:
 - ``ttyS3``: the kernel's symbols, at the first boot of an image only.
 
 Request protocol of the control channel: see ``rootfs/agent.sh``.
+
+The Debian guest (:mod:`vims.collector.guest.debian`) boots as users boot it: the distribution's
+default command line (``root=/dev/vda ro console=ttyS0``, KASLR on, PTI at its default; ``pti=on`` is
+the one option that may be added), 2 vCPUs, 1 GiB, a virtio disk (``snapshot=on``: the cached image is
+never written) and a virtio NIC on QEMU's user network with ``restrict=on`` (nothing leaves the
+machine), ``hostfwd`` from 127.0.0.1 to its ssh and http ports; commands run over ssh with the key
+made at build time. Its RAM file and GDB stub are as for the busybox guest.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from vims.collector.guest.debian import DebianImage
 from vims.errors import MissingDependencyError, VimsError
 from vims.paths import cache_dir
 
@@ -47,6 +56,16 @@ SCENARIOS = ("normal", "webshell", "adduser", "tamper-binary")
 KERNEL_ARGS = "console=ttyS0,115200 nokaslr pti=off panic=-1 8250.nr_uarts=4 loglevel=5"
 #: With ``nokaslr``, kernel text at virtual ``VA`` lives at physical ``VA - KERNEL_MAP_BASE``.
 KERNEL_MAP_BASE = 0xFFFFFFFF80000000
+#: The Debian guest's command line: what the distribution boots with, plus the serial console.
+DEBIAN_KERNEL_ARGS = "root=/dev/vda ro console=ttyS0,115200"
+#: The only options that may be added to it.
+DEBIAN_EXTRA_ARGS = ("pti=on",)
+#: Where the guest's client reaches REM-S's gate (a ``guestfwd`` to the host's gate port).
+GATE_GUEST_ADDRESS = ("10.0.2.100", 7000)
+_SSH_OPTIONS = (
+    "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
+)  # fmt: skip
 
 
 class GuestBootError(VimsError):
@@ -152,6 +171,13 @@ class Guest:
         self.pid: int = int(state["pid"])
         self.gdb_address: tuple[str, int] = ("127.0.0.1", int(state["gdb_port"]))
         self.control_address: tuple[str, int] = ("127.0.0.1", int(state["control_port"]))
+        self.kind: str = state.get("kind", "mini")
+        self.ssh_address: tuple[str, int] | None = (
+            ("127.0.0.1", int(state["ssh_port"])) if "ssh_port" in state else None
+        )
+        self.http_address: tuple[str, int] | None = (
+            ("127.0.0.1", int(state["http_port"])) if "http_port" in state else None
+        )
         self.gate_address: tuple[str, int] = ("127.0.0.1", int(state["gate_port"]))
         self.memory_path = Path(state["memory_path"])
         self.run_dir = Path(state["run_dir"])
@@ -166,12 +192,14 @@ class Guest:
     @classmethod
     def start(
         cls,
-        image: GuestImage,
+        image: GuestImage | DebianImage,
         name: str = "vims-guest",
-        memory_mb: int = 256,
+        memory_mb: int | None = None,
         gate_port: int | None = None,
         cpu: str = "max",
         *,
+        smp: int | None = None,
+        extra_args: tuple[str, ...] = (),
         gdb_port: int | None = None,
         control_port: int | None = None,
         detach: bool = False,
@@ -183,17 +211,21 @@ class Guest:
 
         Parameters
         ----------
-        image : GuestImage
-            From :func:`vims.collector.guest.build_guest`.
+        image : GuestImage or DebianImage
+            From :func:`vims.collector.guest.build_guest` (busybox) or ``build_debian`` (Debian).
         name : str
             A name for the guest (``vims guest up`` keeps detached guests by name).
-        memory_mb : int
-            Guest RAM in MiB.
+        memory_mb : int, optional
+            Guest RAM in MiB (default 256 for busybox, 1024 for Debian).
         gate_port : int, optional
             The host port QEMU connects the guest's client to (REM-S's gate). Default: a free port
             that nothing listens on yet (the client then sees the line down until something does).
         cpu : str
             QEMU CPU model; ``max`` gives 5-level paging. The kernel-text reference holds for one model.
+        smp : int, optional
+            vCPUs (default 1 for busybox, 2 for Debian).
+        extra_args : tuple of str
+            Options added to the Debian guest's default command line (only ``pti=on``).
         gdb_port, control_port : int, optional
             Fixed ports; default free ones.
         detach : bool
@@ -207,6 +239,13 @@ class Guest:
         """
         if shutil.which(QEMU) is None:
             raise MissingDependencyError(f"{QEMU} not found: apt-get install qemu-system-x86")
+        debian = getattr(image, "kind", "mini") == "debian"
+        memory_mb = memory_mb or (1024 if debian else 256)
+        smp = smp or (2 if debian else 1)
+        bad = [a for a in extra_args if not debian or a not in DEBIAN_EXTRA_ARGS]
+        if bad:
+            raise VimsError(f"kernel option {bad[0]!r} not allowed (the Debian guest takes only "
+                            f"{', '.join(DEBIAN_EXTRA_ARGS)})")
         if memory_mb < 64:
             raise VimsError(f"memory_mb={memory_mb}: the guest needs at least 64 MiB")
         if detach:
@@ -226,9 +265,10 @@ class Guest:
         last: Exception | None = None
         for _ in range(attempts):
             try:
+                machine = _Machine(memory_mb, smp, cpu, accel, extra_args)
                 return cls._launch(
-                    image, name, memory_mb, gate_port, cpu, gdb_port or free_port(),
-                    control_port or free_port(), detach, boot_timeout, accel, capture_kallsyms,
+                    image, name, machine, gate_port, gdb_port or free_port(),
+                    control_port or free_port(), detach, boot_timeout, capture_kallsyms,
                 )  # fmt: skip
             except _PortTakenError as exc:  # another program took a free port between check and bind
                 last = exc
@@ -241,16 +281,14 @@ class Guest:
     @classmethod
     def _launch(
         cls,
-        image: GuestImage,
+        image: GuestImage | DebianImage,
         name: str,
-        memory_mb: int,
+        machine: _Machine,
         gate_port: int | None,
-        cpu: str,
         gdb_port: int,
         control_port: int,
         detach: bool,
         boot_timeout: float,
-        accel: str | None,
         capture_kallsyms: Path | None,
     ) -> Guest:
         reap_stale()
@@ -260,23 +298,34 @@ class Guest:
         memory_path = Path("/dev/shm") / f"vims-{name}-{token}"
         console = run_dir / "console.log"
         gate = gate_port if gate_port is not None else free_port()
-        accel = accel or ("kvm" if kvm_available() else "tcg")
-        append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
+        accel = machine.accel or ("kvm" if kvm_available() else "tcg")
+        memory_mb, cpu = machine.memory_mb, machine.cpu
+        debian = isinstance(image, DebianImage)
         cmd = [
             QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", f"{memory_mb}M",
+            "-accel", f"{accel},thread=multi" if accel == "tcg" and machine.smp > 1 else accel,
+            "-cpu", cpu, "-smp", str(machine.smp), "-m", f"{memory_mb}M",
             "-object",
             f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={memory_path},share=on",
             "-machine", "pc,memory-backend=mem",
-            "-kernel", str(image.kernel), "-initrd", str(image.initramfs), "-append", append,
+            "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
             "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
-            "-chardev", f"socket,id=control,host=127.0.0.1,port={control_port},server=on,wait=off",
-            "-serial", "chardev:control",
-            "-chardev", f"socket,id=gate,host=127.0.0.1,port={gate},reconnect=1",
-            "-serial", "chardev:gate",
             "-gdb", f"tcp:127.0.0.1:{gdb_port}",
             "-pidfile", str(run_dir / "qemu.pid"),
         ]  # fmt: skip
+        ports: dict[str, int] = {}
+        if isinstance(image, DebianImage):
+            ports = {"ssh_port": free_port(), "http_port": free_port()}
+            cmd += _debian_devices(image, ports, gate_port, machine.extra_args)
+        else:
+            append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
+            cmd += [
+                "-append", append,
+                "-chardev", f"socket,id=control,host=127.0.0.1,port={control_port},server=on,wait=off",
+                "-serial", "chardev:control",
+                "-chardev", f"socket,id=gate,host=127.0.0.1,port={gate},reconnect=1",
+                "-serial", "chardev:gate",
+            ]  # fmt: skip
         if capture_kallsyms is not None:
             cmd += ["-chardev", f"file,id=ksyms,path={capture_kallsyms}", "-serial", "chardev:ksyms"]
         log = open(run_dir / "qemu.log", "wb")  # noqa: SIM115  (QEMU writes it for its whole life)
@@ -297,6 +346,8 @@ class Guest:
             "pid": process.pid,
             "accel": accel,
             "cpu": cpu,
+            "smp": machine.smp,
+            "kind": "debian" if debian else "mini",
             "memory_mb": memory_mb,
             "memory_path": str(memory_path),
             "gdb_port": gdb_port,
@@ -312,7 +363,12 @@ class Guest:
             "started": started,
             "detached": detach,
             "command": cmd,
+            **ports,
         }
+        if isinstance(image, DebianImage):
+            state["ssh_key"] = str(image.ssh_key)
+            state["kernel_args"] = " ".join((DEBIAN_KERNEL_ARGS, *machine.extra_args))
+            state["gate_guest"] = list(GATE_GUEST_ADDRESS) if gate_port is not None else None
         (run_dir / "state.json").write_text(json.dumps(state, indent=2))  # for reap_stale()
         guest = cls(state, process)
         try:
@@ -351,7 +407,7 @@ class Guest:
         while True:
             self._check_alive()
             try:
-                self.execute("echo ready", timeout=10, wait=4.0)
+                self.execute("echo ready", timeout=10, wait=20.0 if self.kind == "debian" else 4.0)
                 return
             except GuestBootError:
                 raise
@@ -426,17 +482,24 @@ class Guest:
     # -- what it is ------------------------------------------------------------------------------
     @property
     def profile(self) -> KernelProfile:
-        """The kernel profile of the guest's kernel."""
+        """The kernel profile of the guest's kernel, its symbols where this boot put them (KASLR)."""
         if self._profile is None:
             from vims.collector.profile import KernelProfile
 
-            self._profile = KernelProfile.load(self.profile_path)
+            profile = KernelProfile.load(self.profile_path)
+            if profile.relocatable:  # the Debian guest's: link-time symbols, moved by KASLR
+                from vims.collector.kaslr import relocate
+                from vims.collector.memory import PhysicalMemory
+
+                with PhysicalMemory.open(self.memory_path) as memory:
+                    profile = relocate(memory, profile)
+            self._profile = profile
         return self._profile
 
     def status(self) -> dict[str, Any]:
         """What ``vims guest status --json`` prints."""
         s = self.state
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "running": self.running,
             "pid": self.pid,
@@ -458,6 +521,28 @@ class Guest:
             "boot_seconds": s.get("boot_seconds"),
             "detached": s.get("detached", False),
         }
+        if self.kind == "debian":
+            out = {**out, "image": "debian", "smp": s.get("smp"), "kernel_args": s.get("kernel_args")}
+            out["serial"] = {"console": {"ttyS": 0, "file": s["console_path"]}}
+            out["ssh"] = {"host": "127.0.0.1", "port": s["ssh_port"], "key": s["ssh_key"]}
+            out["http"] = {"host": "127.0.0.1", "port": s["http_port"]}
+            out["gate"] = {"guest": s.get("gate_guest"), "host_port": s["gate_port"]}
+            out["kaslr"] = self._kaslr_status()
+        return out
+
+    def _kaslr_status(self) -> dict[str, Any]:
+        """The kernel's load offsets found in the guest's RAM (:mod:`vims.collector.kaslr`)."""
+        from vims.collector.kaslr import find_kaslr
+
+        try:
+            from vims.collector.profile import KernelProfile
+
+            raw = KernelProfile.load(self.profile_path)
+            if not raw.relocatable:
+                return {"enabled": False, "how": ["nokaslr profile"]}
+            return find_kaslr(self.memory_path, raw, gdb=self.gdb_address).as_dict()
+        except VimsError as exc:
+            return {"error": str(exc)}
 
     def console_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the guest's console."""
@@ -470,6 +555,8 @@ class Guest:
         ``timeout`` bounds the command in the guest; ``wait`` the time this side waits for the answer
         (default ``timeout`` plus a margin for a slow, emulated guest).
         """
+        if self.kind == "debian":
+            return self._ssh(command, timeout, timeout + 30.0 if wait is None else wait)
         ident = secrets.token_hex(6)
         script = base64.b64encode(command.encode()).decode()
         limit = max(1, int(timeout + 0.999))
@@ -515,6 +602,34 @@ class Guest:
                     text = base64.b64decode(b"".join(body.split()) or b"").decode("utf-8", "replace")
                     return rc, text
 
+    def ssh_command(self, user: str = "root") -> list[str]:
+        """The host's ``ssh`` command line that logs into the Debian guest as ``user`` (add a command)."""
+        if self.ssh_address is None:
+            raise VimsError(f"guest {self.name!r} has no ssh port (the busybox guest uses its control port)")
+        return [
+            "ssh", *_SSH_OPTIONS, "-i", str(self.state["ssh_key"]), "-p", str(self.ssh_address[1]),
+            f"{user}@{self.ssh_address[0]}",
+        ]  # fmt: skip
+
+    def _ssh(self, command: str, timeout: float, wait: float) -> tuple[int, str]:
+        if shutil.which("ssh") is None:
+            raise MissingDependencyError("ssh not found: apt-get install openssh-client")
+        limit = max(1, int(timeout + 0.999))
+        remote = f"timeout {limit} sh -c {_quote(command)}"
+        try:
+            proc = subprocess.run(
+                [*self.ssh_command(), remote], stdin=subprocess.DEVNULL, capture_output=True,
+                timeout=wait, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise VimsError(
+                f"guest {self.name!r} did not answer {command[:60]!r} within {wait:g} s "
+                "(is it halted by a GDB client?)"
+            ) from None
+        if proc.returncode == 255:  # ssh's own failure: no connection, refused, auth
+            raise VimsError(f"cannot ssh into guest {self.name!r}: {proc.stderr.decode(errors='replace')[-300:]}")
+        return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace")
+
     def run(self, command: str, timeout: float = 60.0, check: bool = False) -> str:
         """Run a shell command in the guest through the control channel and return its output.
 
@@ -542,3 +657,38 @@ class Guest:
 
 class _PortTakenError(VimsError):
     pass
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """The virtual hardware of one guest."""
+
+    memory_mb: int
+    smp: int
+    cpu: str
+    accel: str | None
+    extra_args: tuple[str, ...] = ()
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _debian_devices(
+    image: DebianImage, ports: dict[str, int], gate_port: int | None, extra_args: tuple[str, ...]
+) -> list[str]:
+    """QEMU options of the Debian guest: command line, virtio disk and NIC on a restricted network."""
+    net = (
+        f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{ports['ssh_port']}-:22,"
+        f"hostfwd=tcp:127.0.0.1:{ports['http_port']}-:80"
+    )
+    if gate_port is not None:  # the guest's client reaches the gate at an intranet address
+        if shutil.which("nc") is None:  # QEMU runs one `nc` per connection the guest opens
+            raise MissingDependencyError("nc not found (the gate's guestfwd needs it): apt-get install netcat-openbsd")
+        host, port = GATE_GUEST_ADDRESS
+        net += f",guestfwd=tcp:{host}:{port}-cmd:nc 127.0.0.1 {gate_port}"
+    return [
+        "-append", " ".join((DEBIAN_KERNEL_ARGS, *extra_args)),
+        "-drive", f"file={image.disk},if=virtio,format=raw,snapshot=on",
+        "-netdev", net, "-device", "virtio-net-pci,netdev=net0",
+    ]  # fmt: skip

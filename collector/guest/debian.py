@@ -1,0 +1,265 @@
+"""Build the Debian C-VM: a bookworm system on an ext4 disk image, as a small server would run.
+
+``build_debian()``:
+
+1. resolves the versions of the packages it installs (``apt-cache``); they key the cache;
+2. makes a bookworm root file system with ``mmdebstrap --variant=minbase`` plus systemd, udev,
+   openssh-server, nginx-light, php-fpm, cron, sudo, ifupdown with the ISC DHCP client and the
+   distribution's kernel with its initramfs; then configures it (:func:`_configure`): a few users, an
+   ssh key made for the workload (kept beside the image), DHCP on the virtio NIC, a host name;
+3. writes it to ``disk.img`` with ``mke2fs -t ext4 -d`` (no mount) and copies out the kernel and the
+   initrd the guest boots from (``-kernel``/``-initrd``, the distribution's default command line);
+4. builds the kernel profile from the kernel's own files: BTF from ``vmlinuz`` and the symbols from
+   the kallsyms tables inside the decompressed image (:mod:`vims.collector.kallsyms`); no boot.
+
+Everything lands in ``cache_dir("guest", "debian-<release>")``; a rebuild with nothing changed returns
+the cached image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vims.collector.guest.image import _apt, _locked
+from vims.errors import MissingDependencyError, VimsError
+from vims.paths import cache_dir
+
+__all__ = ["PACKAGES", "DebianImage", "build_debian", "resolve_debian"]
+
+#: Bump when the build changes in a way the cache key would not see.
+BUILD_FORMAT = 1
+SUITE = "bookworm"
+MIRRORS = (
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+)
+PACKAGES = (
+    "systemd-sysv", "udev", "openssh-server", "nginx-light", "php-fpm", "cron", "sudo", "iproute2",
+    "ifupdown", "isc-dhcp-client", "procps", "linux-image-amd64", "initramfs-tools",
+)  # fmt: skip
+USERS = ("alice", "bob", "carol")
+WORKLOAD_USER = "vims"
+DISK_SIZE = "2G"
+HOSTNAME = "vims-debian"
+
+_INTERFACES = """\
+auto lo
+iface lo inet loopback
+
+allow-hotplug eth0
+iface eth0 inet dhcp
+"""
+# The virtio NIC is eth0 whatever PCI slot it sits in (the kernel's command line stays the default).
+_LINK = "[Match]\nDriver=virtio_net\n\n[Link]\nName=eth0\n"
+_INDEX_PHP = "<?php\nheader('Content-Type: text/plain');\necho 'vims ', gethostname(), ' ', date('c'), \"\\n\";\n"
+_NGINX_SITE = """\
+server {
+    listen 80 default_server;
+    root /var/www/html;
+    index index.html index.php;
+    location / { try_files $uri $uri/ =404; }
+    location ~ \\.php$ {
+        include snippets/fastcgi-php.conf;
+        fastcgi_pass unix:/run/php/php-fpm.sock;
+    }
+}
+"""
+
+
+@dataclass
+class DebianImage:
+    """A built Debian guest: kernel, initrd, ext4 disk, kernel profile and the workload's ssh key.
+
+    Attributes
+    ----------
+    release : str
+        The kernel release (``6.1.0-57-amd64``).
+    kernel, initramfs, disk, profile : Path
+        ``vmlinuz``, the distribution's initrd, the raw ext4 root disk and the profile JSON.
+    ssh_key : Path
+        The private key that logs in as root and as the workload user (public key beside it).
+    """
+
+    release: str
+    kernel: Path
+    initramfs: Path
+    disk: Path
+    profile: Path
+    ssh_key: Path
+    directory: Path = field(default_factory=Path)
+    info: dict[str, Any] = field(default_factory=dict)
+    kind: str = "debian"
+
+    @classmethod
+    def at(cls, directory: Path) -> DebianImage:
+        """The image whose files are in ``directory`` (a cache folder)."""
+        meta = directory / "build.json"
+        info = json.loads(meta.read_text()) if meta.exists() else {}
+        return cls(
+            release=str(info.get("release", "")),
+            kernel=directory / "vmlinuz",
+            initramfs=directory / "initrd.img",
+            disk=directory / "disk.img",
+            profile=directory / "profile.json",
+            ssh_key=directory / "id_ed25519",
+            directory=directory,
+            info=info,
+        )
+
+    def complete(self) -> bool:
+        """Whether every file of the image exists."""
+        paths = (self.kernel, self.initramfs, self.disk, self.profile, self.ssh_key)
+        return all(p.exists() for p in paths) and (self.directory / "build.json").exists()
+
+
+def resolve_debian() -> dict[str, str]:
+    """The candidate version of every package the image installs (one ``apt-cache show``)."""
+    text = _apt(["apt-cache", "show", "--no-all-versions", *PACKAGES])
+    versions: dict[str, str] = {}
+    package = ""
+    for line in text.splitlines():
+        if line.startswith("Package:"):
+            package = line.split(":", 1)[1].strip()
+        elif line.startswith("Version:") and package:
+            versions.setdefault(package, line.split(":", 1)[1].strip())
+        elif line.startswith("Depends:") and package == "linux-image-amd64":
+            kernel = line.split(":", 1)[1].split(",")[0].split()[0]
+            versions["kernel_package"] = kernel
+    missing = [p for p in PACKAGES if p not in versions]
+    if missing or "kernel_package" not in versions:
+        raise MissingDependencyError(f"apt knows no {', '.join(missing) or 'kernel'} (try `apt-get update`)")
+    versions["release"] = versions["kernel_package"].removeprefix("linux-image-")
+    return versions
+
+
+def _cache_key(versions: dict[str, str]) -> str:
+    recipe = [PACKAGES, USERS, MIRRORS, _INTERFACES, _LINK, _INDEX_PHP, _NGINX_SITE, DISK_SIZE]
+    data = {"format": BUILD_FORMAT, "versions": versions, "recipe": recipe}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run(args: list[str], what: str, timeout: float = 1800) -> None:
+    if shutil.which(args[0]) is None:
+        raise MissingDependencyError(f"{args[0]} not found: run scripts/system-packages.sh")
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=timeout)
+    if proc.returncode != 0:
+        raise VimsError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+
+
+def _write(root: Path, path: str, text: str, mode: int = 0o644) -> None:
+    target = root / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    target.chmod(mode)
+
+
+def _in_root(root: Path, command: str) -> None:
+    _run(["chroot", str(root), "/bin/sh", "-ec", command], f"`{command[:60]}` in the guest root")
+
+
+def _configure(root: Path, public_key: str) -> None:
+    """Users, keys, network, web site and host name of the guest (run as root on the host)."""
+    users = " ".join((*USERS, WORKLOAD_USER))
+    _in_root(
+        root,
+        f"for u in {users}; do useradd -m -s /bin/bash $u; done; "
+        f"usermod -aG sudo {WORKLOAD_USER}; passwd -d root >/dev/null",
+    )
+    for home, owner in [("root", "root"), *[(f"home/{u}", u) for u in (*USERS, WORKLOAD_USER)]]:
+        _write(root, f"{home}/.ssh/authorized_keys", public_key, 0o600)
+        _in_root(root, f"chown -R {owner}:{owner} /{home}/.ssh && chmod 700 /{home}/.ssh")
+    _write(root, f"etc/sudoers.d/{WORKLOAD_USER}", f"{WORKLOAD_USER} ALL=(ALL) NOPASSWD:ALL\n", 0o440)
+    _write(root, "etc/network/interfaces", _INTERFACES)
+    _write(root, "etc/systemd/network/10-vims-virtio.link", _LINK)
+    _write(root, "etc/hostname", HOSTNAME + "\n")
+    _write(root, "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
+    _write(root, "etc/fstab", "/dev/vda / ext4 errors=remount-ro 0 1\n")
+    _write(root, "etc/nginx/sites-available/default", _NGINX_SITE)
+    _write(root, "var/www/html/index.php", _INDEX_PHP)
+    _write(root, "var/www/html/index.html", "<html><body>vims debian guest</body></html>\n")
+    _write(root, "etc/ssh/sshd_config.d/vims.conf", "UseDNS no\nPasswordAuthentication no\n")
+
+
+def build_debian(force: bool = False, log: Callable[[str], None] | None = None) -> DebianImage:
+    """Build (or reuse from the cache) the Debian guest image; see the module docstring.
+
+    Parameters
+    ----------
+    force : bool
+        Rebuild even if the cache holds an image with the same key.
+    log : callable, optional
+        Receives one line per build step.
+    """
+    say = log or (lambda _msg: None)
+    versions = resolve_debian()
+    key = _cache_key(versions)
+    directory = cache_dir("guest", f"debian-{versions['release']}")
+    with _locked(directory / ".lock"):
+        image = DebianImage.at(directory)
+        if not force and image.complete() and image.info.get("key") == key:
+            return image
+        return _build(directory, versions, key, say)
+
+
+def _build(directory: Path, versions: dict[str, str], key: str, say: Callable[[str], None]) -> DebianImage:
+    started = time.monotonic()
+    release = versions["release"]
+    for name in ("build.json", "profile.json", "disk.img"):
+        (directory / name).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="debian-", dir=cache_dir("guest", "tmp")) as tmp:
+        root = Path(tmp) / "root"
+        say(f"mmdebstrap {SUITE} ({len(PACKAGES)} packages, kernel {release})")
+        _run(
+            ["mmdebstrap", "--variant=minbase", "--mode=root", f"--include={','.join(PACKAGES)}",
+             "--aptopt=Acquire::Retries \"3\"", SUITE, str(root), *MIRRORS],
+            "mmdebstrap",
+        )  # fmt: skip
+        strap_seconds = time.monotonic() - started
+        for name in ("id_ed25519", "id_ed25519.pub"):
+            (directory / name).unlink(missing_ok=True)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vims-workload", "-f",
+              str(directory / "id_ed25519")], "ssh-keygen")  # fmt: skip
+        say("configuring users, ssh key, network")
+        _configure(root, (directory / "id_ed25519.pub").read_text())
+        shutil.copyfile(root / "boot" / f"vmlinuz-{release}", directory / "vmlinuz")
+        shutil.copyfile(root / "boot" / f"initrd.img-{release}", directory / "initrd.img")
+        say(f"writing the ext4 disk ({DISK_SIZE})")
+        mkfs_started = time.monotonic()
+        _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "vims-root", "-d", str(root),
+              str(directory / "disk.img"), DISK_SIZE], "mke2fs")  # fmt: skip
+        mkfs_seconds = time.monotonic() - mkfs_started
+    say("building the kernel profile from the kernel's BTF and kallsyms tables")
+    from vims.collector.kallsyms import build_profile
+
+    profile = build_profile(directory / "vmlinuz", release, {"kernel_args": "default", "cpu": "max"})
+    (directory / "profile.json").write_text(json.dumps(profile, separators=(",", ":")))
+    disk_used = _disk_used(directory / "disk.img")
+    info = {
+        "release": release,
+        "key": key,
+        "kind": "debian",
+        "versions": versions,
+        "strap_seconds": round(strap_seconds, 1),
+        "mkfs_seconds": round(mkfs_seconds, 1),
+        "build_seconds": round(time.monotonic() - started, 1),
+        "disk_bytes_used": disk_used,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (directory / "build.json").write_text(json.dumps(info, indent=2))
+    say(f"Debian guest image ready in {directory} ({info['build_seconds']} s)")
+    return DebianImage.at(directory)
+
+
+def _disk_used(path: Path) -> int:
+    """Bytes the sparse disk image really occupies."""
+    return int(path.stat().st_blocks) * 512

@@ -1,0 +1,69 @@
+"""One booted Debian guest for the whole test run, shared by every test in ``tests/guest_debian/``.
+
+``debian_image`` builds the Debian image (mmdebstrap, about 80 s; then cached); ``debian`` boots it
+once with the distribution's default command line (KASLR on) and stops it at the end of the session;
+``debian_pti`` boots a second one with ``pti=on`` for the tests that run under both. Every test here
+is marked ``guest``. While developing, ``VIMS_TEST_DEBIAN=NAME`` uses the detached guest ``NAME``
+(`vims guest up --image debian --name NAME`) instead of booting one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vims.collector.guest import Guest
+from vims.collector.guest.debian import DebianImage, build_debian
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.guest)
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> DebianImage:
+    """The Debian guest image (built once, then cached under the VIMS cache)."""
+    for tool in ("qemu-system-x86_64", "mmdebstrap", "ssh"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found (scripts/system-packages.sh installs it)")
+    return build_debian()
+
+
+def _boot(image: DebianImage, name: str, extra: tuple[str, ...] = ()) -> Iterator[Guest]:
+    attached = os.environ.get("VIMS_TEST_DEBIAN" + ("_PTI" if extra else ""))
+    if attached:
+        yield Guest.attach(attached)
+        return
+    running = Guest.start(image, name=f"{name}-{os.getpid()}", extra_args=extra)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def debian(debian_image: DebianImage) -> Iterator[Guest]:
+    """A running Debian guest with the default command line, booted once for the session."""
+    yield from _boot(debian_image, "vims-test-debian")
+
+
+@pytest.fixture(scope="session")
+def debian_pti(debian_image: DebianImage) -> Iterator[Guest]:
+    """A running Debian guest booted with ``pti=on`` (the one option added to the default line)."""
+    yield from _boot(debian_image, "vims-test-debian-pti", ("pti=on",))
+
+
+@pytest.fixture(params=["default", "pti"])
+def any_debian(request: pytest.FixtureRequest) -> Guest:
+    """Each of the two Debian guests in turn."""
+    name = "debian" if request.param == "default" else "debian_pti"
+    guest: Guest = request.getfixturevalue(name)
+    return guest
