@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from vims.collector.guest import Guest, GuestImage, build_guest
     from vims.collector.kernel import KernelView
     from vims.collector.memory import PhysicalMemory
-    from vims.collector.policy import Policy
     from vims.collector.tracer import SyscallTracer
+    from vims.tracing_policy import Policy
 
     own = args.name is None
     if own:

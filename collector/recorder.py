@@ -22,12 +22,12 @@ import pyarrow as pa
 
 from vims.collector.callsite import REMAP_CALLS, CallSites
 from vims.collector.memory import GuestMemoryError
-from vims.collector.policy import Policy, Sampler
 from vims.collector.syscall_table import guest_syscall_names
 from vims.errors import VimsError
 from vims.schemas import EVENT_SCHEMA
 from vims.syscalls import EXECVE_CALLS, EXIT_CALLS
 from vims.syscalls import names as syscall_names
+from vims.tracing_policy import Policy, Sampler
 
 #: The longest command line kept in the ``argv`` column.
 ARGV_LIMIT = 512

@@ -23,7 +23,7 @@ def collect(
     output: Path | None = typer.Option(None, "-o", "--output",
                                        help="Parquet file of events to write (written atomically)."),
     policy_file: Path | None = typer.Option(None, "--policy",
-                                            help="Sampling policy, JSON or TOML (see vims.collector.policy)."),
+                                            help="Sampling policy, JSON or TOML (see vims.tracing_policy)."),
     push: str | None = typer.Option(None, "--push",
                                     help="Also stream Arrow batches to this ZeroMQ endpoint (PUSH, connects), "
                                          "e.g. tcp://127.0.0.1:5555."),
@@ -42,9 +42,9 @@ def collect(
     Each event has the process (pid, tgid, ppid, comm), the call and its six arguments, the user-space call site (module + offset) and, for calls that take one, the path. The guest keeps running afterwards with no trap left in it, also after Ctrl-C.
     """  # noqa: E501  (one line per paragraph: the help text is reflowed by rich)
     from vims.collector.backends import QemuBackend
-    from vims.collector.policy import Policy
     from vims.errors import VimsError
     from vims.tables import write_table
+    from vims.tracing_policy import Policy
 
     if output is None and push is None:
         raise VimsError("nowhere to put the events: give -o EVENTS.parquet and/or --push ENDPOINT")

@@ -18,7 +18,7 @@ For each stop the tracer reads the registers (one ``g`` packet); the rest (task,
 ``argv``, call site, filter, cap, batches) is the backend-neutral
 :class:`~vims.collector.recorder.EventRecorder`, which the LibVMI tracer uses too.
 
-Sampling follows a :class:`~vims.collector.policy.Policy`: outside the duty-cycle window, and once
+Sampling follows a :class:`~vims.tracing_policy.Policy`: outside the duty-cycle window, and once
 the per-second cap is reached, the trap is removed so the guest runs at full speed.
 
 Endings: the duration elapses, ``stop`` is set (Ctrl-C), ``max_events`` is reached, or the guest
@@ -46,9 +46,9 @@ import pyarrow as pa
 from vims.collector.backends.qemu import QemuBackend
 from vims.collector.gdbstub import GdbError, GdbStub, GuestGoneError, StopEvent
 from vims.collector.kernel import KernelView
-from vims.collector.policy import Policy, Sampler
 from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
 from vims.errors import VimsError
+from vims.tracing_policy import Policy, Sampler
 
 __all__ = ["EntryCheck", "SyscallTracer", "TraceResult", "TracerError", "check_entry", "find_sp2_store"]
 

@@ -29,10 +29,10 @@ from typing import Any
 import pyarrow as pa
 
 from vims.collector.backends.libvmi import LibvmiBackend
-from vims.collector.policy import Policy
 from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
+from vims.tracing_policy import Policy
 
 INT3 = b"\xcc"
 

@@ -15,6 +15,7 @@ from vims.avm.ingest import ingest
 from vims.avm.remote_sink import RemoteSink
 from vims.collector.stream import BatchSender
 from vims.events import example_events
+from vims.models.persist import save_model
 from vims.models.stide import Stide
 from vims.net import free_port
 from vims.remote.client import AvmClient
@@ -82,12 +83,15 @@ def test_pulled_events_and_checks_are_scored_and_the_senders_drops_reported(mode
     assert report["collector"]["gaps"] == 1
 
 
-def test_reports_reach_rems_which_gates_on_them(tmp_path, model) -> None:
+def test_reports_reach_rems_which_gates_on_them(tmp_path, model, live_collector) -> None:
     dep = Deployment(tmp_path, vms=1, policy=FAST)
     dep.start()
     identity = dep.avms["vm-1"]
     try:
-        with Agent(model, vm_id="vm-1", avm_id=identity.avm_id, workers=1, interval_s=0.3) as agent:
+        save_model(model, tmp_path / "model.skops")  # REM-S accepts reports that name their model file
+        with Agent(tmp_path / "model.skops", vm_id="vm-1", avm_id=identity.avm_id, workers=1,
+                   interval_s=0.3) as agent, \
+                live_collector(agent, model.normal_):
             client = AvmClient(identity, dep.endpoint, dep.keys.public)
             agent.sinks.append(RemoteSink(agent, client))
             client.start()
@@ -96,7 +100,6 @@ def test_reports_reach_rems_which_gates_on_them(tmp_path, model) -> None:
             runner = threading.Thread(target=agent.run, kwargs={"stop": stop})
             runner.start()
             try:
-                agent.send(example_events({7: model.normal_[0]}), wait=10)
                 wait_until(lambda: len([r for r in dep.store().history("vm-1")["reports"]
                                         if r["status"] == "accepted"]) >= 2, what="reports accepted")
                 sock = dep.connect("vm-1")  # REM-S asks the agent for a fresh report with its nonce

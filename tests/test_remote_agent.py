@@ -6,25 +6,28 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
+from vims.avm import agent as agent_mod
+from vims.avm.remote_sink import RemoteSink
+from vims.models import stide
+from vims.models.persist import save_model
 from vims.remote.client import AvmClient
 from vims.remote.testing import Deployment, read_line, wait_until
 
-agent_mod = pytest.importorskip("vims.avm.agent")
-RemoteSink = pytest.importorskip("vims.avm.remote_sink").RemoteSink
-stide = pytest.importorskip("vims.models.stide")
 
-
-def test_agent_reports_are_accepted_and_let_its_client_through(tmp_path):
+def test_agent_reports_are_accepted_and_let_its_client_through(tmp_path, live_collector):
     rng = np.random.default_rng(0)
-    detector = stide.Stide(k=4).fit([list(rng.integers(0, 10, 200)) for _ in range(20)])
+    traces = [list(rng.integers(0, 10, 200)) for _ in range(20)]
+    detector = stide.Stide(k=4).fit(traces)
     dep = Deployment(tmp_path, vms=1, policy={"interval_s": 0.5, "deadline_s": 3.0, "attest_timeout_s": 10.0})
     dep.start()
     client = AvmClient(dep.avms["vm-1"], dep.endpoint, dep.keys.public, capabilities={"checks": []})
     stop = threading.Event()
     try:
-        with agent_mod.Agent(detector, vm_id="vm-1", avm_id="avm-1", workers=1, interval_s=0.5) as agent:
+        save_model(detector, tmp_path / "model.skops")  # REM-S accepts reports that name their model file
+        with agent_mod.Agent(tmp_path / "model.skops", vm_id="vm-1", avm_id="avm-1", workers=1,
+                             interval_s=0.5) as agent, \
+                live_collector(agent, traces):
             agent.sinks.append(RemoteSink(agent, client))
             client.start()
 

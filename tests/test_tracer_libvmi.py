@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from vims.collector.memory import START_KERNEL_MAP
-from vims.collector.policy import Policy
 from vims.schemas import EVENT_SCHEMA
+from vims.tracing_policy import Policy
 
 HERE = Path(__file__).parent
 TARGET = START_KERNEL_MAP + 0x18_0010  # "entry_SYSCALL_64_after_hwframe" in the toy kernel's text

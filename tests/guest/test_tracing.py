@@ -20,13 +20,13 @@ from vims.collector.backends import QemuBackend
 from vims.collector.guest import Guest
 from vims.collector.kernel import KernelView
 from vims.collector.memory import PhysicalMemory
-from vims.collector.policy import Policy
 from vims.collector.recorder import TraceResult
 from vims.collector.stream import BatchReceiver
 from vims.collector.tracer import SyscallTracer
 from vims.datasets.capture import traces_from_events
 from vims.schemas import EVENT_SCHEMA, conform
 from vims.tables import read_table
+from vims.tracing_policy import Policy
 
 
 @pytest.fixture(scope="module")
