@@ -9,7 +9,8 @@ from pathlib import Path
 
 import typer
 
-JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+# metavar="": typer shows a flag's type (<bool>) otherwise, as if it took a value
+JSON = typer.Option(False, "--json", metavar="", help="Print the result as JSON on stdout.")
 MODEL = typer.Option(..., "--model", "-m", help="A model file written by `vims train` (its .card.json beside it).")
 DATA = typer.Option(..., "--data", "-d", help="A trace table (Parquet from `vims datasets import`, or an "
                     "ADFA-LD .zip/folder read directly).")
@@ -22,7 +23,8 @@ def _train(
     detector: str = typer.Option(None, help="stide, ngram, knn, mlp or ensemble (default: the registry's default)."),
     param: list[str] = typer.Option(None, "--param", "-p", help="A detector parameter, key=value (repeatable)."),
     far: float = typer.Option(0.05, help="Target false-alarm rate of the calibrated threshold."),
-    cv: int = typer.Option(5, help="Folds of the out-of-fold calibration scores."),
+    cv: int = typer.Option(None, help="Folds of the out-of-fold calibration scores (default 5; the ensemble's "
+                           "own default is 3, and --cv sets it)."),
     per_program: bool = typer.Option(False, "--per-program", help="Fit a model set: one detector per program "
                                      "with enough traces, and a fallback for the rest (what the A-VM streams)."),
     min_traces: int = typer.Option(5, help="With --per-program: the traces a program needs for its own model."),
@@ -35,6 +37,16 @@ def _train(
     from vims.training.core import load_traces, train
 
     table = load_traces(data)
+    name = detector or DEFAULT_DETECTOR
+    if cv is not None and name == "ensemble" and not per_program:
+        given = [p.split("=", 1)[1].strip() for p in param or [] if p.split("=", 1)[0].strip() == "cv" and "=" in p]
+        if any(g != str(cv) for g in given):
+            from vims.errors import InputError
+
+            raise InputError(f"--cv {cv} and --param cv={given[0]} disagree: give the ensemble's folds once")
+        if not given:
+            param = [*(param or []), f"cv={cv}"]
+    cv = 5 if cv is None else cv
     if per_program:
         from vims.training.per_program import DEFAULT_DETECTOR as SET_DETECTOR
         from vims.training.per_program import train_per_program
@@ -53,7 +65,6 @@ def _train(
             out.print(f"[bold]model set[/] of {len(programs)} program models ({', '.join(programs)}) fitted on "
                       f"{set_card['training']['n_traces']:,} traces -> {output}", highlight=False)
         return
-    name = detector or DEFAULT_DETECTOR
     with progress() as bar:
         task = bar.add_task(f"fitting {name}", total=None if name == "ensemble" else cv)
         det, card = train(table, detector=name, params=param, split=split, far=far, cv=cv,
@@ -78,12 +89,15 @@ def _score(
 ) -> None:
     """Score every trace: trace_id, split, label, family, program, score (higher = more anomalous), anomalous."""
     from vims.console import out, print_json
-    from vims.models.persist import load_model
+    from vims.errors import InputError
     from vims.schemas import SCORE_SCHEMA
     from vims.tables import write_table
-    from vims.training.core import load_traces, score_table, threshold_of
+    from vims.training.core import load_traces, open_model, score_table, threshold_of
 
-    det, _ = load_model(model)
+    if output.is_dir():
+        raise InputError("is a folder; --output is the score table (Parquet) to write, e.g. scores.parquet",
+                         where=output)
+    det, _ = open_model(model)
     table = load_traces(data)
     scores = score_table(det, table, where=str(data))
     write_table(scores, output, SCORE_SCHEMA)
@@ -108,13 +122,21 @@ def _evaluate(
     """ROC AUC, detection at 1/5/10% false alarms, per family and program, a ROC curve and a report."""
     from vims.console import out, print_json
     from vims.errors import InputError
-    from vims.models.persist import load_model
-    from vims.training.core import load_traces, score_table, select
+    from vims.models.modelset import ModelSet
+    from vims.training.core import check_evaluable, load_traces, open_model, score_table, select, threshold_of
     from vims.training.report import write_report
 
-    det, card = load_model(model)
+    if output.exists() and not output.is_dir():
+        raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
+                         "report.md)", where=output)
+    det, card = open_model(model)
     table = load_traces(data)
     if split:
+        present = sorted({s for s in table.column("split").to_pylist() if s is not None})
+        unknown = sorted(set(split) - set(present))
+        if unknown:
+            raise InputError(f"no split {', '.join(map(repr, unknown))} in the data (splits present: "
+                             f"{', '.join(present) or 'none'})", where=data)
         table = select(table, split)
     else:
         trained = (card.get("training") or {}).get("split")
@@ -124,12 +146,20 @@ def _evaluate(
             table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
     if table.num_rows == 0:
         raise InputError("no traces left to evaluate on (check --split)", where=data)
-    metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data))
+    check_evaluable(table, card, where=str(data))
+    threshold = None if isinstance(det, ModelSet) else threshold_of(det)
+    metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
     if as_json:
         print_json(metrics)
     else:
         o = metrics["overall"]
         auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
+        check = metrics.get("target_check")
+        if check and check["missed"]:
+            from vims.console import err
+
+            err.print(f"warning: {check['actual']:.1%} false alarms at the calibrated threshold, target "
+                      f"{check['target']:.0%}: {check['why']}", highlight=False)
         out.print(f"ROC AUC [bold]{auc}[/]; detection at 1/5/10% false alarms: "
                   + ", ".join("n/a" if o["dr"][k] is None else f"{o['dr'][k]:.1%}" for k in ("1%", "5%", "10%"))
                   + f"  ({o['n_normal']:,} normal, {o['n_attack']:,} attack) -> {output}/report.md")
@@ -144,13 +174,15 @@ def _update(
     cv: int = typer.Option(3, help="Folds for the out-of-fold scores of the new traces (0: score in sample)."),
     as_json: bool = JSON,
 ) -> None:
-    """Add confirmed-normal traces to a fitted model without refitting, recalibrate, record it in the card."""
+    """Add confirmed-normal traces to a fitted model (the old traces are not fitted again), recalibrate, record
+    it in the card. The new traces' out-of-fold scores take --cv extra updates of a copy."""
     from vims.console import err, out, print_json
-    from vims.models.persist import load_model, save_model
-    from vims.training.core import load_traces, update
+    from vims.models.persist import save_model
+    from vims.training.core import load_traces, open_model, update
 
-    det, card = load_model(model)
+    det, card = open_model(model)
     table = load_traces(data)
+    err.print(f"updating the model ({cv} out-of-fold updates, then the full one)", highlight=False)
     with err.status("updating"):
         new_card = update(det, card, table, split=split, cv=cv, data_path=str(data))
     new_card = save_model(det, output, new_card)
