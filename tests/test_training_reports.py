@@ -164,3 +164,30 @@ def test_adfa_evaluations_that_would_mislead(tmp_path: Path, adfa_zip: Path) -> 
     assert r.returncode == 0, r.stderr
     check = json.loads(r.stdout)["target_check"]
     assert check["target"] == 0.05 and check["missed"] == (abs(check["difference"]) > check["tolerance"])
+
+
+def test_thresholds_without_retraining_and_the_operating_point_table(tmp_path: Path,
+                                                                     fitted: tuple[Path, Path]) -> None:
+    data, model = fitted
+    card = json.loads((tmp_path / "m.card.json").read_text())
+    r = vims("score", "-m", model, "-d", data, "--threshold", 0.5, "-o", tmp_path / "s.parquet", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["threshold"] == 0.5
+    from vims.schemas import SCORE_SCHEMA
+    from vims.tables import read_table
+
+    s = read_table(tmp_path / "s.parquet", SCORE_SCHEMA)
+    assert s.column("anomalous").to_pylist() == [x > 0.5 for x in s.column("score").to_pylist()]
+    r = vims("score", "-m", model, "-d", data, "--far", 0.2, "-o", tmp_path / "s2.parquet", "--json")
+    assert r.returncode == 0, r.stderr
+    loose = json.loads(r.stdout)["threshold"]
+    assert loose < card["threshold"]  # 20% false alarms sits below the calibrated 5%
+    refused(vims("score", "-m", model, "-d", data, "--far", 0.2, "--threshold", 1, "-o", tmp_path / "x.parquet"),
+            "not both")
+    r = vims("evaluate", "-m", model, "-d", data, "-o", tmp_path / "rep", "--json")
+    points = json.loads(r.stdout)["operating_points"]
+    assert [p["point"] for p in points] == ["1% false alarms", "5% false alarms", "10% false alarms",
+                                             "chosen threshold"]
+    assert points[-1]["threshold"] == card["threshold"] and set(points[0]["per_family"]) == {"Fam_A", "Fam_B"}
+    assert all(0 <= p["false_alarm_rate"] <= 1 and 0 <= p["detection_rate"] <= 1 for p in points)
+    assert "## Operating points" in (tmp_path / "rep" / "report.md").read_text()

@@ -85,6 +85,9 @@ def _score(
     model: Path = MODEL,
     data: Path = DATA,
     output: Path = typer.Option(..., "--output", "-o", help="Score table to write (Parquet)."),
+    far: float = typer.Option(None, help="Flag at this false-alarm rate instead, chosen on the model's "
+                              "out-of-fold calibration scores (no retraining)."),
+    threshold: float = typer.Option(None, help="Flag the scores above this threshold instead."),
     as_json: bool = JSON,
 ) -> None:
     """Score every trace: trace_id, split, label, family, program, score (higher = more anomalous), anomalous."""
@@ -92,23 +95,23 @@ def _score(
     from vims.errors import InputError
     from vims.schemas import SCORE_SCHEMA
     from vims.tables import write_table
-    from vims.training.core import load_traces, open_model, score_table, threshold_of
+    from vims.training.core import chosen_threshold, load_traces, open_model, score_table
 
     if output.is_dir():
         raise InputError("is a folder; --output is the score table (Parquet) to write, e.g. scores.parquet",
                          where=output)
     det, _ = open_model(model)
+    chosen = chosen_threshold(det, far, threshold)
     table = load_traces(data)
-    scores = score_table(det, table, where=str(data))
+    scores = score_table(det, table, where=str(data), threshold=chosen)
     write_table(scores, output, SCORE_SCHEMA)
     n_anom = int(sum(scores.column("anomalous").to_pylist()))
-    summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom,
-               "threshold": threshold_of(det)}
+    summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom, "threshold": chosen}
     if as_json:
         print_json(summary)
     else:
-        out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold "
-                  f"{summary['threshold']:.4g}) -> {output}")
+        shown = "per program" if chosen is None else f"{chosen:.4g}"
+        out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold {shown}) -> {output}")
 
 
 def _evaluate(

@@ -187,10 +187,34 @@ def threshold_of(det: Detector) -> float:
     return float(t) if t is not None else -float(det.offset_)
 
 
-def score_table(det: Detector, table: pa.Table, where: str = "data") -> pa.Table:
+def chosen_threshold(det: Detector, far: float | None = None, threshold: float | None = None) -> float | None:
+    """The threshold to flag with: ``threshold``, or the one for false-alarm rate ``far`` on the model's
+    out-of-fold calibration scores (no refit), or the calibrated one (None for a model set).
+    """
+    from vims.models.calibration import threshold_for
+    from vims.models.modelset import ModelSet
+
+    if far is not None and threshold is not None:
+        raise InputError("give --far or --threshold, not both")
+    if isinstance(det, ModelSet):
+        if far is not None or threshold is not None:
+            raise InputError("a model set has one threshold per program; --far and --threshold need a single model")
+        return None
+    if threshold is not None:
+        return float(threshold)
+    if far is not None:
+        cal = getattr(det, "calibration_scores_", None)
+        if cal is None or len(cal) == 0:
+            raise InputError("this model has no calibration scores to choose a threshold for --far from")
+        return threshold_for(np.asarray(cal), far)
+    return threshold_of(det)
+
+
+def score_table(det: Detector, table: pa.Table, where: str = "data", threshold: float | None = None) -> pa.Table:
     """Score every trace of ``table``: a table in :data:`~vims.schemas.SCORE_SCHEMA`.
 
-    A model set scores each trace with its program's detector and threshold (``program`` column).
+    ``anomalous`` is the score above ``threshold`` (default: the model's calibrated one). A model set
+    scores each trace with its program's detector and threshold (``program`` column).
     """
     from vims.models.modelset import ModelSet
 
@@ -199,7 +223,7 @@ def score_table(det: Detector, table: pa.Table, where: str = "data") -> pa.Table
         anomalous = det.predict(table) == -1
     else:
         scores = det.anomaly_score(as_flat(table, where=where))
-        anomalous = scores > threshold_of(det)
+        anomalous = scores > (threshold_of(det) if threshold is None else threshold)
     n = table.num_rows
 
     def col(name: str) -> pa.Array | list[None]:

@@ -34,6 +34,41 @@ def evaluate_scores(scores: pa.Table) -> dict[str, Any]:
     })
 
 
+def operating_points(scores: pa.Table, threshold: float | None) -> list[dict[str, Any]]:
+    """Threshold, false-alarm rate and detection (overall and per family) at 1/5/10% false alarms and at
+    ``threshold`` (the one the scores were flagged with), so an analyst picks one without retraining."""
+    s = scores.column("score").to_numpy()
+    is_attack = np.array([lab == "attack" for lab in scores.column("label").to_pylist()], dtype=bool)
+    fam = np.array([f or "" for f in scores.column("family").to_pylist()], dtype=object)
+    normal = s[~is_attack]
+    if not len(normal) or not is_attack.any():
+        return []
+    points = [(f"{round(f * 100)}% false alarms", float(np.quantile(normal, 1 - f))) for f in FARS]
+    if threshold is not None:
+        points.append(("chosen threshold", float(threshold)))
+    rows = []
+    for name, t in points:
+        rows.append({"point": name, "threshold": t, "false_alarm_rate": float(np.mean(normal > t)),
+                     "detection_rate": float(np.mean(s[is_attack] > t)),
+                     "per_family": {str(f): float(np.mean(s[is_attack & (fam == f)] > t))
+                                    for f in sorted(set(fam[is_attack]) - {""})}})
+    return rows
+
+
+def _point_lines(points: list[dict[str, Any]]) -> list[str]:
+    if not points:
+        return []
+    families = list(points[0]["per_family"])
+    lines = ["## Operating points", "", "| point | threshold | false alarms | detection | "
+             + " | ".join(families) + (" |" if families else ""),
+             "|---|---:|---:|---:|" + "---:|" * len(families)]
+    for p in points:
+        lines.append(f"| {p['point']} | {p['threshold']:.6g} | {_pct(p['false_alarm_rate'])} | "
+                     f"{_pct(p['detection_rate'])} | " + " | ".join(_pct(p["per_family"][f]) for f in families)
+                     + (" |" if families else ""))
+    return [*lines, ""]
+
+
 def target_check(metrics: dict[str, Any], far: float | None) -> dict[str, Any] | None:
     """How far the false-alarm rate at the calibrated threshold lands from its target, and whether it misses.
 
@@ -116,6 +151,7 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
         *_target_lines(metrics.get("target_check")),
         "![ROC curve](roc.png)",
         "",
+        *_point_lines(metrics.get("operating_points", [])),
     ]
     for title, key in (("Per attack family", "per_family"), ("Per program", "per_program")):
         if metrics[key]:
@@ -143,6 +179,7 @@ def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, da
         metrics["model"]["threshold"] = float(threshold)
     metrics["overall"]["at_threshold"]["threshold"] = metrics["model"]["threshold"]
     metrics["target_check"] = target_check(metrics, card.get("far"))
+    metrics["operating_points"] = operating_points(scores, metrics["model"]["threshold"])
     metrics["data"] = data
     (out / "metrics.json").write_text(to_json(metrics) + "\n")
     auc = metrics["overall"]["auc"]
