@@ -191,3 +191,19 @@ def test_thresholds_without_retraining_and_the_operating_point_table(tmp_path: P
     assert points[-1]["threshold"] == card["threshold"] and set(points[0]["per_family"]) == {"Fam_A", "Fam_B"}
     assert all(0 <= p["false_alarm_rate"] <= 1 and 0 <= p["detection_rate"] <= 1 for p in points)
     assert "## Operating points" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_evaluate_a_score_table_without_scoring_again(tmp_path: Path, fitted: tuple[Path, Path]) -> None:
+    data, model = fitted
+    r = vims("score", "-m", model, "-d", data, "--threshold", 0.5, "-o", tmp_path / "s.parquet")
+    assert r.returncode == 0, r.stderr
+    r = vims("evaluate", "--scores", tmp_path / "s.parquet", "--split", "validation", "--split", "attack",
+             "-o", tmp_path / "rep", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    direct = json.loads(vims("evaluate", "-m", model, "-d", data, "-o", tmp_path / "rep2", "--json").stdout)
+    assert m["overall"]["auc"] == direct["overall"]["auc"] and m["overall"]["n_normal"] == 45
+    refused(vims("evaluate", "--scores", tmp_path / "s.parquet", "-m", model, "-d", data, "-o", tmp_path / "r3"),
+            "or --scores")
+    refused(vims("evaluate", "--scores", tmp_path / "s.parquet", "--split", "validation", "-o", tmp_path / "r3"),
+            "no attack traces")

@@ -6,8 +6,12 @@ Heavy libraries are imported inside the commands so that ``vims --help`` starts 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # metavar="": typer shows a flag's type (<bool>) otherwise, as if it took a value
 JSON = typer.Option(False, "--json", metavar="", help="Print the result as JSON on stdout.")
@@ -114,44 +118,67 @@ def _score(
         out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold {shown}) -> {output}")
 
 
+def _splits(table: pa.Table, split: list[str], where: Path) -> pa.Table:
+    """The rows of ``split``; an unknown split is an error listing the splits present."""
+    from vims.errors import InputError
+    from vims.training.core import select
+
+    present = sorted({s for s in table.column("split").to_pylist() if s is not None})
+    unknown = sorted(set(split) - set(present))
+    if unknown:
+        raise InputError(f"no split {', '.join(map(repr, unknown))} in the data (splits present: "
+                         f"{', '.join(present) or 'none'})", where=where)
+    return select(table, split)
+
+
 def _evaluate(
-    model: Path = MODEL,
-    data: Path = DATA,
+    model: Path = typer.Option(None, "--model", "-m", help="A model file written by `vims train` (not needed "
+                               "with --scores)."),
+    data: Path = typer.Option(None, "--data", "-d", help="A trace table to score (or give --scores)."),
+    scores_path: Path = typer.Option(None, "--scores", help="A score table from `vims score` (e.g. after "
+                                     "--far/--threshold): evaluated as it is, without scoring again."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder (metrics.json, roc.png, report.md)."),
     split: list[str] = typer.Option(None, "--split", help="Evaluate on these splits (repeatable; default: "
                                     "every split except the one the model was trained on)."),
     as_json: bool = JSON,
 ) -> None:
     """ROC AUC, detection at 1/5/10% false alarms, per family and program, a ROC curve and a report."""
+    import pyarrow as pa
+
     from vims.console import out, print_json
     from vims.errors import InputError
     from vims.models.modelset import ModelSet
-    from vims.training.core import check_evaluable, load_traces, open_model, score_table, select, threshold_of
+    from vims.training.core import check_evaluable, check_labels, load_traces, open_model, score_table, threshold_of
     from vims.training.report import write_report
 
     if output.exists() and not output.is_dir():
         raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
                          "report.md)", where=output)
-    det, card = open_model(model)
-    table = load_traces(data)
-    if split:
-        present = sorted({s for s in table.column("split").to_pylist() if s is not None})
-        unknown = sorted(set(split) - set(present))
-        if unknown:
-            raise InputError(f"no split {', '.join(map(repr, unknown))} in the data (splits present: "
-                             f"{', '.join(present) or 'none'})", where=data)
-        table = select(table, split)
-    else:
-        trained = (card.get("training") or {}).get("split")
-        if trained not in (None, "all"):
-            import pyarrow as pa
+    if (scores_path is None) == (data is None) or (data is not None and model is None):
+        raise InputError("give --model and --data (score the traces), or --scores (a score table)")
+    if scores_path is not None:
+        from vims.schemas import SCORE_SCHEMA
+        from vims.tables import read_table
 
-            table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
-    if table.num_rows == 0:
-        raise InputError("no traces left to evaluate on (check --split)", where=data)
-    check_evaluable(table, card, where=str(data))
-    threshold = None if isinstance(det, ModelSet) else threshold_of(det)
-    metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
+        card = open_model(model)[1] if model is not None else {}
+        scored = read_table(scores_path, SCORE_SCHEMA)
+        scored = _splits(scored, split, scores_path) if split else scored
+        check_labels(scored, where=str(scores_path))
+        metrics = write_report(scored, card, output, str(scores_path), None)
+    else:
+        det, card = open_model(model)
+        table = load_traces(data)
+        if split:
+            table = _splits(table, split, data)
+        else:
+            trained = (card.get("training") or {}).get("split")
+            if trained not in (None, "all"):
+                table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
+        if table.num_rows == 0:
+            raise InputError("no traces left to evaluate on (check --split)", where=data)
+        check_evaluable(table, card, where=str(data))
+        threshold = None if isinstance(det, ModelSet) else threshold_of(det)
+        metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
     if as_json:
         print_json(metrics)
     else:
