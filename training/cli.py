@@ -6,10 +6,15 @@ Heavy libraries are imported inside the commands so that ``vims --help`` starts 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# metavar="": typer shows a flag's type (<bool>) otherwise, as if it took a value
+JSON = typer.Option(False, "--json", metavar="", help="Print the result as JSON on stdout.")
 MODEL = typer.Option(..., "--model", "-m", help="A model file written by `vims train` (its .card.json beside it).")
 DATA = typer.Option(..., "--data", "-d", help="A trace table (Parquet from `vims datasets import`, or an "
                     "ADFA-LD .zip/folder read directly).")
@@ -22,7 +27,8 @@ def _train(
     detector: str = typer.Option(None, help="stide, ngram, knn, mlp or ensemble (default: the registry's default)."),
     param: list[str] = typer.Option(None, "--param", "-p", help="A detector parameter, key=value (repeatable)."),
     far: float = typer.Option(0.05, help="Target false-alarm rate of the calibrated threshold."),
-    cv: int = typer.Option(5, help="Folds of the out-of-fold calibration scores."),
+    cv: int = typer.Option(None, help="Folds of the out-of-fold calibration scores (default 5; the ensemble's "
+                           "own default is 3, and --cv sets it)."),
     per_program: bool = typer.Option(False, "--per-program", help="Fit a model set: one detector per program "
                                      "with enough traces, and a fallback for the rest (what the A-VM streams)."),
     min_traces: int = typer.Option(5, help="With --per-program: the traces a program needs for its own model."),
@@ -35,6 +41,16 @@ def _train(
     from vims.training.core import load_traces, train
 
     table = load_traces(data)
+    name = detector or DEFAULT_DETECTOR
+    if cv is not None and name == "ensemble" and not per_program:
+        given = [p.split("=", 1)[1].strip() for p in param or [] if p.split("=", 1)[0].strip() == "cv" and "=" in p]
+        if any(g != str(cv) for g in given):
+            from vims.errors import InputError
+
+            raise InputError(f"--cv {cv} and --param cv={given[0]} disagree: give the ensemble's folds once")
+        if not given:
+            param = [*(param or []), f"cv={cv}"]
+    cv = 5 if cv is None else cv
     if per_program:
         from vims.training.per_program import DEFAULT_DETECTOR as SET_DETECTOR
         from vims.training.per_program import train_per_program
@@ -53,7 +69,6 @@ def _train(
             out.print(f"[bold]model set[/] of {len(programs)} program models ({', '.join(programs)}) fitted on "
                       f"{set_card['training']['n_traces']:,} traces -> {output}", highlight=False)
         return
-    name = detector or DEFAULT_DETECTOR
     with progress() as bar:
         task = bar.add_task(f"fitting {name}", total=None if name == "ensemble" else cv)
         det, card = train(table, detector=name, params=param, split=split, far=far, cv=cv,
@@ -74,62 +89,107 @@ def _score(
     model: Path = MODEL,
     data: Path = DATA,
     output: Path = typer.Option(..., "--output", "-o", help="Score table to write (Parquet)."),
+    far: float = typer.Option(None, help="Flag at this false-alarm rate instead, chosen on the model's "
+                              "out-of-fold calibration scores (no retraining)."),
+    threshold: float = typer.Option(None, help="Flag the scores above this threshold instead."),
     as_json: bool = JSON,
 ) -> None:
     """Score every trace: trace_id, split, label, family, program, score (higher = more anomalous), anomalous."""
     from vims.console import out, print_json
-    from vims.models.persist import load_model
+    from vims.errors import InputError
     from vims.schemas import SCORE_SCHEMA
     from vims.tables import write_table
-    from vims.training.core import load_traces, score_table, threshold_of
+    from vims.training.core import chosen_threshold, load_traces, open_model, score_table
 
-    det, _ = load_model(model)
+    if output.is_dir():
+        raise InputError("is a folder; --output is the score table (Parquet) to write, e.g. scores.parquet",
+                         where=output)
+    det, _ = open_model(model)
+    chosen = chosen_threshold(det, far, threshold)
     table = load_traces(data)
-    scores = score_table(det, table, where=str(data))
+    scores = score_table(det, table, where=str(data), threshold=chosen)
     write_table(scores, output, SCORE_SCHEMA)
     n_anom = int(sum(scores.column("anomalous").to_pylist()))
-    summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom,
-               "threshold": threshold_of(det)}
+    summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom, "threshold": chosen}
     if as_json:
         print_json(summary)
     else:
-        out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold "
-                  f"{summary['threshold']:.4g}) -> {output}")
+        shown = "per program" if chosen is None else f"{chosen:.4g}"
+        out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold {shown}) -> {output}")
+
+
+def _splits(table: pa.Table, split: list[str], where: Path) -> pa.Table:
+    """The rows of ``split``; an unknown split is an error listing the splits present."""
+    from vims.errors import InputError
+    from vims.training.core import select
+
+    present = sorted({s for s in table.column("split").to_pylist() if s is not None})
+    unknown = sorted(set(split) - set(present))
+    if unknown:
+        raise InputError(f"no split {', '.join(map(repr, unknown))} in the data (splits present: "
+                         f"{', '.join(present) or 'none'})", where=where)
+    return select(table, split)
 
 
 def _evaluate(
-    model: Path = MODEL,
-    data: Path = DATA,
+    model: Path = typer.Option(None, "--model", "-m", help="A model file written by `vims train` (not needed "
+                               "with --scores)."),
+    data: Path = typer.Option(None, "--data", "-d", help="A trace table to score (or give --scores)."),
+    scores_path: Path = typer.Option(None, "--scores", help="A score table from `vims score` (e.g. after "
+                                     "--far/--threshold): evaluated as it is, without scoring again."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder (metrics.json, roc.png, report.md)."),
     split: list[str] = typer.Option(None, "--split", help="Evaluate on these splits (repeatable; default: "
                                     "every split except the one the model was trained on)."),
     as_json: bool = JSON,
 ) -> None:
     """ROC AUC, detection at 1/5/10% false alarms, per family and program, a ROC curve and a report."""
+    import pyarrow as pa
+
     from vims.console import out, print_json
     from vims.errors import InputError
-    from vims.models.persist import load_model
-    from vims.training.core import load_traces, score_table, select
+    from vims.models.modelset import ModelSet
+    from vims.training.core import check_evaluable, check_labels, load_traces, open_model, score_table, threshold_of
     from vims.training.report import write_report
 
-    det, card = load_model(model)
-    table = load_traces(data)
-    if split:
-        table = select(table, split)
-    else:
-        trained = (card.get("training") or {}).get("split")
-        if trained not in (None, "all"):
-            import pyarrow as pa
+    if output.exists() and not output.is_dir():
+        raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
+                         "report.md)", where=output)
+    if (scores_path is None) == (data is None) or (data is not None and model is None):
+        raise InputError("give --model and --data (score the traces), or --scores (a score table)")
+    if scores_path is not None:
+        from vims.schemas import SCORE_SCHEMA
+        from vims.tables import read_table
 
-            table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
-    if table.num_rows == 0:
-        raise InputError("no traces left to evaluate on (check --split)", where=data)
-    metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data))
+        card = open_model(model)[1] if model is not None else {}
+        scored = read_table(scores_path, SCORE_SCHEMA)
+        scored = _splits(scored, split, scores_path) if split else scored
+        check_labels(scored, where=str(scores_path))
+        metrics = write_report(scored, card, output, str(scores_path), None)
+    else:
+        det, card = open_model(model)
+        table = load_traces(data)
+        if split:
+            table = _splits(table, split, data)
+        else:
+            trained = (card.get("training") or {}).get("split")
+            if trained not in (None, "all"):
+                table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
+        if table.num_rows == 0:
+            raise InputError("no traces left to evaluate on (check --split)", where=data)
+        check_evaluable(table, card, where=str(data))
+        threshold = None if isinstance(det, ModelSet) else threshold_of(det)
+        metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
     if as_json:
         print_json(metrics)
     else:
         o = metrics["overall"]
         auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
+        check = metrics.get("target_check")
+        if check and check["missed"]:
+            from vims.console import err
+
+            err.print(f"warning: {check['actual']:.1%} false alarms at the calibrated threshold, target "
+                      f"{check['target']:.0%}: {check['why']}", highlight=False)
         out.print(f"ROC AUC [bold]{auc}[/]; detection at 1/5/10% false alarms: "
                   + ", ".join("n/a" if o["dr"][k] is None else f"{o['dr'][k]:.1%}" for k in ("1%", "5%", "10%"))
                   + f"  ({o['n_normal']:,} normal, {o['n_attack']:,} attack) -> {output}/report.md")
@@ -144,13 +204,15 @@ def _update(
     cv: int = typer.Option(3, help="Folds for the out-of-fold scores of the new traces (0: score in sample)."),
     as_json: bool = JSON,
 ) -> None:
-    """Add confirmed-normal traces to a fitted model without refitting, recalibrate, record it in the card."""
+    """Add confirmed-normal traces to a fitted model (the old traces are not fitted again), recalibrate, record
+    it in the card. The new traces' out-of-fold scores take --cv extra updates of a copy."""
     from vims.console import err, out, print_json
-    from vims.models.persist import load_model, save_model
-    from vims.training.core import load_traces, update
+    from vims.models.persist import save_model
+    from vims.training.core import load_traces, open_model, update
 
-    det, card = load_model(model)
+    det, card = open_model(model)
     table = load_traces(data)
+    err.print(f"updating the model ({cv} out-of-fold updates, then the full one)", highlight=False)
     with err.status("updating"):
         new_card = update(det, card, table, split=split, cv=cv, data_path=str(data))
     new_card = save_model(det, output, new_card)

@@ -118,8 +118,68 @@ def update(det: Detector, card: dict[str, Any], table: pa.Table, split: str | No
     new["updates"] = [*card.get("updates", []), entry]
     new["calibration"] = {**card.get("calibration", {}), "threshold": det.threshold_,
                           "n_scores": len(det.calibration_scores_)}
+    new["threshold"] = det.threshold_  # one threshold everywhere: the card's top level is what reports state
     new["metrics"] = {}  # metrics of the old model no longer hold
     return new
+
+
+def open_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """:func:`~vims.models.persist.load_model`, saying what a wrong file is (a card, a table) and what to pass."""
+    from vims.models.persist import load_model
+
+    p = Path(path)
+    if p.name.endswith(".card.json"):
+        raise InputError(f"this is a model card; pass the model file beside it ({p.name[:-10]}.skops)", where=p)
+    if p.is_file():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PAR1":
+            raise InputError("this is a Parquet table (traces or scores), not a model; pass the .skops file "
+                             "`vims train` wrote", where=p)
+    return load_model(p)
+
+
+def check_labels(table: pa.Table, where: str = "data") -> None:
+    """Refuse a table whose labels are not all ``normal``/``attack``, or that lacks either class."""
+    labels = table.column("label").to_pylist() if "label" in table.column_names else []
+    other = sorted({str(x) for x in labels} - {"normal", "attack"})
+    if other:
+        raise InputError(f"labels must be 'normal' or 'attack', found {', '.join(other)}; relabel the traces "
+                         "(nothing would count as an attack otherwise)", where=where)
+    missing = [c for c in ("normal", "attack") if c not in labels]
+    if missing:
+        raise InputError(f"no {' and no '.join(missing)} traces to evaluate on: AUC and detection rates "
+                         "need both (add the attack split, or the normal one)", where=where)
+
+
+def training_overlap(table: pa.Table, card: dict[str, Any], where: str = "data") -> int:
+    """How many normal traces of ``table`` the model was fitted on (0 when they cannot be the same).
+
+    The card records the SHA-256 of the training traces (and of each update's); the normal rows of
+    ``table`` in the trained split (all of them for ``all``) that give the same digest are those traces
+    themselves. A table holding only part of them, or them mixed with others, is not detected.
+    """
+    if "label" not in table.column_names:
+        return 0
+    fitted = [card.get("training") or {}, *card.get("updates", [])]  # the traces of `vims update` too
+    for t in fitted:
+        if not t.get("data_sha256"):
+            continue
+        split = t.get("split")
+        rows = select(table, None if split in (None, "all") else [split], "normal")
+        if rows.num_rows and data_digest(as_flat(rows, where=where)) == t["data_sha256"]:
+            return rows.num_rows
+    return 0
+
+
+def check_evaluable(table: pa.Table, card: dict[str, Any], where: str = "data") -> None:
+    """Refuse an evaluation that would mislead: bad labels, one class only, or the model's own training traces."""
+    check_labels(table, where=where)
+    overlap = training_overlap(table, card, where=where)
+    if overlap:
+        raise InputError(f"{overlap:,} of the normal traces to evaluate on are the ones the model was fitted on "
+                         f"(split {card['training'].get('split')!r}, same SHA-256 as its card): the figures would "
+                         "be inflated; evaluate on other splits", where=where)
 
 
 def threshold_of(det: Detector) -> float:
@@ -127,10 +187,34 @@ def threshold_of(det: Detector) -> float:
     return float(t) if t is not None else -float(det.offset_)
 
 
-def score_table(det: Detector, table: pa.Table, where: str = "data") -> pa.Table:
+def chosen_threshold(det: Detector, far: float | None = None, threshold: float | None = None) -> float | None:
+    """The threshold to flag with: ``threshold``, or the one for false-alarm rate ``far`` on the model's
+    out-of-fold calibration scores (no refit), or the calibrated one (None for a model set).
+    """
+    from vims.models.calibration import threshold_for
+    from vims.models.modelset import ModelSet
+
+    if far is not None and threshold is not None:
+        raise InputError("give --far or --threshold, not both")
+    if isinstance(det, ModelSet):
+        if far is not None or threshold is not None:
+            raise InputError("a model set has one threshold per program; --far and --threshold need a single model")
+        return None
+    if threshold is not None:
+        return float(threshold)
+    if far is not None:
+        cal = getattr(det, "calibration_scores_", None)
+        if cal is None or len(cal) == 0:
+            raise InputError("this model has no calibration scores to choose a threshold for --far from")
+        return threshold_for(np.asarray(cal), far)
+    return threshold_of(det)
+
+
+def score_table(det: Detector, table: pa.Table, where: str = "data", threshold: float | None = None) -> pa.Table:
     """Score every trace of ``table``: a table in :data:`~vims.schemas.SCORE_SCHEMA`.
 
-    A model set scores each trace with its program's detector and threshold (``program`` column).
+    ``anomalous`` is the score above ``threshold`` (default: the model's calibrated one). A model set
+    scores each trace with its program's detector and threshold (``program`` column).
     """
     from vims.models.modelset import ModelSet
 
@@ -139,7 +223,7 @@ def score_table(det: Detector, table: pa.Table, where: str = "data") -> pa.Table
         anomalous = det.predict(table) == -1
     else:
         scores = det.anomaly_score(as_flat(table, where=where))
-        anomalous = scores > threshold_of(det)
+        anomalous = scores > (threshold_of(det) if threshold is None else threshold)
     n = table.num_rows
 
     def col(name: str) -> pa.Array | list[None]:

@@ -34,6 +34,61 @@ def evaluate_scores(scores: pa.Table) -> dict[str, Any]:
     })
 
 
+def operating_points(scores: pa.Table, threshold: float | None) -> list[dict[str, Any]]:
+    """Threshold, false-alarm rate and detection (overall and per family) at 1/5/10% false alarms and at
+    ``threshold`` (the one the scores were flagged with), so an analyst picks one without retraining."""
+    s = scores.column("score").to_numpy()
+    is_attack = np.array([lab == "attack" for lab in scores.column("label").to_pylist()], dtype=bool)
+    fam = np.array([f or "" for f in scores.column("family").to_pylist()], dtype=object)
+    normal = s[~is_attack]
+    if not len(normal) or not is_attack.any():
+        return []
+    points = [(f"{round(f * 100)}% false alarms", float(np.quantile(normal, 1 - f))) for f in FARS]
+    if threshold is not None:
+        points.append(("chosen threshold", float(threshold)))
+    rows = []
+    for name, t in points:
+        rows.append({"point": name, "threshold": t, "false_alarm_rate": float(np.mean(normal > t)),
+                     "detection_rate": float(np.mean(s[is_attack] > t)),
+                     "per_family": {str(f): float(np.mean(s[is_attack & (fam == f)] > t))
+                                    for f in sorted(set(fam[is_attack]) - {""})}})
+    return rows
+
+
+def _point_lines(points: list[dict[str, Any]]) -> list[str]:
+    if not points:
+        return []
+    families = list(points[0]["per_family"])
+    lines = ["## Operating points", "", "| point | threshold | false alarms | detection | "
+             + " | ".join(families) + (" |" if families else ""),
+             "|---|---:|---:|---:|" + "---:|" * len(families)]
+    for p in points:
+        lines.append(f"| {p['point']} | {p['threshold']:.6g} | {_pct(p['false_alarm_rate'])} | "
+                     f"{_pct(p['detection_rate'])} | " + " | ".join(_pct(p["per_family"][f]) for f in families)
+                     + (" |" if families else ""))
+    return [*lines, ""]
+
+
+def target_check(metrics: dict[str, Any], far: float | None) -> dict[str, Any] | None:
+    """How far the false-alarm rate at the calibrated threshold lands from its target, and whether it misses.
+
+    A miss is a difference beyond two binomial standard errors of the normal traces evaluated (and at
+    least one point). Out-of-fold calibration scores are still scores of the training distribution, so
+    new normal traces usually score higher: the rate lands above the target.
+    """
+    o = metrics["overall"]
+    actual, n = o["at_threshold"]["false_alarm_rate"], o["n_normal"]
+    if far is None or actual is None or not n:
+        return None
+    tolerance = max(0.01, 2 * (far * (1 - far) / n) ** 0.5)
+    missed = abs(actual - far) > tolerance
+    why = ("the calibration scores come from the training traces (out of fold, but from the same "
+           "distribution), so they are optimistic for new normal traces") if actual > far else \
+        "these normal traces score lower than the training traces did"
+    return {"target": far, "actual": actual, "difference": actual - far, "tolerance": tolerance,
+            "missed": missed, "why": why if missed else None}
+
+
 def _roc_png(scores: pa.Table, path: Path, title: str) -> None:
     import matplotlib
 
@@ -64,6 +119,19 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x: float | None) -> str:
+    return "per program" if x is None else f"{x:.6g}"
+
+
+def _target_lines(check: dict[str, Any] | None) -> list[str]:
+    if not check or not check["missed"]:
+        return []
+    return [f"**The operating point misses its target**: {_pct(check['actual'])} false alarms for a target "
+            f"of {_pct(check['target'])} ({100 * check['difference']:+.1f} points, beyond the "
+            f"{100 * check['tolerance']:.1f}-point sampling tolerance) because {check['why']}. Choose the "
+            "threshold on held-out normal traces for a rate you can rely on.", ""]
+
+
 def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
     o = metrics["overall"]
     auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
@@ -73,15 +141,17 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
         f"- data: `{data}` ({o['n_normal']} normal, {o['n_attack']} attack traces)",
         f"- trained on: {card.get('training', {}).get('n_traces')} traces of split "
         f"`{card.get('training', {}).get('split')}`; updates: {len(card.get('updates', []))}",
-        f"- threshold {card.get('threshold')} for a target false-alarm rate of {card.get('far')}",
+        f"- threshold {_num(metrics['model']['threshold'])} for a target false-alarm rate of {_pct(card.get('far'))}",
         "",
         f"**ROC AUC {auc}**; detection at 1/5/10% false alarms: "
         + ", ".join(_pct(o["dr"][k]) for k in ("1%", "5%", "10%")) + ".",
         f"At the calibrated threshold: {_pct(o['at_threshold']['false_alarm_rate'])} false alarms, "
         f"{_pct(o['at_threshold']['detection_rate'])} of attacks detected.",
         "",
+        *_target_lines(metrics.get("target_check")),
         "![ROC curve](roc.png)",
         "",
+        *_point_lines(metrics.get("operating_points", [])),
     ]
     for title, key in (("Per attack family", "per_family"), ("Per program", "per_program")):
         if metrics[key]:
@@ -95,12 +165,21 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, data: str) -> dict[str, Any]:
-    """Write ``metrics.json``, ``roc.png`` and ``report.md`` to ``out_dir``; return the metrics."""
+def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, data: str,
+                 threshold: float | None = None) -> dict[str, Any]:
+    """Write ``metrics.json``, ``roc.png`` and ``report.md`` to ``out_dir``; return the metrics.
+
+    ``threshold`` is the one the scores were flagged with (default: the card's).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_scores(scores)
     metrics["model"] = {k: card.get(k) for k in ("detector", "params", "threshold", "far", "sha256")}
+    if threshold is not None:
+        metrics["model"]["threshold"] = float(threshold)
+    metrics["overall"]["at_threshold"]["threshold"] = metrics["model"]["threshold"]
+    metrics["target_check"] = target_check(metrics, card.get("far"))
+    metrics["operating_points"] = operating_points(scores, metrics["model"]["threshold"])
     metrics["data"] = data
     (out / "metrics.json").write_text(to_json(metrics) + "\n")
     auc = metrics["overall"]["auc"]
