@@ -12,17 +12,12 @@ from vims.avm.agent import Agent
 def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, deep: bool,
                 state: dict[str, Any]) -> None:
     """Run the static checks against ``guest`` every ``every`` seconds until ``stop``."""
-    from pathlib import Path
-
-    from vims.collector.checks.base import Context, Reference, run_checks, select
-    from vims.collector.guest import GuestImage
-    from vims.collector.kernel import KernelView
-    from vims.collector.memory import PhysicalMemory
+    from vims.collector.backends import QemuBackend
+    from vims.collector.checks.base import Context, run_checks, select
 
     try:
-        image = GuestImage.at(Path(guest.state["kernel"]).parent)
-        memory = PhysicalMemory.open(guest.memory_path)
-        ctx = Context(KernelView(memory, guest.profile), Reference.from_image(image), cpu=guest.state.get("cpu"))
+        backend = QemuBackend.from_guest(guest)
+        ctx = Context.of_guest(backend)
     except Exception as exc:  # no checks is reported, not fatal: behaviour still counts
         state["checks"] = f"cannot run: {type(exc).__name__}: {exc}"
         return
@@ -39,4 +34,4 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
                                    "detail": f"{type(exc).__name__}: {exc}"}])
             stop.wait(every)
     finally:
-        memory.close()
+        backend.close()

@@ -22,17 +22,11 @@ def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = N
     health is the tracer's own counts (events, filtered, capped, unreadable...) and state. Returns the
     tracer's final counts and why it ended.
     """
-    from vims.collector.gdbstub import GdbStub
-    from vims.collector.guest import Guest
-    from vims.collector.kernel import KernelView
-    from vims.collector.memory import PhysicalMemory
+    from vims.collector.backends import QemuBackend
     from vims.collector.tracer import SyscallTracer
-    from vims.errors import VimsError
 
-    if isinstance(guest, str):
-        guest = Guest.attach(guest)
-    if not guest.running:
-        raise VimsError(f"the guest is not running (QEMU pid {guest.pid} is gone): `vims guest up`")
+    backend = QemuBackend.from_guest(guest)  # a Guest or the name of one; a clear error if it is not running
+    guest = backend.guest
     state: dict[str, Any] = {"state": "starting", "collector": "gdbstub"}
     tracer: Any = None
     last: list[float] = []
@@ -54,27 +48,24 @@ def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = N
         checker = threading.Thread(target=check_loop, args=(agent, guest, stop, checks_every, deep_checks, state),
                                    name="vims-checks", daemon=True)
         checker.start()
-    memory = PhysicalMemory.open(guest.memory_path)
     try:
-        view = KernelView(memory, guest.profile)
-        with GdbStub(*guest.gdb_address) as gdb:
-            tracer = SyscallTracer(gdb, view, vm_id or agent.builder.vm_id, policy=policy, method=method,
-                                   batch_ms=batch_ms, on_batch=deliver, keep=False)
-            agent.tracer = tracer
-            state["state"] = "tracing"
-            if on_ready is not None:
-                on_ready()
-            try:
-                result = tracer.run(stop=stop)
-            except BaseException as exc:
-                state["state"] = f"failed: {type(exc).__name__}: {exc}"
-                raise
-            finally:
-                agent.tracer = None
-            state["state"] = f"ended: {result.reason}"
-            state["reason"] = result.reason
+        tracer = SyscallTracer(backend, vm_id or agent.builder.vm_id, policy=policy, method=method,
+                               batch_ms=batch_ms, on_batch=deliver, keep=False)
+        agent.tracer = tracer
+        state["state"] = "tracing"
+        if on_ready is not None:
+            on_ready()
+        try:
+            result = tracer.run(stop=stop)
+        except BaseException as exc:
+            state["state"] = f"failed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            agent.tracer = None
+        state["state"] = f"ended: {result.reason}"
+        state["reason"] = result.reason
     finally:
-        memory.close()
+        backend.close()
         if checker is not None:
             stop.set()
             checker.join(timeout=30)

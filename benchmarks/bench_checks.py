@@ -25,15 +25,17 @@ CHECK_TARGET_S = 2.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", help="a running guest started by `vims guest up` (default: boot one)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs of each measurement")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one timed run of each")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
 
+    from vims.collector.backends import QemuBackend
     from vims.collector.checks import Context, Reference
     from vims.collector.checks.kernel_text import KernelText
     from vims.collector.gdbstub import GdbStub
     from vims.collector.guest import Guest, GuestImage, build_guest
-    from vims.collector.kernel import KernelView
-    from vims.collector.memory import PhysicalMemory
 
     own = args.name is None
     if own:
@@ -44,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         guest = Guest.attach(args.name)
         image = GuestImage.at(Path(guest.state["kernel"]).parent)
     try:
-        memory = PhysicalMemory.open(guest.memory_path)
-        ctx = Context(KernelView(memory, guest.profile), Reference.from_image(image))
+        backend = QemuBackend.from_guest(guest)
+        ctx = Context(backend, Reference.from_image(image))
         start, end = ctx.profile.symbol("_stext"), ctx.profile.symbol("_etext")
         size = end - start
         check = KernelText()
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 stub = time.perf_counter() - t0
             finally:
                 gdb.resume()
-        same = via_stub == bytes(memory.view(ctx.kernel.pa(start), size))
-        memory.close()
+        same = via_stub == bytes(backend.memory.view(ctx.kernel.pa(start), size))
+        backend.close()
 
         command = []
         for _ in range(max(3, args.repeat // 2)):

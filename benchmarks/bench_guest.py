@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boots", type=int, default=2, help="boots to time (TCG: about 8 s each)")
     parser.add_argument("--cold", action="store_true", help="also time a cold build in a temporary cache")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one boot, no cold build")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.boots, args.cold = 1, False
 
     from vims.collector.gdbstub import GdbStub
     from vims.collector.guest import Guest, build_guest

@@ -40,7 +40,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from vims.console import out, print_json, to_json
-from vims.models._seq import as_flat
+from vims.models import as_flat
 from vims.models.calibration import folds
 from vims.models.registry import DEFAULT_DETECTOR, make_detector
 from vims.paths import datasets_dir

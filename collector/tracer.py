@@ -45,7 +45,6 @@ import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
 from vims.collector.gdbstub import GdbError, GdbStub, GuestGoneError, StopEvent
-from vims.collector.kernel import KernelView
 from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
 from vims.errors import VimsError
 from vims.tracing_policy import Policy, Sampler
@@ -142,8 +141,7 @@ class SyscallTracer:
     backend : QemuBackend
         The guest (:meth:`QemuBackend.from_guest`); the tracer halts and resumes its
         :attr:`~QemuBackend.gdb` stub and reads through its :attr:`~QemuBackend.kernel` (the
-        caller closes the backend). The older form ``SyscallTracer(gdb, view, vm_id)`` still works
-        and wraps the two in a backend that closes neither.
+        caller closes the backend).
     vm_id : str
         Written in every row (and the stream's sender id, by convention).
     policy : Policy, optional
@@ -160,14 +158,10 @@ class SyscallTracer:
         Keep every batch for :attr:`TraceResult.events` (turn off for endless streaming).
     """
 
-    def __init__(self, backend: QemuBackend | GdbStub, vm_id: str | KernelView, legacy_vm_id: str | None = None,
-                 *, policy: Policy | None = None, method: str = "auto", callsites: bool = True,
+    def __init__(self, backend: QemuBackend, vm_id: str, *, policy: Policy | None = None, method: str = "auto",
+                 callsites: bool = True,
                  batch_rows: int = 2048, batch_ms: int = 250,
                  on_batch: Callable[[pa.RecordBatch], Any] | None = None, keep: bool = True) -> None:
-        if isinstance(backend, GdbStub):  # the older (gdb, view, vm_id) form
-            if not isinstance(vm_id, KernelView) or legacy_vm_id is None:
-                raise VimsError("SyscallTracer(gdb, view, vm_id): give the kernel view and the vm id")
-            backend, vm_id = QemuBackend.over(vm_id, backend), legacy_vm_id
         if not isinstance(vm_id, str):
             raise VimsError("SyscallTracer(backend, vm_id): the vm id is text")
         if method not in ("auto", "watchpoint", "breakpoint"):

@@ -102,9 +102,7 @@ def _decisions(db: Path) -> list[dict[str, Any]]:
 
 def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path:
     """A per-program model set of the guest's normal behaviour, cached beside the image."""
-    from vims.collector.gdbstub import GdbStub
-    from vims.collector.kernel import KernelView
-    from vims.collector.memory import PhysicalMemory
+    from vims.collector.backends import QemuBackend
     from vims.collector.tracer import SyscallTracer
     from vims.datasets.capture import traces_from_events
     from vims.models.persist import save_model
@@ -129,15 +127,13 @@ def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path
                 failures.append(str(exc))
 
     driver = threading.Thread(target=workload, name="demo-normal", daemon=True)
-    memory = PhysicalMemory.open(guest.memory_path)
     try:
-        with GdbStub(*guest.gdb_address) as gdb:
-            tracer = SyscallTracer(gdb, KernelView(memory, guest.profile), VM_ID)
+        with QemuBackend.from_guest(guest) as backend:
+            tracer = SyscallTracer(backend, VM_ID)
             driver.start()
             result = tracer.run(duration=capture_s)
     finally:
         stop.set()
-        memory.close()
     driver.join(timeout=60)
     if failures:
         err.print(f"[yellow]warning:[/] {len(failures)} request(s) of the normal workload failed while "

@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("bench_*.py"))
-OTHER_BRANCH = {"bench_pipeline.py", "bench_remote_load.py"}
 
 
 def _param(path: Path) -> object:
-    """One parametrisation per benchmark: marked ``guest`` if it boots one, xfail while it lacks --quick."""
+    """One parametrisation per benchmark, marked ``guest`` if it boots one."""
     source = path.read_text()
     marks: list[pytest.MarkDecorator] = []
     if "build_guest" in source or "Guest.start" in source:
         marks.append(pytest.mark.guest)
-    if "--quick" not in source:
-        reason = ("quick mode added on another branch" if path.name in OTHER_BRANCH
-                  else "quick mode not yet written (issue 11, arch-lint unfinished)")
-        marks.append(pytest.mark.xfail(reason=reason, strict=False))
     return pytest.param(path, marks=marks, id=path.stem)
 
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vims.errors import InputError
-from vims.models._seq import as_flat
+from vims.models import as_flat
 from vims.models.base import Detector
 from vims.models.calibration import calibrate, recalibrate_update
 from vims.models.persist import data_digest

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from vims.errors import InputError
-from vims.models._seq import Flat, as_flat
+from vims.models import Flat, as_flat
 
 #: Detector of a model set unless told otherwise: a per-call model the pipeline can stream. On the
 #: guest's short captures stide's window thresholds collapse to 0 (any unseen 6-gram is "rare") and

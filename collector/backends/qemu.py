@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from vims.collector.backends.base import Backend, BackendError, check_register
-from vims.collector.kernel import KernelView
 from vims.collector.memory import PhysicalMemory
 from vims.errors import VimsError
 
@@ -77,13 +76,6 @@ class QemuBackend(Backend):
         backend.guest = guest
         return backend
 
-    @classmethod
-    def over(cls, kernel: KernelView, gdb: Any = None) -> QemuBackend:
-        """A backend around a kernel view and a stub opened elsewhere (it closes neither)."""
-        backend = cls(kernel.memory, kernel.profile, gdb=gdb)
-        backend._kernel = kernel
-        backend._owns_gdb = False
-        return backend
 
     @property
     def gdb(self) -> Any:

@@ -85,9 +85,7 @@ class Reference:
 @dataclass
 class Context:
     """What a check runs against: the guest (a :class:`~vims.collector.backends.Backend`) and the reference.
-
-    A :class:`~vims.collector.kernel.KernelView` in place of the backend (the older form) is wrapped
-    in a :class:`~vims.collector.backends.QemuBackend` that does not close it. Checks only read
+    Checks only read
     memory: they never use the backend's vCPU channel (a tracer may hold the GDB stub meanwhile).
     """
 
@@ -95,12 +93,6 @@ class Context:
     reference: Reference = field(default_factory=Reference)
     #: The CPU model the guest runs with, when known (``-cpu`` of QEMU).
     cpu: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.backend, KernelView):
-            from vims.collector.backends import QemuBackend
-
-            self.backend = QemuBackend.over(self.backend)
 
     @classmethod
     def of_guest(cls, backend: Any) -> Context:

@@ -16,10 +16,8 @@ import pyarrow as pa
 
 from vims.avm.agent import Agent
 from vims.avm.guest_source import trace_guest
-from vims.collector.gdbstub import GdbStub
+from vims.collector.backends import QemuBackend
 from vims.collector.guest import Guest
-from vims.collector.kernel import KernelView
-from vims.collector.memory import PhysicalMemory
 from vims.collector.tracer import SyscallTracer
 from vims.datasets.capture import traces_from_events
 from vims.remote.protocol import check_report
@@ -30,16 +28,12 @@ INTERVAL = 3.0
 
 def _capture(guest: Guest, seconds: float, runs: int) -> pa.Table:
     """Events of the guest while the normal scenario plays ``runs`` times."""
-    memory = PhysicalMemory.open(guest.memory_path)
-    try:
-        with GdbStub(*guest.gdb_address) as gdb:
-            tracer = SyscallTracer(gdb, KernelView(memory, guest.profile), "vm-guest")
-            player = threading.Thread(target=lambda: [guest.scenario("normal") for _ in range(runs)])
-            player.start()
-            result = tracer.run(duration=seconds)
-            player.join()
-    finally:
-        memory.close()
+    with QemuBackend.from_guest(guest) as backend:
+        tracer = SyscallTracer(backend, "vm-guest")
+        player = threading.Thread(target=lambda: [guest.scenario("normal") for _ in range(runs)])
+        player.start()
+        result = tracer.run(duration=seconds)
+        player.join()
     return result.events
 
 
