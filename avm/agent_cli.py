@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-JSON = typer.Option(False, "--json", help="Print every integrity report as one JSON line on stdout.")
+JSON = typer.Option(False, "--json", metavar="", help="Print every integrity report as one JSON line on stdout.")
 MODEL = typer.Option(..., "--model", "-m", help="A model or model-set file (.skops with its .card.json beside it).")
 WORKERS = typer.Option(2, "--workers", "-w", min=1, help="Scorer worker processes.")
 INTERVAL = typer.Option(1.0, "--interval", min=0.05, help="Reporting interval, seconds.")
@@ -159,7 +159,8 @@ def _replay(
                               "or as fast as the pipeline takes it."),
     speed: float = typer.Option(1.0, help="With --pace: this many times faster than recorded."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Events per batch sent to the scorers."),
-    drop: bool = typer.Option(False, "--drop", help="Drop (and count) what the scorers cannot take, like the "
+    drop: bool = typer.Option(False, "--drop", metavar="",
+                              help="Drop (and count) what the scorers cannot take, like the "
                               "live collector, instead of waiting for them."),
     scores: Path = typer.Option(None, "--scores", "-o", help="Write the final per-trace (or per-process) "
                                 "scores to this Parquet file (the `vims score` columns for a trace table)."),

@@ -16,8 +16,8 @@ from vims.remote.keys import avm_home
 
 def init(avm_id: str = typer.Option("avm-1", "--id", help="This A-VM's id (letters, digits, '._-')."),
          folder: Path | None = typer.Option(None, "--dir", help=DIR_HELP),
-         force: bool = typer.Option(False, "--force", help="Replace existing keys (REM-S must re-enrol)."),
-         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+         force: bool = typer.Option(False, "--force", metavar="", help="Replace existing keys (REM-S must re-enrol)."),
+         json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
     """Create this A-VM's CURVE keypair and Ed25519 signing key (files 0600).
 
     Give the printed ``avm.public.json`` to REM-S: ``vims remote enroll FILE --vm VM --gate-port PORT``.

@@ -35,7 +35,7 @@ def collect(
     method: str = typer.Option("auto", "--method",
                                help="auto (watchpoint when the kernel allows it), watchpoint or breakpoint."),
     max_events: int | None = typer.Option(None, "--max-events", min=1, help="Stop after this many events."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON."),
 ) -> None:
     """Trace the guest's system calls from outside (VMI through QEMU's GDB stub and its mapped memory).
 

@@ -16,7 +16,7 @@ import_app = typer.Typer(help="Import a data set into a Parquet trace table (one
 datasets_app.add_typer(import_app, name="import")
 
 OUTPUT = typer.Option(..., "-o", "--output", help="The Parquet trace table to write (written atomically).")
-JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
+JSON = typer.Option(False, "--json", metavar="", help="Print the summary as JSON.")
 
 
 def _show(summary: dict[str, Any], title: str, as_json: bool) -> None:

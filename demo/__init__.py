@@ -400,8 +400,9 @@ def demo(
                                 help="Folder for the report: timeline.png, index.html, summary.json, ..."),
     capture_s: float = typer.Option(60.0, "--capture", help="Seconds of normal behaviour to learn from "
                                     "(only when no model set is cached)."),
-    refit: bool = typer.Option(False, "--refit", help="Learn the normal behaviour again, ignoring the cache."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (no live view)."),
+    refit: bool = typer.Option(False, "--refit", metavar="",
+                               help="Learn the normal behaviour again, ignoring the cache."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON (no live view)."),
 ) -> None:
     """The main job on the bundled guest: attest it, let its client through, catch a webshell and a
     kernel patch, and cut it off. Ends with a summary and a report folder."""

@@ -65,9 +65,9 @@ def _read_policy(path: Path) -> dict[str, Any]:
 
 @remote_app.command("init")
 def init(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
-         force: bool = typer.Option(False, "--force", help="Replace existing keys (enrolled A-VMs must "
+         force: bool = typer.Option(False, "--force", metavar="", help="Replace existing keys (enrolled A-VMs must "
                                                            "then be given the new public key)."),
-         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+         json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
     """Create REM-S's CURVE keypair (files 0600) and its history database."""
     from vims.console import out, print_json
     from vims.remote.keys import ServerKeys
@@ -91,9 +91,9 @@ def enroll(public_file: Path = typer.Argument(..., help="The A-VM's avm.public.j
                                          "connections arrive on (for the bundled guest: its serial line)."),
            policy: Path | None = typer.Option(None, "--policy", help="A policy JSON file (default policy "
                                               "otherwise)."),
-           force: bool = typer.Option(False, "--force", help="Replace an enrolment of the same A-VM id."),
+           force: bool = typer.Option(False, "--force", metavar="", help="Replace an enrolment of the same A-VM id."),
            home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
-           json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+           json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
     """Register an A-VM: its id, the VM it watches, its public keys and the VM's gate port."""
     from vims.console import out, print_json
     from vims.remote.keys import AvmPublic
@@ -114,7 +114,7 @@ def enroll(public_file: Path = typer.Argument(..., help="The A-VM's avm.public.j
 @remote_app.command("revoke")
 def revoke(avm_id: str = typer.Argument(..., help="The A-VM to revoke."),
            home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
-           json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+           json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
     """Revoke an A-VM: its key is refused, its VM's open connections are cut, new ones refused."""
     from vims.console import out, print_json
 
@@ -134,7 +134,7 @@ def policy_cmd(vm: str = typer.Argument(..., help="The VM id."),
                set_file: Path | None = typer.Option(None, "--set", help="Store this policy JSON as the VM's "
                                                     "new policy (a running server pushes it at once)."),
                home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
-               json_out: bool = typer.Option(False, "--json", help="Print the policy as JSON.")) -> None:
+               json_out: bool = typer.Option(False, "--json", metavar="", help="Print the policy as JSON.")) -> None:
     """Show a VM's policy, or set a new one."""
     from vims.console import out, print_json
 
@@ -157,13 +157,13 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
                                       help="ZeroMQ endpoint of the control channel (CURVE)."),
           service: str | None = typer.Option(None, "--service", help="HOST:PORT of the protected service "
                                              "allowed connections are relayed to."),
-          demo_service: bool = typer.Option(False, "--demo-service", help="Protect a small line service of "
+          demo_service: bool = typer.Option(False, "--demo-service", metavar="", help="Protect a small line service of "
                                             "our own on loopback (answers each line with 'data: ...')."),
           metrics_port: int = typer.Option(9464, "--metrics-port", help="Prometheus endpoint on loopback "
                                            "(0: any free port)."),
           seconds: float | None = typer.Option(None, "--seconds", help="Stop after this many seconds."),
-          quiet: bool = typer.Option(False, "--quiet", help="Log only warnings."),
-          json_out: bool = typer.Option(False, "--json", help="Print the bound endpoints as one JSON line "
+          quiet: bool = typer.Option(False, "--quiet", metavar="", help="Log only warnings."),
+          json_out: bool = typer.Option(False, "--json", metavar="", help="Print the bound endpoints as one JSON line "
                                         "when ready (for scripts)."),
           ) -> None:
     """Run REM-S: the control channel, one gate per enrolled VM and the metrics endpoint."""
@@ -227,7 +227,8 @@ def simulate(keys: Path | None = typer.Option(None, "--keys", help="The A-VM's a
              fail_check: str | None = typer.Option(None, "--fail-check", help="Report this check as failing."),
              seconds: float = typer.Option(30.0, "--seconds", help="How long to run."),
              home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
-             json_out: bool = typer.Option(False, "--json", help="Print the counts as JSON at the end.")) -> None:
+             json_out: bool = typer.Option(False, "--json", metavar="",
+                                           help="Print the counts as JSON at the end.")) -> None:
     """Run a simulated A-VM (real keys, real protocol, made-up measurements): to try REM-S without a guest."""
     import time
 
@@ -259,7 +260,7 @@ def _when(t: float | None) -> str:
 
 @remote_app.command("status")
 def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
-           json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+           json_out: bool = typer.Option(False, "--json", metavar="", help="Print as JSON.")) -> None:
     """Every enrolled A-VM: its VM, gate port, policy, last report and last decision; and totals."""
     from rich.table import Table
 
@@ -290,7 +291,7 @@ def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
 def history(vm: str = typer.Argument(..., help="The VM id."),
             limit: int = typer.Option(50, "--limit", help="How many of the latest reports and decisions."),
             home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
-            json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+            json_out: bool = typer.Option(False, "--json", metavar="", help="Print as JSON.")) -> None:
     """A VM's latest reports and gate decisions, each with its reason (newest first)."""
     from rich.table import Table
 

@@ -29,7 +29,8 @@ def _train(
     far: float = typer.Option(0.05, help="Target false-alarm rate of the calibrated threshold."),
     cv: int = typer.Option(None, help="Folds of the out-of-fold calibration scores (default 5; the ensemble's "
                            "own default is 3, and --cv sets it)."),
-    per_program: bool = typer.Option(False, "--per-program", help="Fit a model set: one detector per program "
+    per_program: bool = typer.Option(False, "--per-program", metavar="",
+                                     help="Fit a model set: one detector per program "
                                      "with enough traces, and a fallback for the rest (what the A-VM streams)."),
     min_traces: int = typer.Option(5, help="With --per-program: the traces a program needs for its own model."),
     as_json: bool = JSON,

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
                                   "code page of every process)."),
         guest: str = typer.Option("vims-guest", "--name", help="The guest started by `vims guest up`."),
         output: Path = typer.Option(None, "--output", "-o", help="Also write the rows as Parquet here."),
-        json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+        json_out: bool = typer.Option(False, "--json", metavar="", help="Print the rows as JSON."),
     ) -> None:
         """Check the running guest's integrity from outside: kernel text, system call table, the code of
         running programs, hidden processes. Exit status 1 when a check fails or cannot run."""

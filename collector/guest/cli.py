@@ -15,7 +15,7 @@ guest_app = typer.Typer(
 )
 
 NAME = typer.Option("vims-guest", "--name", help="Name of the detached guest.")
-JSON = typer.Option(False, "--json", help="Print JSON.")
+JSON = typer.Option(False, "--json", metavar="", help="Print JSON.")
 IMAGE = typer.Option(
     "mini", "--image", help="mini: the busybox guest; debian: a Debian bookworm system (2 vCPUs, 1 GiB)."
 )
@@ -43,7 +43,7 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
 
 @guest_app.command("build")
 def build(
-    force: bool = typer.Option(False, "--force", help="Rebuild even when the cache is up to date."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Rebuild even when the cache is up to date."),
     image_name: str = IMAGE,
     as_json: bool = JSON,
 ) -> None:
@@ -86,7 +86,7 @@ def up(
     name: str = NAME,
     memory: int = typer.Option(0, "--memory", help="Guest RAM in MiB (0: 256 mini, 1024 debian)."),
     image_name: str = IMAGE,
-    pti: bool = typer.Option(False, "--pti", help="Debian guest: add pti=on to its command line."),
+    pti: bool = typer.Option(False, "--pti", metavar="", help="Debian guest: add pti=on to its command line."),
     gate_port: int = typer.Option(
         0, "--gate-port", help="Host port the guest's client connects to (0: a free one)."
     ),
