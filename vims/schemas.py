@@ -81,6 +81,7 @@ CHECK_SCHEMA = _named(
         pa.field("detail", pa.string()),
         pa.field("cost", pa.string(), nullable=False),  # light | deep
         pa.field("ts_ns", pa.uint64(), nullable=False),
+        pa.field("fields", pa.string()),  # JSON object: the check's declared columns and their values
     ],
 )
 

@@ -7,13 +7,18 @@ every subclass registers itself under its :attr:`Check.name` (:func:`registry`).
 ``pass``, ``fail`` or ``error``. :func:`run_checks` runs a selection and returns the rows as an Arrow
 table in :data:`vims.schemas.CHECK_SCHEMA`.
 
+What a check finds is declared, as the columns of a Volatility 3 ``TreeGrid``: :attr:`Check.columns`
+names and types each finding (:class:`Column`), and :meth:`Check.row` takes them as keywords into
+:attr:`Row.fields`; ``detail`` stays the same finding in words.
+
 >>> class Always(Check, register=False):
 ...     '''Passes.'''
 ...     name = "always"
+...     columns = (Column("address", "hex"),)
 ...     def run(self, ctx):
-...         yield self.row("everything", "pass", "fine")
->>> [r.status for r in Always().run(None)]
-['pass']
+...         yield self.row("everything", "pass", "fine", address=0xffff0000)
+>>> [(r.status, r.fields) for r in Always().run(None)]
+[('pass', {'address': 4294901760})]
 """
 
 from __future__ import annotations
@@ -34,11 +39,71 @@ if TYPE_CHECKING:
 
 STATUSES = ("pass", "fail", "error")
 COSTS = ("light", "deep")
+#: The types a :class:`Column` may have, and the Python type of their values (``hex``: an address).
+COLUMN_TYPES: dict[str, type] = {"str": str, "int": int, "hex": int, "bool": bool}
+
+
+@dataclass(frozen=True)
+class Column:
+    """A finding a check declares: its name and type (``str``, ``int``, ``hex`` or ``bool``).
+
+    A ``hex`` column holds an integer (an address) shown in hexadecimal. Any column may be ``None``
+    on a row that did not find that thing (a ``pass`` row, an ``error`` row).
+
+    Parameters
+    ----------
+    name : str
+        The keyword :meth:`Check.row` takes it by, and its key in :attr:`Row.fields`.
+    type : str
+        One of :data:`COLUMN_TYPES`.
+
+    Examples
+    --------
+    >>> page = Column("page", "hex")
+    >>> page.accepts(0x1000), page.accepts("0x1000"), page.accepts(True), page.accepts(None)
+    (True, False, False, True)
+    >>> page.render(0xffffffff81000000)
+    '0xffffffff81000000'
+    >>> Column("page", "address")
+    Traceback (most recent call last):
+    ...
+    TypeError: column 'page' has type 'address': one of str, int, hex, bool
+    """
+
+    name: str
+    type: str = "str"
+
+    def __post_init__(self) -> None:
+        if self.type not in COLUMN_TYPES:
+            raise TypeError(f"column {self.name!r} has type {self.type!r}: one of {', '.join(COLUMN_TYPES)}")
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is of this column's type, or ``None`` (a bool is not an ``int``)."""
+        if value is None:
+            return True
+        if self.type in ("int", "hex") and isinstance(value, bool):
+            return False
+        return isinstance(value, COLUMN_TYPES[self.type])
+
+    def render(self, value: Any) -> str:
+        """``value`` as a table shows it (``hex`` in hexadecimal, ``None`` empty)."""
+        if value is None:
+            return ""
+        return f"{value:#x}" if self.type == "hex" else str(value)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One result of a check: what was checked (``target``) and how it went."""
+    """One result of a check: what was checked (``target``), how it went, and what it found.
+
+    Attributes
+    ----------
+    check, target, status, detail, cost, ts_ns
+        The columns of :data:`vims.schemas.CHECK_SCHEMA` (``detail``: the finding in words).
+    fields : dict
+        The check's declared :attr:`Check.columns` and their values on this row (empty when the
+        check declares none).
+    """
 
     check: str
     target: str
@@ -46,10 +111,22 @@ class Row:
     detail: str | None = None
     cost: str = "light"
     ts_ns: int = field(default_factory=time.time_ns)
+    fields: dict[str, Any] = field(default_factory=dict, hash=False)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "target": self.target, "status": self.status, "detail": self.detail,
-                "cost": self.cost, "ts_ns": self.ts_ns}
+    def as_dict(self, with_fields: bool = False) -> dict[str, Any]:
+        """The row's :data:`vims.schemas.CHECK_SCHEMA` columns as a dict, and ``fields`` if asked.
+
+        >>> row = Row("c", "t", "fail", "bad", ts_ns=1, fields={"nr": 3})
+        >>> row.as_dict()
+        {'check': 'c', 'target': 't', 'status': 'fail', 'detail': 'bad', 'cost': 'light', 'ts_ns': 1}
+        >>> row.as_dict(with_fields=True)["fields"]
+        {'nr': 3}
+        """
+        out: dict[str, Any] = {"check": self.check, "target": self.target, "status": self.status,
+                               "detail": self.detail, "cost": self.cost, "ts_ns": self.ts_ns}
+        if with_fields:
+            out["fields"] = dict(self.fields)
+        return out
 
 
 @dataclass
@@ -117,8 +194,9 @@ class Context:
 class Check(ABC):
     """A static integrity check.
 
-    Subclasses set :attr:`name`, :attr:`cost`, :attr:`symbols` and :attr:`members`, and write
-    :meth:`run`. The first line of the class docstring is the check's description.
+    Subclasses set :attr:`name`, :attr:`cost`, :attr:`symbols`, :attr:`members` and
+    :attr:`columns`, and write :meth:`run`. The first line of the class docstring is the check's
+    description.
     """
 
     #: The name users select the check by (``vims check --check NAME``).
@@ -129,12 +207,17 @@ class Check(ABC):
     symbols: ClassVar[tuple[str, ...]] = ()
     #: ``(struct, member)`` pairs the check reads.
     members: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: What the check finds, declared: the keywords :meth:`row` takes (every row carries them all).
+    columns: ClassVar[tuple[Column, ...]] = ()
 
     _registry: ClassVar[dict[str, type[Check]]] = {}
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         """Register each check under its :attr:`name` (``class X(Check, register=False)`` does not)."""
         super().__init_subclass__(**kwargs)
+        names = [getattr(c, "name", None) for c in cls.columns]
+        if len(set(names)) != len(names) or not all(isinstance(c, Column) for c in cls.columns):
+            raise TypeError(f"check {cls.__qualname__}: its columns must be Column objects with distinct names")
         if not register:
             return
         if not cls.name:
@@ -158,9 +241,56 @@ class Check(ABC):
                 out.append(f"{struct}.{member}")
         return out
 
-    def row(self, target: str, status: str, detail: str | None = None) -> Row:
-        """A result row of this check."""
-        return Row(self.name, target, status, detail, self.cost)
+    def row(self, target: str, status: str, detail: str | None = None, **fields: Any) -> Row:
+        """A result row of this check, with its declared :attr:`columns` (those not given are ``None``).
+
+        Parameters
+        ----------
+        target : str
+            What was checked.
+        status : str
+            ``pass``, ``fail`` or ``error``.
+        detail : str, optional
+            The finding in words.
+        **fields
+            Values of the check's declared columns.
+
+        Raises
+        ------
+        TypeError
+            A field the check does not declare, or a value not of its column's type (a programming
+            error in the check, not a user's mistake).
+
+        Examples
+        --------
+        >>> class Table(Check, register=False):
+        ...     '''Example.'''
+        ...     name = "table"
+        ...     columns = (Column("nr", "int"), Column("entry", "hex"))
+        ...     def run(self, ctx):
+        ...         return iter(())
+        >>> Table().row("read (0)", "fail", nr=0).fields
+        {'nr': 0, 'entry': None}
+        >>> Table().row("read (0)", "fail", symbol="x")
+        Traceback (most recent call last):
+        ...
+        TypeError: check 'table' has no column 'symbol' (its columns: nr, entry)
+        >>> Table().row("read (0)", "fail", nr="0")
+        Traceback (most recent call last):
+        ...
+        TypeError: check 'table': column 'nr' is int, not str ('0')
+        """
+        declared = {c.name: c for c in self.columns}
+        for key, value in fields.items():
+            column = declared.get(key)
+            if column is None:
+                raise TypeError(f"check {self.name!r} has no column {key!r} "
+                                f"(its columns: {', '.join(declared) or 'none'})")
+            if not column.accepts(value):
+                raise TypeError(f"check {self.name!r}: column {key!r} is {column.type}, "
+                                f"not {type(value).__name__} ({value!r})")
+        return Row(self.name, target, status, detail, self.cost,
+                   fields={name: fields.get(name) for name in declared})
 
     @abstractmethod
     def run(self, ctx: Context) -> Iterator[Row]:
@@ -214,12 +344,20 @@ def run_checks(ctx: Context, checks: Iterable[Check]) -> list[Row]:
 
 
 def rows_table(rows: Iterable[Row]) -> pa.Table:
-    """The rows as an Arrow table in :data:`vims.schemas.CHECK_SCHEMA`."""
+    """The rows as an Arrow table in :data:`vims.schemas.CHECK_SCHEMA`.
+
+    Its ``fields`` column is the JSON of each row's :attr:`Row.fields` (null when the row has none).
+
+    >>> rows_table([Row("c", "t", "fail", ts_ns=1, fields={"page": 4096})]).column("fields").to_pylist()
+    ['{"page": 4096}']
+    """
+    import json
+
     import pyarrow as pa
 
     from vims.schemas import CHECK_SCHEMA
 
-    dicts = [r.as_dict() for r in rows]
+    dicts = [{**r.as_dict(), "fields": json.dumps(r.fields) if r.fields else None} for r in rows]
     return pa.Table.from_pylist(dicts, schema=CHECK_SCHEMA)
 
 

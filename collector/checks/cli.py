@@ -23,6 +23,60 @@ def guest_context(name: str = "vims-guest") -> Any:
         raise
 
 
+def tables(rows: list[Any]) -> list[Any]:
+    """One :class:`rich.table.Table` per check of ``rows``: target, status, its declared columns
+    (:attr:`~vims.collector.checks.base.Check.columns`) and the detail.
+
+    Parameters
+    ----------
+    rows : list of Row
+        The rows, in the order the checks ran (the tables come in that order).
+    """
+    from rich.table import Table
+
+    from vims.collector.checks.base import Column, registry
+
+    checks = registry()
+    by_check: dict[str, list[Any]] = {}
+    for r in rows:
+        by_check.setdefault(r.check, []).append(r)
+    out = []
+    for name, group in by_check.items():
+        known = checks.get(name)
+        # a check not in the registry (one made with register=False) shows its fields as text
+        columns = known.columns if known is not None else tuple(Column(k) for k in group[0].fields)
+        table = Table(title=name, title_justify="left")
+        for column in ("target", "status", *(c.name for c in columns), "detail"):
+            table.add_column(column, overflow="fold")
+        for r in group:
+            values = [c.render(r.fields.get(c.name)) for c in columns]
+            table.add_row(r.target, f"[{_STYLE[r.status]}]{r.status}[/]", *values, r.detail or "")
+        out.append(table)
+    return out
+
+
+def show(rows: list[Any], guest: str, json_out: bool = False) -> None:
+    """Print check rows: as JSON (each with its ``fields``), or one table per check (:func:`tables`).
+
+    Parameters
+    ----------
+    rows : list of Row
+        The rows, in the order the checks ran.
+    guest : str
+        The guest's name (in the heading).
+    json_out : bool
+        Print JSON instead of tables.
+    """
+    from vims.console import out, print_json
+
+    if json_out:
+        print_json([r.as_dict(with_fields=True) for r in rows])
+        return
+    out.print(f"integrity checks of guest {guest!r}")
+    for table in tables(rows):
+        out.print(table)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("check")
     def check(
@@ -39,7 +93,6 @@ def register(app: typer.Typer) -> None:
         """Check the running guest's integrity from outside: kernel text, system call table, the code of
         running programs, hidden processes. Exit status 1 when a check fails or cannot run."""
         from vims.collector.checks.base import rows_table, run_checks, select
-        from vims.console import out, print_json
 
         checks = select(names or None, deep=deep)
         ctx = guest_context(guest)
@@ -51,16 +104,6 @@ def register(app: typer.Typer) -> None:
             from vims.tables import write_table
 
             write_table(rows_table(rows), output)
-        if json_out:
-            print_json([r.as_dict() for r in rows])
-        else:
-            from rich.table import Table
-
-            table = Table(title=f"integrity checks of guest {guest!r}", title_justify="left")
-            for column in ("check", "target", "status", "detail"):
-                table.add_column(column, overflow="fold")
-            for r in rows:
-                table.add_row(r.check, r.target, f"[{_STYLE[r.status]}]{r.status}[/]", r.detail or "")
-            out.print(table)
+        show(rows, guest, json_out)
         if any(r.status != "pass" for r in rows):
             raise typer.Exit(1)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from vims.collector.checks.base import Check, Context, Row
+from vims.collector.checks.base import Check, Column, Context, Row
 from vims.collector.kernel import MAX_LIST, KernelView
 from vims.collector.memory import GuestMemoryError
 
@@ -76,6 +76,10 @@ class HiddenProcesses(Check):
     members = (("pid_namespace", "idr"), ("idr", "idr_rt"), ("xarray", "xa_head"), ("xa_node", "slots"),
                ("pid", "numbers"), ("upid", "nr"), ("pid", "tasks"), ("task_struct", "pid_links"),
                ("task_struct", "thread_node"), ("signal_struct", "thread_head"))
+    #: A failing row is one task: its pid, name and ``task_struct``, the view that has it
+    #: (``seen_in``) and the one that does not (``missing_from``): ``task list`` or ``init_pid_ns``.
+    columns = (Column("pid", "int"), Column("comm"), Column("task", "hex"), Column("seen_in"),
+               Column("missing_from"))
 
     #: How many times a difference must be seen before it counts, and the pause between readings.
     rounds = 3
@@ -104,11 +108,16 @@ class HiddenProcesses(Check):
             if attempt + 1 < self.rounds:
                 time.sleep(self.pause)
         for pid in sorted(hidden or ()):
-            yield self.row(f"pid {pid} ({self._comm(kernel, allocated[pid])})", "fail",
-                           f"task {allocated[pid]:#x} has pid {pid} in init_pid_ns but is not in the task list")
+            comm = str(self._comm(kernel, allocated[pid]))
+            yield self.row(f"pid {pid} ({comm})", "fail",
+                           f"task {allocated[pid]:#x} has pid {pid} in init_pid_ns but is not in the task list",
+                           pid=pid, comm=comm, task=allocated[pid], seen_in="init_pid_ns",
+                           missing_from="task list")
         for pid in sorted(unlisted or ()):
-            yield self.row(f"pid {pid} ({self._comm(kernel, listed[pid])})", "fail",
-                           "in the task list but its pid is not allocated in init_pid_ns")
+            comm = str(self._comm(kernel, listed[pid]))
+            yield self.row(f"pid {pid} ({comm})", "fail",
+                           "in the task list but its pid is not allocated in init_pid_ns",
+                           pid=pid, comm=comm, task=listed[pid], seen_in="task list", missing_from="init_pid_ns")
         if not hidden and not unlisted:
             yield self.row("task list", "pass", f"{len(listed)} tasks in the task list, {len(allocated)} "
                            "with a pid in init_pid_ns: the same")

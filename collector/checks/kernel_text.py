@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vims.collector.checks.base import Check, Context, Row, symbol_name
+from vims.collector.checks.base import Check, Column, Context, Row, symbol_name
 from vims.collector.memory import PAGE_SIZE
 
 NOP5 = bytes.fromhex("0f1f440000")
@@ -80,6 +80,10 @@ class KernelText(Check):
     name = "kernel-text"
     cost = "light"
     symbols = ("_stext", "_etext")
+    #: A failing row is one changed page: the function its first change falls in (``symbol``, at
+    #: ``offset`` bytes), the change's ``address``, and how many runs and bytes of the page changed.
+    columns = (Column("page", "hex"), Column("symbol"), Column("offset", "int"), Column("address", "hex"),
+               Column("changes", "int"), Column("bytes", "int"))
 
     #: Seconds to wait before reading changed pages again.
     settle = 0.05
@@ -138,12 +142,16 @@ class KernelText(Check):
             names = sorted({profile.symbol_at(c.start)[0] for c in bad})
             where = ", ".join(f"{symbol_name(profile, c.start)} ({c.end - c.start} bytes)" for c in bad[:8])
             more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+            symbol, offset = profile.symbol_at(bad[0].start)
             yield self.row(", ".join(names), "fail",
-                           f"page {start + page * PAGE_SIZE:#x} differs from the reference at {where}{more}")
+                           f"page {start + page * PAGE_SIZE:#x} differs from the reference at {where}{more}",
+                           page=start + page * PAGE_SIZE, symbol=str(symbol), offset=int(offset),
+                           address=bad[0].start, changes=len(bad), bytes=sum(c.end - c.start for c in bad))
         if runtime:
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(runtime.items()))
             yield self.row("runtime patch sites", "pass",
-                           f"{sum(runtime.values())} changes are the kernel's own runtime patching ({kinds})")
+                           f"{sum(runtime.values())} changes are the kernel's own runtime patching ({kinds})",
+                           changes=sum(runtime.values()))
         if not foreign:
             yield self.row("kernel text", "pass", f"{npages} pages match the reference apart from runtime "
                            "patch sites")

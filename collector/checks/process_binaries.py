@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vims.collector.checks.base import Check, Context, Row
+from vims.collector.checks.base import Check, Column, Context, Row
 from vims.collector.kernel import KernelView
 from vims.collector.memory import PAGE_SIZE, GuestMemoryError
 
@@ -75,7 +75,8 @@ class _Seen:
     pids: list[int] = field(default_factory=list)
     compared: int = 0
     absent: int = 0
-    bad: list[str] = field(default_factory=list)
+    #: ``(page address, pid, file offset)`` of each differing page.
+    bad: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def rootfs_file(rootfs: Path, path: str) -> Path | None:
@@ -108,6 +109,13 @@ class ProcessBinaries(Check):
     cost = "deep"
     symbols = ("init_task",)
     members = (("mm_struct", "exe_file"), ("mm_struct", "start_code"), ("mm_struct", "end_code"))
+    #: A row is one executable: its ``path``, whether the reference image has it (``in_image``), how
+    #: many processes run it, code pages compared / absent / differing, and the first differing page
+    #: (``page``, the ``pid`` it was read in and its ``file_offset``; ``pid`` is the lowest pid when
+    #: no page differs).
+    columns = (Column("path"), Column("in_image", "bool"), Column("processes", "int"), Column("pid", "int"),
+               Column("compared", "int"), Column("absent", "int"), Column("differing", "int"),
+               Column("page", "hex"), Column("file_offset", "hex"))
 
     def run(self, ctx: Context) -> Iterator[Row]:
         rootfs = ctx.reference.rootfs
@@ -150,20 +158,26 @@ class ProcessBinaries(Check):
                 s.compared += 1
                 if hashlib.sha256(data).digest() != elf.page_hash(offset) and \
                         self._still_differs(kernel, task.addr, task.mm, page, elf.page_hash(offset)):
-                    s.bad.append(f"{page:#x} (pid {task.pid}, file offset {offset:#x})")
+                    s.bad.append((page, task.pid, offset))
         for exe, s in sorted(stats.items()):
-            pids = ", ".join(map(str, sorted(s.pids)[:10])) + (", ..." if len(s.pids) > 10 else "")
-            if elves.get(exe) is None:
-                yield self.row(exe, "fail", f"not an executable of the reference image (pids {pids})")
-                continue
-            bad = s.bad
-            counts = f"{s.compared} code pages compared, {s.absent} not present in the page tables"
-            if bad:
-                shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-                yield self.row(exe, "fail", f"{len(bad)} code pages differ from the reference: {shown} "
-                               f"({counts}; pids {pids})")
-            else:
-                yield self.row(exe, "pass", f"{counts}; all match (pids {pids})")
+            yield self._row(exe, s, elves.get(exe) is not None)
+
+    def _row(self, exe: str, s: _Seen, in_image: bool) -> Row:
+        """The row of executable ``exe``."""
+        pids = ", ".join(map(str, sorted(s.pids)[:10])) + (", ..." if len(s.pids) > 10 else "")
+        fields = {"path": exe, "in_image": in_image, "processes": len(s.pids), "pid": min(s.pids)}
+        if not in_image:
+            return self.row(exe, "fail", f"not an executable of the reference image (pids {pids})", **fields)
+        fields.update(compared=s.compared, absent=s.absent, differing=len(s.bad))
+        counts = f"{s.compared} code pages compared, {s.absent} not present in the page tables"
+        if not s.bad:
+            return self.row(exe, "pass", f"{counts}; all match (pids {pids})", **fields)
+        page, pid, offset = s.bad[0]
+        fields.update(page=page, pid=pid, file_offset=offset)
+        bad = [f"{p:#x} (pid {t}, file offset {o:#x})" for p, t, o in s.bad]
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        return self.row(exe, "fail", f"{len(bad)} code pages differ from the reference: {shown} "
+                        f"({counts}; pids {pids})", **fields)
 
     @staticmethod
     def _still_differs(kernel: KernelView, task: int, mm: int, page: int, expected: bytes) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from vims.collector.checks.base import Check, Context, Row, symbol_name
+from vims.collector.checks.base import Check, Column, Context, Row, symbol_name
 from vims.collector.kernel import unpack_u64s
 from vims.syscalls import names as syscall_names
 
@@ -43,6 +43,10 @@ class SyscallTable(Check):
     name = "syscall-table"
     cost = "light"
     symbols = ("sys_call_table", "__x64_sys_ni_syscall")
+    #: A failing row is one entry: its number and system call, where it points (``entry``, named by
+    #: ``points_to``) and the handler it should point to (``expected`` at ``expected_entry``).
+    columns = (Column("nr", "int"), Column("syscall"), Column("entry", "hex"), Column("points_to"),
+               Column("expected"), Column("expected_entry", "hex"))
 
     def run(self, ctx: Context) -> Iterator[Row]:
         profile, kernel = ctx.profile, ctx.kernel
@@ -62,6 +66,8 @@ class SyscallTable(Check):
                 bad += 1
                 label = f"{name or 'unused'} ({nr})"
                 yield self.row(label, "fail", f"sys_call_table[{nr}] points to {symbol_name(profile, entry)} "
-                               f"({entry:#x}), not {symbol} ({expected:#x})")
+                               f"({entry:#x}), not {symbol} ({expected:#x})",
+                               nr=nr, syscall=name, entry=entry, points_to=symbol_name(profile, entry),
+                               expected=symbol, expected_entry=expected)
         if not bad:
             yield self.row("sys_call_table", "pass", f"all {count} entries point to their handlers")

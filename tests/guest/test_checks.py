@@ -87,6 +87,8 @@ def test_a_write_into_kernel_text_fails_naming_the_function(guest: Any, ctx: Con
     assert len(bad) == 1 and bad[0].status == "fail"
     assert bad[0].target == QUIET_FUNCTION
     assert f"{QUIET_FUNCTION}+0x10 (1 bytes)" in bad[0].detail
+    assert bad[0].fields == {"page": addr & ~0xFFF, "symbol": QUIET_FUNCTION, "offset": 0x10, "address": addr,
+                             "changes": 1, "bytes": 1}
     assert not failures(after)
 
 
@@ -107,6 +109,7 @@ def test_a_flipped_jump_label_is_the_kernels_own_patching(guest: Any, ctx: Conte
         rows = run(ctx, "kernel-text")
     assert not failures(rows), failures(rows)
     assert any(r.target == "runtime patch sites" and "1 jump labels" in r.detail for r in rows)
+    assert all(r.fields["changes"] >= 1 for r in rows if r.target == "runtime patch sites")
 
 
 def test_a_changed_syscall_table_entry_fails_naming_the_syscall(guest: Any, ctx: Context) -> None:
@@ -118,6 +121,9 @@ def test_a_changed_syscall_table_entry_fails_naming_the_syscall(guest: Any, ctx:
     bad = failures(rows)
     assert [r.target for r in bad] == [f"vhangup ({nr})"]
     assert "__x64_sys_ni_syscall" in bad[0].detail and "not __x64_sys_vhangup" in bad[0].detail
+    assert bad[0].fields == {"nr": nr, "syscall": "vhangup", "entry": evil, "points_to": "__x64_sys_ni_syscall",
+                             "expected": "__x64_sys_vhangup",
+                             "expected_entry": ctx.profile.symbol("__x64_sys_vhangup")}
     assert not failures(run(ctx, "syscall-table"))
 
 
@@ -132,6 +138,8 @@ def test_a_hidden_process_is_found(guest: Any, ctx: Context) -> None:
         assert httpd.pid not in {t.pid for t in kernel.tasks()}
         rows = run(ctx, "hidden-processes")
     assert [r.target for r in failures(rows)] == [f"pid {httpd.pid} (httpd)"]
+    assert failures(rows)[0].fields == {"pid": httpd.pid, "comm": "httpd", "task": httpd.addr,
+                                        "seen_in": "init_pid_ns", "missing_from": "task list"}
     assert not failures(run(ctx, "hidden-processes"))
 
 
@@ -145,6 +153,10 @@ def test_the_tamper_scenario_fails_naming_the_program(guest: Any, guest_image: A
     bad = failures(rows)
     assert [r.target for r in bad] == [program], rows
     assert "1 code pages differ from the reference" in bad[0].detail
+    found = bad[0].fields
+    assert (found["path"], found["in_image"], found["differing"]) == (program, True, 1)
+    assert found["page"] is not None and found["file_offset"] is not None
+    assert f"{found['page']:#x} (pid {found['pid']}, file offset {found['file_offset']:#x})" in bad[0].detail
     assert not failures(run(ctx, "process-binaries"))
 
 
@@ -166,6 +178,8 @@ def test_vims_check_command(guest: Any, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr + done.stdout
         rows = json.loads(done.stdout)
         assert {r["check"] for r in rows} == {"kernel-text", "syscall-table", "hidden-processes"}
+        for r in rows:  # each row shows its check's declared columns
+            assert list(r["fields"]) == [c.name for c in registry()[r["check"]].columns]
         from vims.schemas import CHECK_SCHEMA
         from vims.tables import read_table
 
