@@ -18,7 +18,8 @@ Two layers:
 A report's content is what the A-VM measured: ``behaviour``, ``checks``, ``events``, ``collector``,
 ``measured_at``, ``model`` (see :mod:`vims.remote.protocol`). The session *stamps* it once
 (:func:`stamped`: ``vm_id``, ``avm_id``, ``seq``, ``time``, ``nonce``, ``interval_s``,
-``policy_version``, from its own state), encodes it once and signs those bytes (:func:`seal_report`).
+``policy_version``, from its own state), encodes it once and signs those bytes
+(:func:`~vims.remote.protocol.seal_report`).
 
 >>> from vims.remote.keys import AvmIdentity
 >>> s = AvmSession(AvmIdentity.generate("avm-1"), {"checks": ["kernel-text"]})
