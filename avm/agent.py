@@ -3,9 +3,11 @@
 :class:`Agent` owns a :class:`~vims.avm.pipeline.Pipeline` (scorer workers) and a
 :class:`~vims.avm.report.ReportBuilder`. Sources call :meth:`Agent.send` with event batches (never
 blocks) and :meth:`Agent.set_checks` with check rows; :meth:`Agent.tick` makes a report when the
-interval is over and hands it to every sink (print, file, REM-S). The sources are
-:func:`vims.avm.ingest.ingest` (a collector in another process) and :func:`vims.avm.guest_source.trace_guest`
-(the agent traces the guest itself); :class:`vims.avm.remote_sink.RemoteSink` sends reports to REM-S.
+interval is over: the builder's content, stamped once by :attr:`Agent.stamp`, goes to every sink (print,
+file, the demo's timeline). The sources are :func:`vims.avm.ingest.ingest` (a collector in another process)
+and :func:`vims.avm.guest_source.trace_guest` (the agent traces the guest itself);
+:class:`vims.avm.remote_sink.RemoteSink` becomes the stamp with REM-S: its session stamps, signs and sends
+each report, and the sinks see the document it sent.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import pyarrow as pa
 
 from vims.avm.pipeline import Pipeline
 from vims.avm.report import ReportBuilder
-
-Report = dict[str, Any]
+from vims.avm.stamp import LocalStamp, Report, Stamp
 
 
 def model_digest(model: Any) -> dict[str, str] | None:
@@ -73,9 +74,11 @@ class Agent:
         self.interval_s = interval_s
         self.sinks: list[Callable[[Report], None]] = []
         self.collector_health: Callable[[], dict[str, Any]] = dict
+        #: Adds seq, time, nonce, ... to each report's content (REM-S's session with a RemoteSink).
+        self.stamp: Stamp = LocalStamp(vm_id, avm_id, lambda: self.interval_s)
+        #: The latest report, and its content (what a nonce request is answered with).
         self.last: Report | None = None
-        self.nonce: str | None = None
-        self.policy_version: int | None = None
+        self.last_content: Report | None = None
         #: The running tracer, when the agent traces the guest itself (REM-S's tracing policy goes to it).
         self.tracer: Any = None
         self._next = 0.0
@@ -109,16 +112,15 @@ class Agent:
         self.interval_s = self.builder.interval_s = float(interval_s)
 
     def report(self, nonce: str | None = None) -> Report:
-        """Make a report now (closing the current interval) and hand it to the sinks."""
+        """Make a report now (closing the current interval), stamp it and hand it to the sinks."""
         with self._report_lock:
             try:
                 health = dict(self.collector_health())
             except Exception as exc:  # a broken health probe must not stop reporting
                 health = {"state": "unknown", "error": f"{type(exc).__name__}: {exc}"}
-            report = self.builder.report(self.pipeline.counts(), health, self.pipeline.latency_quantiles(),
-                                         nonce=nonce if nonce is not None else self.nonce,
-                                         policy_version=self.policy_version)
-            self.last = report
+            content = self.builder.content(self.pipeline.counts(), health, self.pipeline.latency_quantiles())
+            report = self.stamp(content, nonce)
+            self.last, self.last_content = report, content
             self._next = time.monotonic() + self.interval_s
         for sink in self.sinks:
             sink(report)

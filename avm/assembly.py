@@ -23,7 +23,8 @@ class AvmRun:
     agent : Agent
         The agent (not started yet).
     client : vims.remote.client.AvmClient, optional
-        Reports go to REM-S through it (a :class:`~vims.avm.remote_sink.RemoteSink`).
+        Reports go to REM-S through it: a :class:`~vims.avm.remote_sink.RemoteSink` becomes the agent's
+        stamp, so the sinks get the documents REM-S got.
     sinks : list of callable
         More places every report goes (printer, file, the demo's timeline).
     """
@@ -38,7 +39,7 @@ class AvmRun:
         self.failure: list[BaseException] = []
         agent.sinks.extend(sinks)
         if client is not None:
-            agent.sinks.append(RemoteSink(agent, client))
+            RemoteSink(agent, client)  # the agent's stamp from now on
 
     def start(self, wait_policy: float | None = None) -> dict[str, Any] | None:
         """Start the scorer workers and the REM-S client; with ``wait_policy`` s, return REM-S's policy."""

@@ -3,13 +3,15 @@
 A report is one JSON document, in exactly the shape REM-S checks (:mod:`vims.remote.protocol`,
 :func:`~vims.remote.protocol.check_report`); the keys below ``behaviour``, ``events`` and
 ``collector`` beyond the ones REM-S needs are allowed and signed with the rest. ``vims avm run --json``
-and ``vims avm replay --json`` print one per line::
+and ``vims avm replay --json`` print one per line (with REM-S, the very document sent to it)::
 
-    {"vm_id": "vm-1", "avm_id": "avm-1",
+    {"vm_id": "vm-1", "avm_id": "avm-1",   # the stamp (vims.avm.stamp; with REM-S, its session's)
      "seq": 17,                     # per A-VM, from 1, strictly increasing
      "time": 1764240000.25,         # unix seconds when the report was made
-     "nonce": null,                 # the latest REM-S nonce (filled in by the REM-S client)
+     "nonce": null,                 # the REM-S nonce it answers (null without REM-S)
      "interval_s": 1.0,             # the reporting interval
+     "policy_version": 3,           # the REM-S policy it was made under (null without REM-S)
+     # the content (ReportBuilder.content):
      "measured_at": 1764240000.25,  # unix seconds when this interval's measurements closed
      "model": {"sha256": "9f2c...", "path": "model-set.skops"},  # the model file that scored
      "behaviour": {
@@ -84,8 +86,7 @@ from typing import Any
 
 import pyarrow as pa
 
-#: Keys of a report REM-S fills in itself when the report goes through its client.
-SESSION_KEYS = ("vm_id", "avm_id", "seq", "time", "nonce", "interval_s", "policy_version")
+from vims.avm.stamp import LocalStamp
 
 
 @dataclass
@@ -107,12 +108,14 @@ class _Interval:
 
 
 class ReportBuilder:
-    """Accumulate scorer results and make integrity reports.
+    """Accumulate scorer results and make the content of integrity reports (:meth:`content`).
+
+    The stamp (seq, time, nonce, ...) is not the builder's: :mod:`vims.avm.stamp` adds it.
 
     Parameters
     ----------
     vm_id, avm_id : str
-        Who the reports are about and who makes them.
+        Who the reports are about and who makes them (for :meth:`report`).
     interval_s : float
         The reporting interval (recorded in each report).
     threshold : float
@@ -142,13 +145,13 @@ class ReportBuilder:
         self.horizon = horizon
         self.keep_scores = keep_scores
         self._recent: deque[dict[tuple[int, str], _Interval]] = deque(maxlen=max(1, horizon))
-        self.seq = 0
         self.checks: dict[tuple[str, str], dict[str, Any]] = {}
         self._interval: dict[tuple[int, str], _Interval] = {}
         self._scores: OrderedDict[tuple[int, str], tuple[float, int, str]] = OrderedDict()
         self._last_counts: dict[str, int] = {}
         self._names: OrderedDict[int, tuple[str, int | None]] = OrderedDict()  # pid -> (program, ppid)
         self._lock = threading.Lock()
+        self._stamp = LocalStamp(vm_id, avm_id, lambda: self.interval_s)  # report()'s, not an agent's
 
     # -- input ----------------------------------------------------------------------------------------
     def add(self, result: pa.Table, meta: Mapping[str, str] | None = None) -> None:
@@ -242,7 +245,7 @@ class ReportBuilder:
 
     def content(self, counts: Mapping[str, Any], collector: Mapping[str, Any] | None = None,
                 latency: Mapping[str, float | None] | None = None) -> dict[str, Any]:
-        """A report without the keys REM-S's client fills in (:data:`SESSION_KEYS`); starts a new interval.
+        """A report's content (everything but its stamp, :mod:`vims.avm.stamp`); starts a new interval.
 
         ``counts`` is :meth:`vims.avm.pipeline.Pipeline.counts`; ``collector`` the collector's health
         (its ``dropped`` events are added to the events dropped).
@@ -267,17 +270,9 @@ class ReportBuilder:
         return content
 
     def report(self, counts: Mapping[str, Any], collector: Mapping[str, Any] | None = None,
-               latency: Mapping[str, float | None] | None = None, nonce: str | None = None,
-               policy_version: int | None = None) -> dict[str, Any]:
-        """A whole report document (for ``--json`` and files); starts a new interval."""
-        content = self.content(counts, collector, latency)  # measured first: measured_at <= time
-        self.seq += 1
-        doc: dict[str, Any] = {"vm_id": self.vm_id, "avm_id": self.avm_id, "seq": self.seq, "time": time.time(),
-                               "nonce": nonce, "interval_s": self.interval_s}
-        if policy_version is not None:
-            doc["policy_version"] = policy_version
-        doc.update(content)
-        return doc
+               latency: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+        """:meth:`content` with a local stamp of this builder's own (a builder used without an agent)."""
+        return self._stamp(self.content(counts, collector, latency))  # measured first: measured_at <= time
 
 
 def _merge(intervals: Iterable[dict[tuple[int, str], _Interval]]) -> dict[tuple[int, str], _Interval]:

@@ -12,11 +12,14 @@ Two layers:
     nonce, and at once when REM-S sends a nonce request), or
   * leaves reports to the agent: events arrive on :attr:`AvmClient.events` (or ``on_event``) as
     ``(kind, body)`` with kind ``policy``, ``nonce``, ``ack`` or ``error``, and the agent calls
-    :meth:`AvmClient.send_report` (thread-safe, never blocks) with the report's content.
+    :meth:`AvmClient.send_report` (thread-safe, never blocks) with the report's content; it returns the
+    document it sent.
 
-A report's content is the report document without the fields the session fills in (``vm_id``,
-``avm_id``, ``seq``, ``time``, ``nonce``, ``interval_s``, ``policy_version``), i.e. ``behaviour``,
-``checks``, ``events`` and ``collector`` (see :mod:`vims.remote.protocol`).
+A report's content is what the A-VM measured: ``behaviour``, ``checks``, ``events``, ``collector``,
+``measured_at``, ``model`` (see :mod:`vims.remote.protocol`). The session *stamps* it once
+(:func:`stamped`: ``vm_id``, ``avm_id``, ``seq``, ``time``, ``nonce``, ``interval_s``,
+``policy_version``, from its own state), encodes it once and signs those bytes
+(:func:`~vims.remote.protocol.seal_report`).
 
 >>> from vims.remote.keys import AvmIdentity
 >>> s = AvmSession(AvmIdentity.generate("avm-1"), {"checks": ["kernel-text"]})
@@ -42,17 +45,43 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
 from vims.errors import VimsError
 from vims.remote.keys import AvmIdentity
-from vims.remote.protocol import SERVER_TYPES, ProtocolError, envelope, parse_envelope, sign_report
+from vims.remote.protocol import SERVER_TYPES, ProtocolError, envelope, parse_envelope, seal_report
 
 log = logging.getLogger(__name__)
 
 Event = tuple[str, dict[str, Any]]
+
+
+def stamped(content: dict[str, Any], vm_id: str, avm_id: str, seq: int, nonce: str | None, interval_s: float,
+            policy_version: int | None) -> dict[str, Any]:
+    """A report document: who, which, when and under what policy (the *stamp*), then ``content``.
+
+    The one place the stamp's keys are added, for reports to REM-S (:meth:`AvmSession.seal`) and for
+    reports made without it (:class:`vims.avm.stamp.LocalStamp`). ``time`` is now.
+
+    >>> doc = stamped({"checks": []}, "vm-1", "avm-1", 7, None, 1.0, 2)
+    >>> [k for k in doc if k != "time"]
+    ['vm_id', 'avm_id', 'seq', 'nonce', 'interval_s', 'policy_version', 'events', 'collector', 'checks']
+    """
+    doc: dict[str, Any] = {"vm_id": vm_id, "avm_id": avm_id, "seq": seq, "time": time.time(), "nonce": nonce,
+                           "interval_s": float(interval_s), "policy_version": policy_version,
+                           "events": {"seen": 0, "dropped": 0, "missing": 0}, "collector": {}, "checks": []}
+    doc.update(content)
+    return doc
+
+
+class Sealed(NamedTuple):
+    """A stamped report, its canonical encoding and the signature over it."""
+
+    doc: dict[str, Any]
+    text: bytes
+    sig: str
 
 
 class AvmSession:
@@ -83,7 +112,7 @@ class AvmSession:
         self.accepted = 0
         self.rejected: collections.Counter[str] = collections.Counter()
 
-    def _frame(self, kind: str, body: dict[str, Any], sig: str | None = None) -> bytes:
+    def _frame(self, kind: str, body: dict[str, Any] | bytes, sig: str | None = None) -> bytes:
         self.out_seq += 1
         return envelope(kind, self.identity.avm_id, self.out_seq, body, sig)
 
@@ -126,25 +155,41 @@ class AvmSession:
         if isinstance(body.get("nonce"), str):
             self.nonce = body["nonce"]
 
-    def report(self, content: dict[str, Any], nonce: str | None = None) -> bytes:
-        """Complete, sign and frame a report; ``nonce`` defaults to the latest one from REM-S not yet used.
+    def seal(self, content: dict[str, Any], nonce: str | None = None) -> Sealed:
+        """Stamp and sign a report (:class:`Sealed`); :meth:`frame` makes its message when it is sent.
 
-        A nonce goes into one report only; ``policy_version`` is the version this session acknowledged.
+        The session's state is the truth for the stamp (:func:`stamped`): ``seq`` is its next sequence
+        number, ``nonce`` defaults to the latest one from REM-S not yet used (a nonce goes into one report
+        only), ``policy_version`` is the version it acknowledged. The document is encoded once for both
+        the signature and the frame.
+
+        >>> from vims.remote.keys import AvmIdentity
+        >>> s = AvmSession(AvmIdentity.generate("avm-1"))
+        >>> _ = s.handle(envelope("policy", "rem-s", 1, {"vm_id": "vm-1", "policy": {}, "version": 3, "nonce": "ab"}))
+        >>> sealed = s.seal({"checks": []})
+        >>> sealed.doc["seq"], sealed.doc["nonce"], sealed.doc["policy_version"], s.nonce
+        (1, 'ab', 3, None)
+        >>> parse_envelope(s.frame(sealed))["body"] == sealed.doc
+        True
         """
         if self.policy is None or self.vm_id is None:
             raise VimsError("no policy from REM-S yet: cannot report")
-        doc: dict[str, Any] = {"events": {"seen": 0, "dropped": 0, "missing": 0}, "collector": {}, "checks": []}
-        doc.update(content)
         nonce = nonce or self.nonce
-        doc.update({"vm_id": self.vm_id, "avm_id": self.identity.avm_id, "seq": self.next_seq,
-                    "time": time.time(), "nonce": nonce,
-                    "interval_s": float(self.policy.get("interval_s", 1.0)),
-                    "policy_version": self.policy["version"]})
-        sig = sign_report(doc, self.signing_key)  # raises on an unencodable report: the nonce stays unused
+        doc = stamped(content, self.vm_id, self.identity.avm_id, self.next_seq, nonce,
+                      float(self.policy.get("interval_s", 1.0)), self.policy["version"])
+        text, sig = seal_report(doc, self.signing_key)  # raises on an unencodable report: seq, nonce unused
         self.next_seq += 1
         if nonce is not None and nonce == self.nonce:
             self.nonce = None  # each REM-S nonce is answered at most once
-        return self._frame("report", doc, sig)
+        return Sealed(doc, text, sig)
+
+    def frame(self, sealed: Sealed) -> bytes:
+        """The ``report`` message of a sealed report (next in this connection's message sequence)."""
+        return self._frame("report", sealed.text, sealed.sig)
+
+    def report(self, content: dict[str, Any], nonce: str | None = None) -> bytes:
+        """Stamp, sign and frame a report (:meth:`seal`, then :meth:`frame`)."""
+        return self.frame(self.seal(content, nonce))
 
 
 def dealer(ctx: zmq.Context[Any], identity: AvmIdentity, server_public: str, endpoint: str) -> zmq.Socket[Any]:
@@ -196,7 +241,8 @@ class AvmClient:
         self.sent = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self._ctx = context or zmq.Context.instance()
-        self._outbox: queue.Queue[tuple[dict[str, Any], str | None]] = queue.Queue()
+        self._outbox: queue.Queue[Sealed] = queue.Queue()  # sealed reports, in seq order
+        self._lock = threading.Lock()  # the session: the client thread and send_report's callers
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -223,10 +269,30 @@ class AvmClient:
         assert self.session.policy is not None
         return self.session.policy
 
-    def send_report(self, content: dict[str, Any], nonce: str | None = None) -> None:
-        """Queue a report (thread-safe, never blocks); the client thread signs and sends it."""
-        self._outbox.put((content, nonce))
+    def send_report(self, content: dict[str, Any], nonce: str | None = None) -> dict[str, Any] | None:
+        """Stamp and sign a report and queue it (thread-safe, never blocks); return the document queued.
+
+        None when nothing can be sent: no policy from REM-S yet, or content JSON cannot hold (both
+        counted in :attr:`errors`). The client thread sends the queued frames in order.
+        """
+        sealed = self._seal(content, nonce)
+        if sealed is None:
+            return None
+        self._outbox.put(sealed)
         self._wake()
+        return sealed.doc
+
+    def _seal(self, content: dict[str, Any], nonce: str | None) -> Sealed | None:
+        with self._lock:
+            if self.session.policy is None:  # REM-S has not answered the hello yet: nothing to sign for
+                self.errors["no_policy_yet"] += 1
+                return None
+            try:
+                return self.session.seal(content, nonce)
+            except (TypeError, ValueError) as exc:  # NaN or an object JSON cannot hold: the agent's bug
+                self.errors["unencodable_report"] += 1
+                log.error("report not sent: %s", exc)
+                return None
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -275,17 +341,13 @@ class AvmClient:
             return None
 
     def _report(self, sock: zmq.Socket[Any], content: dict[str, Any] | None, nonce: str | None) -> None:
-        if content is None:
-            return
-        if self.session.policy is None:  # REM-S has not answered the hello yet: nothing to sign for
-            self.errors["no_policy_yet"] += 1
-            return
-        try:
-            frame = self.session.report(content, nonce)
-        except (TypeError, ValueError) as exc:  # NaN or an object JSON cannot hold: the agent's bug
-            self.errors["unencodable_report"] += 1
-            log.error("report not sent: %s", exc)
-            return
+        sealed = None if content is None else self._seal(content, nonce)
+        if sealed is not None:
+            self._send_report(sock, sealed)
+
+    def _send_report(self, sock: zmq.Socket[Any], sealed: Sealed) -> None:
+        with self._lock:
+            frame = self.session.frame(sealed)
         self._send(sock, frame)
         self.sent += 1
 
@@ -294,7 +356,9 @@ class AvmClient:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        self._send(sock, self.session.hello())
+        with self._lock:
+            hello = self.session.hello()
+        self._send(sock, hello)
         next_periodic = 0.0
         try:
             while not self._stopping.is_set():
@@ -313,10 +377,10 @@ class AvmClient:
                         self._on_frame(sock, frame)
                 while True:
                     try:
-                        content, nonce = self._outbox.get_nowait()
+                        sealed = self._outbox.get_nowait()
                     except queue.Empty:
                         break
-                    self._report(sock, content, nonce)
+                    self._send_report(sock, sealed)
                 if self.source and self.session.policy and time.monotonic() >= next_periodic:
                     next_periodic = time.monotonic() + float(self.session.policy.get("interval_s", 1.0))
                     self._report(sock, self._produce(None), None)
@@ -325,7 +389,8 @@ class AvmClient:
 
     def _on_frame(self, sock: zmq.Socket[Any], frame: bytes) -> None:
         try:
-            events, replies = self.session.handle(frame)
+            with self._lock:
+                events, replies = self.session.handle(frame)
         except ProtocolError as exc:
             self.errors[exc.reason] += 1
             log.warning("unusable message from REM-S: %s", exc)

@@ -124,37 +124,52 @@ class ProtocolError(ValueError):
         super().__init__(f"{reason}: {detail}")
 
 
+#: The one JSON encoder of the protocol: sorted keys, no spaces, UTF-8 text, no NaN or infinity.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(obj: Any) -> bytes:
     """The canonical encoding that signatures cover.
 
     >>> canonical({"b": 1.5, "a": [1, "é"]})
     b'{"a":[1,"\\xc3\\xa9"],"b":1.5}'
     """
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
-def digest(report: dict[str, Any]) -> str:
-    """SHA-256 of the canonical report (hex): how the history tells a replay from a new report."""
-    return hashlib.sha256(canonical(report)).hexdigest()
+def _encoded(report: dict[str, Any] | bytes) -> bytes:
+    """``report``'s canonical encoding: bytes are taken as already canonical (encoded once by the caller)."""
+    return report if isinstance(report, bytes) else canonical(report)
 
 
-def sign_report(report: dict[str, Any], key: Ed25519PrivateKey) -> str:
-    """The hex Ed25519 signature of ``report``.
+def digest(report: dict[str, Any] | bytes) -> str:
+    """SHA-256 of the canonical report (hex): how the history tells a replay from a new report.
+
+    ``report`` may be its canonical bytes already (:func:`canonical`), so a caller encodes it once.
+    """
+    return hashlib.sha256(_encoded(report)).hexdigest()
+
+
+def sign_report(report: dict[str, Any] | bytes, key: Ed25519PrivateKey) -> str:
+    """The hex Ed25519 signature of ``report`` (a document, or its canonical bytes).
 
     >>> key = Ed25519PrivateKey.generate()
     >>> sig = sign_report({"seq": 1}, key)
     >>> verify_report({"seq": 1}, sig, key.public_key())
+    >>> verify_report(canonical({"seq": 1}), sig, key.public_key())
     >>> verify_report({"seq": 2}, sig, key.public_key())
     Traceback (most recent call last):
     ...
     vims.remote.protocol.ProtocolError: bad_signature: signature does not verify
     """
-    return key.sign(SIGN_CONTEXT + canonical(report)).hex()
+    return key.sign(SIGN_CONTEXT + _encoded(report)).hex()
 
 
-def verify_report(report: dict[str, Any], sig: Any, key: Ed25519PublicKey) -> None:
-    """Raise :class:`ProtocolError` (``unsigned`` or ``bad_signature``) unless ``sig`` signs ``report``."""
+def verify_report(report: dict[str, Any] | bytes, sig: Any, key: Ed25519PublicKey) -> None:
+    """Raise :class:`ProtocolError` (``unsigned`` or ``bad_signature``) unless ``sig`` signs ``report``.
+
+    ``report`` is the document, or its canonical bytes (:func:`canonical`) when the caller has them.
+    """
     if sig is None or sig == "":
         raise ProtocolError("unsigned", "report carries no signature")
     if not isinstance(sig, str) or len(sig) != 128:
@@ -164,23 +179,43 @@ def verify_report(report: dict[str, Any], sig: Any, key: Ed25519PublicKey) -> No
     except ValueError:
         raise ProtocolError("bad_signature", "signature is not hex") from None
     try:
-        key.verify(raw, SIGN_CONTEXT + canonical(report))
+        key.verify(raw, SIGN_CONTEXT + _encoded(report))
     except InvalidSignature:
         raise ProtocolError("bad_signature", "signature does not verify") from None
     except ValueError as exc:  # a value canonical() refuses (cannot happen after json.loads)
         raise ProtocolError("malformed", str(exc)) from None
 
 
-def envelope(kind: str, sender: str, seq: int, body: dict[str, Any], sig: str | None = None) -> bytes:
-    """Encode one message.
+def envelope(kind: str, sender: str, seq: int, body: dict[str, Any] | bytes, sig: str | None = None) -> bytes:
+    """Encode one message; ``body`` may be its canonical bytes already (a report encoded once, then signed).
+
+    The result is ``canonical`` of the whole envelope either way (``body`` sorts first among its keys).
 
     >>> envelope("hello", "avm-1", 1, {"capabilities": {}})
     b'{"body":{"capabilities":{}},"sender":"avm-1","seq":1,"type":"hello","v":1}'
+    >>> envelope("hello", "avm-1", 1, canonical({"capabilities": {}}))
+    b'{"body":{"capabilities":{}},"sender":"avm-1","seq":1,"type":"hello","v":1}'
+    >>> envelope("report", "avm-1", 2, b'{"seq":1}', "ab")
+    b'{"body":{"seq":1},"sender":"avm-1","seq":2,"sig":"ab","type":"report","v":1}'
     """
-    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": kind, "sender": sender, "seq": seq, "body": body}
+    head: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": kind, "sender": sender, "seq": seq}
     if sig is not None:
-        msg["sig"] = sig
-    return canonical(msg)
+        head["sig"] = sig
+    return b'{"body":' + _encoded(body) + b"," + _ENCODER.encode(head).encode("utf-8")[1:]
+
+
+def seal_report(report: dict[str, Any], key: Ed25519PrivateKey) -> tuple[bytes, str]:
+    """``(canonical bytes, hex signature)`` of ``report``: encoded once, for the signature and the frame.
+
+    Raises ``TypeError`` or ``ValueError`` for a report JSON cannot hold (NaN, an object).
+
+    >>> key = Ed25519PrivateKey.generate()
+    >>> text, sig = seal_report({"seq": 1}, key)
+    >>> msg = parse_envelope(envelope("report", "avm-1", 3, text, sig))
+    >>> verify_report(msg["body"], msg["sig"], key.public_key())
+    """
+    text = canonical(report)
+    return text, sign_report(text, key)
 
 
 def _is_int(x: Any) -> TypeGuard[int]:

@@ -93,7 +93,7 @@ def test_reports_reach_rems_which_gates_on_them(tmp_path, model, live_collector)
                    interval_s=0.3) as agent, \
                 live_collector(agent, model.normal_):
             client = AvmClient(identity, dep.endpoint, dep.keys.public)
-            agent.sinks.append(RemoteSink(agent, client))
+            RemoteSink(agent, client)  # stamps, signs and sends every report
             client.start()
             client.wait_policy(20)
             stop = threading.Event()

@@ -28,7 +28,7 @@ def test_agent_reports_are_accepted_and_let_its_client_through(tmp_path, live_co
         with agent_mod.Agent(tmp_path / "model.skops", vm_id="vm-1", avm_id="avm-1", workers=1,
                              interval_s=0.5) as agent, \
                 live_collector(agent, traces):
-            agent.sinks.append(RemoteSink(agent, client))
+            RemoteSink(agent, client)  # stamps, signs and sends every report
             client.start()
 
             def every_interval() -> None:
