@@ -125,8 +125,9 @@ def test_normal_scenario_events(guest: Guest, normal_a: tuple[TraceResult, Sysca
     for pid, tgid, comm in seen:
         assert last[int(pid)]["comm"] == comm and last[int(pid)]["tgid"] == int(tgid), (pid, comm)
     # the listening server: started at boot, so the lowest pid (pidof lists the newest first, and a child
-    # httpd forked for a request after the trace ended cannot be in it)
-    httpd_pid = min(int(p) for p in guest.run("pidof httpd").split())
+    # httpd forked for a request after the trace ended cannot be in it); only the pids: the control line
+    # once carried a late "cat: ..." of the listing above
+    httpd_pid = min(int(p) for p in guest.run("pidof httpd").split() if p.isdigit())
     assert any(r["pid"] == httpd_pid and r["comm"] == "httpd" for r in rows)
 
 
