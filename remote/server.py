@@ -421,14 +421,16 @@ class RemsServer:
         nonce = body.get("nonce") if isinstance(body.get("nonce"), str) else None
         seq = body.get("seq") if isinstance(body.get("seq"), int) and not isinstance(body.get("seq"), bool) \
             and 0 <= body["seq"] < 2**63 else None
+        text: str | None = None
         try:
-            text = canonical(body).decode()
-            verify_report(body, msg.get("sig"), st.verify)
+            encoded = canonical(body)  # encoded once: the signature, the digest and the history all use it
+            text = encoded.decode()
+            verify_report(encoded, msg.get("sig"), st.verify)
             check_report(body)
             if body["avm_id"] != st.avm_id or body["vm_id"] != st.vm_id:
                 raise ProtocolError("wrong_sender", f"report names {body['avm_id']}/{body['vm_id']}, the key "
                                                     f"is enrolled as {st.avm_id}/{st.vm_id}")
-            d = digest(body)
+            d = digest(encoded)
             if body["seq"] <= st.last_seq:
                 if self.store.seen_report(st.avm_id, body["seq"], d):
                     raise ProtocolError("replayed", f"report seq {body['seq']} was accepted before")
@@ -452,7 +454,7 @@ class RemsServer:
                 raise ProtocolError("stale", f"nonce issued {age:.1f} s ago (limit {deadline:g})")
         except ProtocolError as exc:
             await self._reject(st, exc.reason, exc.detail, seq=seq, nonce=nonce, received=received,
-                               document=canonical(body).decode()[:65536] if exc.reason != "malformed" else None)
+                               document=text[:65536] if text is not None and exc.reason != "malformed" else None)
             self._answer_refusal(st, seq, nonce, exc.reason, exc.detail)
             return
         allowed, reason = evaluate(body, policy, received)
