@@ -299,76 +299,12 @@ class Guest:
         console = run_dir / "console.log"
         gate = gate_port if gate_port is not None else free_port()
         accel = machine.accel or ("kvm" if kvm_available() else "tcg")
-        memory_mb, cpu = machine.memory_mb, machine.cpu
-        debian = isinstance(image, DebianImage)
-        cmd = [
-            QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-accel", f"{accel},thread=multi" if accel == "tcg" and machine.smp > 1 else accel,
-            "-cpu", cpu, "-smp", str(machine.smp), "-m", f"{memory_mb}M",
-            "-object",
-            f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={memory_path},share=on",
-            "-machine", "pc,memory-backend=mem",
-            "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
-            "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
-            "-gdb", f"tcp:127.0.0.1:{gdb_port}",
-            "-pidfile", str(run_dir / "qemu.pid"),
-        ]  # fmt: skip
-        ports: dict[str, int] = {}
-        if isinstance(image, DebianImage):
-            ports = {"ssh_port": free_port(), "http_port": free_port()}
-            cmd += _debian_devices(image, ports, gate_port, machine.extra_args)
-        else:
-            append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
-            cmd += [
-                "-append", append,
-                "-chardev", f"socket,id=control,host=127.0.0.1,port={control_port},server=on,wait=off",
-                "-serial", "chardev:control",
-                "-chardev", f"socket,id=gate,host=127.0.0.1,port={gate},reconnect=1",
-                "-serial", "chardev:gate",
-            ]  # fmt: skip
-        if capture_kallsyms is not None:
-            cmd += ["-chardev", f"file,id=ksyms,path={capture_kallsyms}", "-serial", "chardev:ksyms"]
-        log = open(run_dir / "qemu.log", "wb")  # noqa: SIM115  (QEMU writes it for its whole life)
-        try:
-            process = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=detach,
-                preexec_fn=None if detach else _pdeathsig,
-            )
-        finally:
-            log.close()
+        cmd, ports = _qemu_command(image, name, machine, accel, memory_path, console, run_dir, gdb_port,
+                                   control_port, gate, gate_port, capture_kallsyms)
+        process = _spawn(cmd, run_dir / "qemu.log", detach)
         started = time.time()
-        state: dict[str, Any] = {
-            "name": name,
-            "pid": process.pid,
-            "accel": accel,
-            "cpu": cpu,
-            "smp": machine.smp,
-            "kind": "debian" if debian else "mini",
-            "memory_mb": memory_mb,
-            "memory_path": str(memory_path),
-            "gdb_port": gdb_port,
-            "control_port": control_port,
-            "gate_port": gate,
-            "run_dir": str(run_dir),
-            "console_path": str(console),
-            "profile": str(image.profile),
-            "kernel": str(image.kernel),
-            "initramfs": str(image.initramfs),
-            "release": image.release,
-            "image": str(image.directory),
-            "started": started,
-            "detached": detach,
-            "command": cmd,
-            **ports,
-        }
-        if isinstance(image, DebianImage):
-            state["ssh_key"] = str(image.ssh_key)
-            state["kernel_args"] = " ".join((DEBIAN_KERNEL_ARGS, *machine.extra_args))
-            state["gate_guest"] = list(GATE_GUEST_ADDRESS) if gate_port is not None else None
+        state = _initial_state(image, name, machine, accel, process.pid, memory_path, run_dir, console, gdb_port,
+                               control_port, gate, gate_port, started, detach, cmd, ports)
         (run_dir / "state.json").write_text(json.dumps(state, indent=2))  # for reap_stale()
         guest = cls(state, process)
         try:
@@ -692,3 +628,92 @@ def _debian_devices(
         "-drive", f"file={image.disk},if=virtio,format=raw,snapshot=on",
         "-netdev", net, "-device", "virtio-net-pci,netdev=net0",
     ]  # fmt: skip
+
+
+def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine, accel: str, memory_path: Path,
+                  console: Path, run_dir: Path, gdb_port: int, control_port: int, gate: int,
+                  gate_port: int | None, capture_kallsyms: Path | None) -> tuple[list[str], dict[str, int]]:
+    """QEMU's command line for ``image``, and the host ports it forwards (ssh and http of a Debian guest)."""
+    memory_mb, cpu = machine.memory_mb, machine.cpu
+    cmd = [
+        QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-accel", f"{accel},thread=multi" if accel == "tcg" and machine.smp > 1 else accel,
+        "-cpu", cpu, "-smp", str(machine.smp), "-m", f"{memory_mb}M",
+        "-object",
+        f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={memory_path},share=on",
+        "-machine", "pc,memory-backend=mem",
+        "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
+        "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+        "-gdb", f"tcp:127.0.0.1:{gdb_port}",
+        "-pidfile", str(run_dir / "qemu.pid"),
+    ]  # fmt: skip
+    ports: dict[str, int] = {}
+    if isinstance(image, DebianImage):
+        ports = {"ssh_port": free_port(), "http_port": free_port()}
+        cmd += _debian_devices(image, ports, gate_port, machine.extra_args)
+    else:
+        append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
+        cmd += [
+            "-append", append,
+            "-chardev", f"socket,id=control,host=127.0.0.1,port={control_port},server=on,wait=off",
+            "-serial", "chardev:control",
+            "-chardev", f"socket,id=gate,host=127.0.0.1,port={gate},reconnect=1",
+            "-serial", "chardev:gate",
+        ]  # fmt: skip
+    if capture_kallsyms is not None:
+        cmd += ["-chardev", f"file,id=ksyms,path={capture_kallsyms}", "-serial", "chardev:ksyms"]
+    return cmd, ports
+
+
+def _spawn(cmd: list[str], log_path: Path, detach: bool) -> subprocess.Popen[bytes]:
+    """Start QEMU with its output in ``log_path``; a detached one outlives this process."""
+    log = open(log_path, "wb")  # noqa: SIM115  (QEMU writes it for its whole life)
+    try:
+        process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
+            preexec_fn=None if detach else _pdeathsig,
+        )
+    finally:
+        log.close()
+    return process
+
+
+def _initial_state(image: GuestImage | DebianImage, name: str, machine: _Machine, accel: str, pid: int,
+                   memory_path: Path, run_dir: Path, console: Path, gdb_port: int, control_port: int, gate: int,
+                   gate_port: int | None, started: float, detach: bool, cmd: list[str],
+                   ports: dict[str, int]) -> dict[str, Any]:
+    """What ``state.json`` says of a guest just started (``vims guest status`` and :meth:`Guest.attach` read it)."""
+    debian = isinstance(image, DebianImage)
+    state: dict[str, Any] = {
+        "name": name,
+        "pid": pid,
+        "accel": accel,
+        "cpu": machine.cpu,
+        "smp": machine.smp,
+        "kind": "debian" if debian else "mini",
+        "memory_mb": machine.memory_mb,
+        "memory_path": str(memory_path),
+        "gdb_port": gdb_port,
+        "control_port": control_port,
+        "gate_port": gate,
+        "run_dir": str(run_dir),
+        "console_path": str(console),
+        "profile": str(image.profile),
+        "kernel": str(image.kernel),
+        "initramfs": str(image.initramfs),
+        "release": image.release,
+        "image": str(image.directory),
+        "started": started,
+        "detached": detach,
+        "command": cmd,
+        **ports,
+    }
+    if isinstance(image, DebianImage):
+        state["ssh_key"] = str(image.ssh_key)
+        state["kernel_args"] = " ".join((DEBIAN_KERNEL_ARGS, *machine.extra_args))
+        state["gate_guest"] = list(GATE_GUEST_ADDRESS) if gate_port is not None else None
+    return state
