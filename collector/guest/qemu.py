@@ -249,15 +249,7 @@ class Guest:
         if memory_mb < 64:
             raise VimsError(f"memory_mb={memory_mb}: the guest needs at least 64 MiB")
         if detach:
-            existing = cls._state_file(name)
-            if existing.exists():
-                old = json.loads(existing.read_text())
-                if _pid_alive(int(old["pid"])):
-                    raise VimsError(
-                        f"a guest named {name!r} is already running (QEMU pid {old['pid']}): "
-                        f"`vims guest down --name {name}` or choose another name"
-                    )
-                existing.unlink()
+            cls._claim_name(name)
         for port, what in ((gdb_port, "GDB stub"), (control_port, "control")):
             if port is not None and _port_in_use(port):
                 raise MissingDependencyError(f"port {port} on 127.0.0.1 ({what}) is taken: choose another")
@@ -273,6 +265,19 @@ class Guest:
             except _PortTakenError as exc:  # another program took a free port between check and bind
                 last = exc
         raise MissingDependencyError(f"{last}: no free port found after {attempts} tries")
+
+    @classmethod
+    def _claim_name(cls, name: str) -> None:
+        """Make way for a detached guest called ``name``: refuse if one runs, forget a dead one's record."""
+        existing = cls._state_file(name)
+        if existing.exists():
+            old = json.loads(existing.read_text())
+            if _pid_alive(int(old["pid"])):
+                raise VimsError(
+                    f"a guest named {name!r} is already running (QEMU pid {old['pid']}): "
+                    f"`vims guest down --name {name}` or choose another name"
+                )
+            existing.unlink()
 
     @classmethod
     def _state_file(cls, name: str) -> Path:
