@@ -39,8 +39,8 @@ and ``vims avm replay --json`` print one per line (with REM-S, the very document
                          "started by exec.cgi[700] <- httpd[312] <- init[1]",
                          "rarest window, mean surprise 0.85:",
                          "*openat /etc/shadow @0x4012a3", " read @0x4012c8", ...]}]},
-     "checks": [{"check": "kernel-text", "target": "_text", "status": "pass", "detail": null,
-                 "cost": "deep", "ts_ns": 1764240000000000000}],   # latest result of every check
+     "checks": [{"check": "kernel-text", "target": "kernel text", "status": "pass", "detail": null,
+                 "cost": "light", "ts_ns": 1764240000000000000}],   # latest result of every check
      "events": {"seen": 51200, "scored": 51200,  # since the agent started
                 "dropped": 0,       # dropped and counted where they were dropped (a full queue)
                 "missing": 0,       # lost without such a count: gaps in the collector's event seq,
