@@ -121,12 +121,7 @@ def _decode_names(image: bytes, start: int, count: int, limit: int) -> tuple[lis
         if pos >= limit:
             return None
         starts.append(pos - start)
-        length = image[pos]
-        if length & 0x80:
-            length = (length & 0x7F) | (image[pos + 1] << 7)
-            pos += 2
-        else:
-            pos += 1
+        length, pos = _name_length(image, pos)
         if length == 0:
             return None
         pos += length
@@ -172,12 +167,7 @@ def read_symbols(image: bytes, tables: KallsymsTables | None = None) -> dict[str
     pos = t.names
     tokens = t.tokens
     for i in range(t.num_syms):
-        length = image[pos]
-        if length & 0x80:
-            length = (length & 0x7F) | (image[pos + 1] << 7)
-            pos += 2
-        else:
-            pos += 1
+        length, pos = _name_length(image, pos)
         text = b"".join(tokens[b] for b in image[pos : pos + length]).decode("latin-1")
         pos += length
         off = offsets[i]
@@ -216,3 +206,12 @@ def build_profile(vmlinuz: Path, release: str, metadata: dict[str, Any] | None =
         **(metadata or {}),
     }
     return make_profile(symbols, types, meta)
+
+
+def _name_length(image: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The length of the compressed name at ``pos`` (one byte, or two when the high bit is set: kernel
+    6.1+ names of more than 127 tokens) and where the name's tokens start."""
+    length = image[pos]
+    if length & 0x80:
+        return (length & 0x7F) | (image[pos + 1] << 7), pos + 2
+    return length, pos + 1

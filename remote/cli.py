@@ -8,7 +8,6 @@ REM-S keeps its files in one folder (``--home``; default ``$VIMS_REMOTE_HOME`` o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,9 @@ HOME_HELP = "REM-S's folder (keys and history); default $VIMS_REMOTE_HOME or ~/.
 
 
 def _home(home: Path | None) -> Path:
-    if home is not None:
-        return home.expanduser()
-    env = os.environ.get("VIMS_REMOTE_HOME")
-    if env:
-        return Path(env).expanduser()
-    from vims.paths import cache_dir
+    from vims.paths import home_dir
 
-    return cache_dir("remote")
+    return home_dir(home, "VIMS_REMOTE_HOME", "remote")
 
 
 def _store(home: Path, must_exist: bool = True) -> Any:

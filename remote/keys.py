@@ -52,14 +52,9 @@ AVM_DIR_HELP = "Where to write the keys; default $VIMS_AVM_HOME or ~/.cache/vims
 
 def avm_home(folder: Path | None) -> Path:
     """The A-VM's key folder: ``folder``, else ``$VIMS_AVM_HOME``, else ``~/.cache/vims/avm``."""
-    if folder is not None:
-        return folder.expanduser()
-    env = os.environ.get("VIMS_AVM_HOME")
-    if env:
-        return Path(env).expanduser()
-    from vims.paths import cache_dir
+    from vims.paths import home_dir
 
-    return cache_dir("avm")
+    return home_dir(folder, "VIMS_AVM_HOME", "avm")
 
 
 def check_id(value: str, what: str = "id") -> str:

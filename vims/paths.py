@@ -28,3 +28,13 @@ def cache_dir(*parts: str) -> Path:
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def home_dir(folder: Path | None, env: str, sub: str) -> Path:
+    """A part's home folder: ``folder`` when given, else ``$env``, else ``sub`` under the VIMS cache."""
+    if folder is not None:
+        return Path(folder).expanduser()
+    value = os.environ.get(env)
+    if value:
+        return Path(value).expanduser()
+    return cache_dir(sub)
