@@ -51,7 +51,7 @@ import zmq
 
 from vims.errors import VimsError
 from vims.remote.keys import AvmIdentity
-from vims.remote.protocol import SERVER_TYPES, ProtocolError, envelope, parse_envelope, seal_report
+from vims.remote.protocol import MAX_MESSAGE, SERVER_TYPES, ProtocolError, envelope, parse_envelope, seal_report
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,10 @@ class AvmSession:
         return self.frame(self.seal(content, nonce))
 
 
+#: Sealed reports waiting to be sent at most (at one a second, over a quarter of an hour of REM-S away).
+OUTBOX_MAX = 1000
+
+
 def dealer(ctx: zmq.Context[Any], identity: AvmIdentity, server_public: str, endpoint: str) -> zmq.Socket[Any]:
     """A DEALER socket set up as the CURVE client of REM-S, connected to ``endpoint``."""
     sock = ctx.socket(zmq.DEALER)
@@ -200,6 +204,7 @@ def dealer(ctx: zmq.Context[Any], identity: AvmIdentity, server_public: str, end
     sock.curve_publickey = identity.curve_public.encode()
     sock.curve_serverkey = server_public.encode()
     sock.sndhwm = 1000
+    sock.maxmsgsize = MAX_MESSAGE + 4096  # REM-S sends policies, nonces and acks: nothing near this
     sock.connect(endpoint)
     return sock
 
@@ -241,7 +246,7 @@ class AvmClient:
         self.sent = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self._ctx = context or zmq.Context.instance()
-        self._outbox: queue.Queue[Sealed] = queue.Queue()  # sealed reports, in seq order
+        self._outbox: queue.Queue[Sealed] = queue.Queue(maxsize=OUTBOX_MAX)  # sealed reports, in seq order
         self._lock = threading.Lock()  # the session: the client thread and send_report's callers
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -273,12 +278,21 @@ class AvmClient:
         """Stamp and sign a report and queue it (thread-safe, never blocks); return the document queued.
 
         None when nothing can be sent: no policy from REM-S yet, or content JSON cannot hold (both
-        counted in :attr:`errors`). The client thread sends the queued frames in order.
+        counted in :attr:`errors`), or :data:`OUTBOX_MAX` reports already wait to be sent (REM-S long
+        unreachable: ``errors["outbox_full"]``). The client thread sends the queued frames in order.
         """
+        if self._outbox.full():  # REM-S unreachable for long: refuse (counted) rather than grow
+            self.errors["outbox_full"] += 1
+            log.error("report not queued: %d reports wait to be sent already", OUTBOX_MAX)
+            return None
         sealed = self._seal(content, nonce)
         if sealed is None:
             return None
-        self._outbox.put(sealed)
+        try:
+            self._outbox.put_nowait(sealed)
+        except queue.Full:  # filled by another caller meanwhile: its seq stays unused, REM-S allows gaps
+            self.errors["outbox_full"] += 1
+            return None
         self._wake()
         return sealed.doc
 

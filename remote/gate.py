@@ -24,6 +24,7 @@ history cannot be written every new connection is refused. :class:`Gate` is comp
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -75,10 +76,15 @@ class Gate:
         The protected service (None: allowed connections get one ``VIMS ALLOW`` line).
     host : str
         Where the gates listen.
+    max_connections : int
+        The most connections one VM may have at once, waiting for their decision or relayed; one more
+        is refused (``VIMS DENY``, counted as ``vims_gate_refused_total{reason="busy"}``), so no VM can
+        exhaust REM-S's sockets and tasks for the others.
     """
 
     def __init__(self, history: HistoryWriter, metrics: Metrics, attest: Attest, verdict: Verdict,
-                 service: tuple[str, int] | None = None, host: str = "127.0.0.1") -> None:
+                 service: tuple[str, int] | None = None, host: str = "127.0.0.1",
+                 max_connections: int = 256) -> None:
         self.history = history
         self.metrics = metrics
         self.attest = attest
@@ -88,6 +94,8 @@ class Gate:
         self.servers: dict[int, asyncio.Server] = {}
         self.port_vm: dict[int, str] = {}
         self.open: dict[str, OpenConn] = {}
+        self.max_connections = max_connections
+        self.active: collections.Counter[str] = collections.Counter()  # vm_id -> connections being served
         self._conn_ids = itertools.count(1)
         self._closers: set[asyncio.Task[None]] = set()
 
@@ -156,8 +164,14 @@ class Gate:
         conn_id = f"{vm_id}#{next(self._conn_ids)}"
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self.active[vm_id] += 1
         try:
-            allowed, reason, seq, service_rw = await self._decide(vm_id)
+            if self.active[vm_id] > self.max_connections:
+                self.metrics.inc("vims_gate_refused_total", reason="busy")
+                allowed, reason, seq, service_rw = False, (f"too many connections from VM {vm_id} "
+                                                           f"(limit {self.max_connections})"), None, None
+            else:
+                allowed, reason, seq, service_rw = await self._decide(vm_id)
             latency = time.monotonic() - t0
             record = {"vm_id": vm_id, "conn_id": conn_id, "reason": reason, "peer": peer, "latency_s": latency,
                       "report_seq": seq, "at": time.time()}
@@ -184,6 +198,7 @@ class Gate:
         except Exception:
             log.exception("gate connection %s", conn_id)
         finally:
+            self.active[vm_id] -= 1
             writer.close()
 
     async def _relay(self, conn_id: str, vm_id: str, peer: str, reader: asyncio.StreamReader,

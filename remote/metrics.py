@@ -9,6 +9,9 @@ Series:
 - ``vims_frame_gaps_total``: sequence gaps seen on the control channel
 - ``vims_history_writable`` (1/0), ``vims_history_write_failures_total``: the history writer's health
 - ``vims_metrics_refused_total``: metrics connections beyond the cap, closed at once
+- ``vims_gate_listening{vm}`` (1/0), ``vims_gate_bind_failures_total{vm}``: a gate whose port is taken
+- ``vims_gate_refused_total{reason}``: gate connections refused before any decision (``busy``: the VM's cap)
+- ``vims_history_pruned_total{what}``: rows deleted and documents dropped by the retention policy
 
 >>> m = Metrics()
 >>> m.inc("vims_reports_rejected_total", reason="replayed")
@@ -42,6 +45,10 @@ HELP = {
     "vims_history_writable": ("gauge", "1 while REM-S's history can be written; 0: new connections refused."),
     "vims_history_write_failures_total": ("counter", "Failed attempts to write the history."),
     "vims_metrics_refused_total": ("counter", "Metrics connections closed at once (too many at a time)."),
+    "vims_gate_listening": ("gauge", "1 while the VM's gate listens; 0: its port could not be bound."),
+    "vims_gate_bind_failures_total": ("counter", "Gate ports that could not be bound, by VM (once per error)."),
+    "vims_gate_refused_total": ("counter", "Gate connections refused before a decision, by reason."),
+    "vims_history_pruned_total": ("counter", "History rows deleted and documents dropped by retention."),
     "vims_report_latency_seconds": ("histogram", "Nonce request to accepted report carrying it."),
     "vims_decision_latency_seconds": ("histogram", "Client connect to gate decision."),
 }

@@ -17,7 +17,9 @@ Policy document (JSON; REM-S adds ``version`` when it stores one; the text belon
      "max_missing_share": 0.05,           # events.interval dropped + missing at most this share of seen
      "check_slack_s": 2.0,                # a check result may be every_s + this old (or this far ahead)
      "max_measurement_age_s": 5.0,        # measured_at at most this old when REM-S receives the report
-     "models": []}                        # allowed model.sha256 digests (empty: any model)
+     "models": [],                        # allowed model.sha256 digests (empty: any model)
+     "history_days": 30.0,                # REM-S keeps this VM's reports and decisions this long,
+     "history_documents": 1000}           # and the signed documents of only its latest this many
 
 The evidence a report must carry to pass (else it is refused with the reason): a ``behaviour.score``
 (null means no scored windows: "no behaviour evidence"), ``collector.alive`` true, the interval's event
@@ -56,6 +58,8 @@ DEFAULT_POLICY: dict[str, Any] = {
     "check_slack_s": 2.0,
     "max_measurement_age_s": 5.0,
     "models": [],
+    "history_days": 30.0,
+    "history_documents": 1000,
 }
 
 
@@ -103,6 +107,10 @@ def normalise_policy(policy: Any, where: str = "policy") -> dict[str, Any]:
         out[key] = _num(out, key, where)
     out["max_missing_share"] = _num(out, "max_missing_share", where, 0.0, 1.0, open_lo=False)
     out["check_slack_s"] = _num(out, "check_slack_s", where, 0.0, open_lo=False)
+    out["history_days"] = _num(out, "history_days", where)
+    docs = out["history_documents"]
+    if isinstance(docs, bool) or not isinstance(docs, int) or docs < 0:
+        raise InputError(f"history_documents is not a count: {docs!r}", where=where)
     models = out["models"]
     if not isinstance(models, list) or not all(isinstance(m, str) and _SHA256.fullmatch(m) for m in models):
         raise InputError("models is not a list of SHA-256 digests (64 lowercase hex digits)", where=where)

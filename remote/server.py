@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 NONCES_KEPT = 256
+#: Refusals of unknown keys recorded per second at most, over all keys (the rest counted and summed up).
+UNATTRIBUTED_PER_S = 5
 
 
 @dataclass
@@ -72,7 +74,8 @@ class AvmState:
     rid: bytes | None = None  # ZeroMQ routing id of its current connection
     out_seq: int = 0
     in_seq: int = 0
-    nonces: collections.OrderedDict[str, float] = field(default_factory=collections.OrderedDict)
+    nonces: collections.OrderedDict[str, float] = field(default_factory=collections.OrderedDict)  # unanswered
+    used_nonces: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
     last_ok: float | None = None  # monotonic time of the last accepted report
     last_verdict: tuple[bool, str] | None = None
 
@@ -97,11 +100,21 @@ class RemsServer:
         Port of the Prometheus endpoint on loopback (0: any free port; None: no endpoint).
     poll_s : float
         How often open connections are checked against the deadline and the database for changes.
+    prune_every_s : float
+        How often the history is pruned to each VM's retention (policy ``history_days``,
+        ``history_documents``) and the rows of refused keys capped at ``max_unattributed``.
+    max_unattributed : int
+        The most rows kept that name no VM (refusals of unknown or revoked keys). Such refusals are
+        also recorded at most :data:`UNATTRIBUTED_PER_S` a second in all (one per key per second); the
+        rest are counted (``vims_reports_rejected_total``) and summed up in the next recorded one.
+    max_connections_per_vm : int
+        The most gate connections one VM may have at once (deciding or relayed); more are refused.
     """
 
     def __init__(self, store: Store, keys: ServerKeys, control: str = "tcp://127.0.0.1:0",
                  service: tuple[str, int] | None = None, gate_host: str = "127.0.0.1",
-                 metrics_port: int | None = 0, poll_s: float = 0.1) -> None:
+                 metrics_port: int | None = 0, poll_s: float = 0.1, prune_every_s: float = 60.0,
+                 max_unattributed: int = 10000, max_connections_per_vm: int = 256) -> None:
         self.store = store
         self.keys = keys
         self.control = control
@@ -109,6 +122,8 @@ class RemsServer:
         self.gate_host = gate_host
         self.metrics_port = metrics_port
         self.poll_s = poll_s
+        self.prune_every_s = prune_every_s
+        self.max_unattributed = max_unattributed
         self.metrics = Metrics()
         self.avms: dict[str, AvmState] = {}
         self.by_key: dict[str, str] = {}  # CURVE public (Z85) of unrevoked A-VMs -> avm_id
@@ -116,10 +131,13 @@ class RemsServer:
         self.policies: dict[str, dict[str, Any]] = {}
         self.waiters: dict[str, tuple[str, asyncio.Future[tuple[bool, str, int | None]]]] = {}
         self.history = HistoryWriter(store.path, self.metrics)
-        self.gate = Gate(self.history, self.metrics, self._attest, self._latest_verdict, service, gate_host)
+        self.gate = Gate(self.history, self.metrics, self._attest, self._latest_verdict, service, gate_host,
+                         max_connections=max_connections_per_vm)
         self.endpoint = ""
         self.metrics_bound: int | None = None
         self._unenrolled_logged: dict[str, float] = {}
+        self._unattributed = (0, 0, 0)  # (second, records in it, refusals not recorded since the last)
+        self.gate_errors: dict[str, str] = {}  # vm_id -> why its gate does not listen
         self._data_version = -1
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: asyncio.Server | None = None
@@ -252,22 +270,67 @@ class RemsServer:
             if old is not None and old["version"] != policy["version"] and st.rid is not None:
                 log.info("pushing policy v%d to %s", policy["version"], avm_id)
                 self._send_policy(st)
-            await self.gate.listen(st.gate_port, vm_id)
+        await self._listen_gates()
+
+    async def _listen_gates(self) -> None:
+        """Make every enrolled VM's gate listen; one VM's failure does not hold back the others.
+
+        A gate that cannot listen (its port taken) is logged and recorded once per new error (a
+        ``gate_error`` decision, shown by ``vims rems status``), counted in
+        ``vims_gate_bind_failures_total`` and shown as ``vims_gate_listening{vm} 0``; the watch loop
+        tries again every second. Its VM's clients cannot connect meanwhile: nothing is let through.
+        """
+        for vm_id, avm_id in self.by_vm.items():
+            port = self.avms[avm_id].gate_port
+            try:
+                await self.gate.listen(port, vm_id)
+            except VimsError as exc:
+                self.metrics.set("vims_gate_listening", 0, vm=vm_id)
+                if self.gate_errors.get(vm_id) != str(exc):
+                    self.gate_errors[vm_id] = str(exc)
+                    self.metrics.inc("vims_gate_bind_failures_total", vm=vm_id)
+                    log.error("%s", exc)
+                    self.history.submit("record_decision", vm_id=vm_id, conn_id="-", kind="gate_error",
+                                        reason=one_line(str(exc)))
+                continue
+            if self.gate_errors.pop(vm_id, None) is not None:
+                log.info("gate for VM %s listens again on port %d", vm_id, port)
+            self.metrics.set("vims_gate_listening", 1, vm=vm_id)
 
     async def _watch_loop(self) -> None:
         """Cut connections whose VM has no fresh report; pick up changes made in the database."""
-        last_db = 0.0
+        last_db = last_retry = 0.0
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(self.poll_s)
             now = time.monotonic()
             try:
                 self._check_deadlines()
+                if now - last_prune >= self.prune_every_s:
+                    last_prune = now
+                    self._prune()
                 if now - last_db >= 0.5:
                     last_db = now
                     if self.store.data_version() != self._data_version:
                         await self._reload()
+                    elif self.gate_errors and now - last_retry >= 1.0:
+                        last_retry = now
+                        await self._listen_gates()
             except Exception:
                 log.exception("watch loop")
+
+    def _prune(self) -> None:
+        """Queue a pruning of the history (in the writer's thread) to every VM's retention policy."""
+        limits = {vm: (float(p["history_days"]), int(p["history_documents"])) for vm, p in self.policies.items()}
+        future = self.history.submit("prune", retry=False, limits=limits, max_unattributed=self.max_unattributed)
+
+        def done(f: Any) -> None:
+            if f.exception() is None:
+                for what, n in f.result().items():
+                    if n:
+                        self.metrics.inc("vims_history_pruned_total", n, what=what)
+
+        future.add_done_callback(done)
 
     # -- ZAP: who may connect -------------------------------------------------------------------------
 
@@ -289,23 +352,33 @@ class RemsServer:
             return [version, request_id, b"200", b"OK", key.encode(), b""]
         self.metrics.inc("vims_reports_rejected_total", reason="unenrolled")
         now = time.monotonic()
-        # A refused peer retries every few hundred ms: count every refusal, record one per key per second.
-        if now - self._unenrolled_logged.get(key, -10.0) >= 1.0:
-            self._unenrolled_logged[key] = now
-            if len(self._unenrolled_logged) > 10000:
-                self._unenrolled_logged.clear()
-            revoked = any(st.curve_public == key for st in self.avms.values())
-            self.history.submit("record_report", avm_id=None, vm_id=None, seq=None, status="rejected",
-                                reason="unenrolled",
-                                     detail=one_line(f"{'revoked' if revoked else 'unknown'} CURVE key {key} "
-                                                  f"from {address.decode(errors='replace')}"))
-            log.warning("refused CURVE key %s from %s", key, address.decode(errors="replace"))
+        # A refused peer retries every few hundred ms, and anyone with REM-S's public key can make fresh
+        # keys: count every refusal; record one per key per second and UNATTRIBUTED_PER_S in all.
+        second, recorded, unrecorded = self._unattributed
+        if int(now) != second:
+            second, recorded = int(now), 0
+        if now - self._unenrolled_logged.get(key, -10.0) < 1.0 or recorded >= UNATTRIBUTED_PER_S:
+            self._unattributed = (second, recorded, unrecorded + 1)
+            return [version, request_id, b"400", b"key not enrolled", b"", b""]
+        self._unattributed = (second, recorded + 1, 0)
+        self._unenrolled_logged[key] = now
+        if len(self._unenrolled_logged) > 10000:
+            self._unenrolled_logged.clear()
+        revoked = any(st.curve_public == key for st in self.avms.values())
+        also = f" ({unrecorded} more refusals counted, not recorded, since the last)" if unrecorded else ""
+        self.history.submit("record_report", avm_id=None, vm_id=None, seq=None, status="rejected",
+                            reason="unenrolled",
+                            detail=one_line(f"{'revoked' if revoked else 'unknown'} CURVE key {key} "
+                                            f"from {address.decode(errors='replace')}{also}"))
+        log.warning("refused CURVE key %s from %s%s", key, address.decode(errors="replace"), also)
         return [version, request_id, b"400", b"key not enrolled", b"", b""]
 
     # -- the control channel --------------------------------------------------------------------------
 
     async def _control_loop(self) -> None:
         while True:
+            # libzmq delivers a multipart message whole (maxmsgsize bounds each frame, nothing bounds
+            # their number), so only an enrolled A-VM's key can make REM-S hold a big one, briefly.
             frames = await self.router.recv_multipart(copy=False)
             received = time.time()
             try:
@@ -446,9 +519,14 @@ class RemsServer:
                 raise ProtocolError("stale", f"report {when} by REM-S's clock (limit {deadline:g} s)")
             if nonce is None:
                 raise ProtocolError("stale", "report carries no nonce")
-            issued = st.nonces.get(nonce)
+            issued = st.nonces.pop(nonce, None)  # single use: a nonce answers one report
             if issued is None:
-                raise ProtocolError("stale", "nonce was not issued to this A-VM (or is long gone)")
+                why = "was answered before" if nonce in st.used_nonces else \
+                    "was not issued to this A-VM (or is long gone)"
+                raise ProtocolError("stale", f"nonce {why}")
+            st.used_nonces[nonce] = None
+            while len(st.used_nonces) > NONCES_KEPT:
+                st.used_nonces.popitem(last=False)
             age = time.monotonic() - issued
             if age > deadline:
                 raise ProtocolError("stale", f"nonce issued {age:.1f} s ago (limit {deadline:g})")
@@ -479,7 +557,7 @@ class RemsServer:
                                "nonce": self._new_nonce(st)})
         waiter = self.waiters.get(nonce) if nonce else None
         if waiter is not None and waiter[0] == st.avm_id and not waiter[1].done():
-            self.metrics.observe("vims_report_latency_seconds", time.monotonic() - st.nonces[nonce])
+            self.metrics.observe("vims_report_latency_seconds", time.monotonic() - issued)
             waiter[1].set_result((allowed, reason, body["seq"]))
         if not allowed:
             self.gate.cut_vm(st.vm_id, reason)

@@ -3,7 +3,8 @@
 Its knobs can be turned while it runs: ``score`` (the behaviour score it reports), ``failing_check``
 (a check name reported as ``fail``), ``silent`` (stops reporting and answering nonce requests, as a
 crashed or blocked A-VM would), ``collector_alive`` (False: the collector stopped), ``missing_events``
-(events lost per interval, of 100 seen), ``model_sha256``. Its reports carry complete evidence
+(events lost per interval, of 100 seen), ``model_sha256``, ``measurement_age_s`` (how old the
+measurements it signs are: an A-VM re-signing an earlier interval's results). Its reports carry complete evidence
 (``measured_at``, check times, interval counts, collector health, model digest).
 """
 
@@ -44,6 +45,7 @@ class SimulatedAvm(AvmClient):
         self.collector_alive = True
         self.missing_events = 0
         self.model_sha256 = SIMULATED_MODEL
+        self.measurement_age_s = 0.0
 
     def _content(self, nonce: str | None) -> dict[str, Any] | None:
         if self.silent:
@@ -52,7 +54,7 @@ class SimulatedAvm(AvmClient):
         now = time.time()
         lost = self.missing_events
         return {
-            "measured_at": now,
+            "measured_at": now - self.measurement_age_s,
             "behaviour": {"score": self.score, "threshold": threshold,
                           "top_processes": [] if self.score is None else
                           [{"pid": 1, "comm": "init", "score": self.score, "evidence": []}]},

@@ -218,6 +218,42 @@ class Store:
                 self.db.execute("UPDATE avms SET last_seq = MAX(last_seq, ?) WHERE avm_id = ?", (seq, avm_id))
         return int(cur.lastrowid or 0)
 
+    def prune(self, limits: dict[str, tuple[float, int]], max_unattributed: int,
+              now: float | None = None) -> dict[str, int]:
+        """Keep the history bounded: apply each VM's retention, cap the rows no VM owns.
+
+        ``limits`` maps a vm_id to ``(days, documents)`` (its policy's ``history_days`` and
+        ``history_documents``): its reports and decisions older than ``days`` are deleted, and only its
+        latest ``documents`` reports keep their signed document (the rest keep their digest, verdict and
+        reason). VMs with rows but not in ``limits`` (no longer enrolled) take the default policy's
+        limits. Rows that name no VM (refused keys) are capped at the newest ``max_unattributed``.
+        Returns how many rows were deleted and documents dropped.
+        """
+        from vims.remote.policy import DEFAULT_POLICY
+
+        now = time.time() if now is None else now
+        default = (float(DEFAULT_POLICY["history_days"]), int(DEFAULT_POLICY["history_documents"]))
+        vms = {r[0] for r in self.db.execute("SELECT DISTINCT vm_id FROM reports WHERE vm_id IS NOT NULL")}
+        vms |= {r[0] for r in self.db.execute("SELECT DISTINCT vm_id FROM decisions")}
+        out = {"reports": 0, "decisions": 0, "documents": 0, "unattributed": 0}
+        with self.db:
+            self.db.execute("BEGIN")
+            for vm_id in sorted(vms):
+                days, documents = limits.get(vm_id, default)
+                before = now - days * 86400.0
+                out["reports"] += self.db.execute("DELETE FROM reports WHERE vm_id = ? AND received_at < ?",
+                                                  (vm_id, before)).rowcount
+                out["decisions"] += self.db.execute("DELETE FROM decisions WHERE vm_id = ? AND time < ?",
+                                                    (vm_id, before)).rowcount
+                out["documents"] += self.db.execute(
+                    "UPDATE reports SET document = NULL WHERE vm_id = ? AND document IS NOT NULL AND id <= "
+                    "(SELECT id FROM reports WHERE vm_id = ? AND document IS NOT NULL ORDER BY id DESC "
+                    "LIMIT 1 OFFSET ?)", (vm_id, vm_id, documents)).rowcount
+            out["unattributed"] = self.db.execute(
+                "DELETE FROM reports WHERE vm_id IS NULL AND id <= (SELECT id FROM reports WHERE vm_id IS NULL "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)", (max_unattributed,)).rowcount
+        return out
+
     def seen_report(self, avm_id: str, seq: int, digest: str) -> bool:
         """Whether this very report (same A-VM, seq and content) was accepted before."""
         row = self.db.execute("SELECT 1 FROM reports WHERE avm_id = ? AND seq = ? AND digest = ? "

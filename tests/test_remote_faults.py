@@ -91,6 +91,8 @@ def test_event_loop_keeps_serving_while_the_history_is_locked(dep):
     ("score", None, b"VIMS DENY no behaviour evidence"),
     ("collector_alive", False, b"VIMS DENY collector not alive"),
     ("missing_events", 10, b"VIMS DENY 10 of 100 events dropped or missing"),
+    # Item 11: a connect nonce answered by re-signing an old measurement proves liveness, not freshness.
+    ("measurement_age_s", 60.0, b"VIMS DENY measurement made 60."),
 ])
 def test_missing_evidence_is_refused_with_its_reason(dep, knob, value, reason):
     """Item 3: a report without the evidence the policy demands lets no client through."""
@@ -223,3 +225,205 @@ def test_policy_changed_while_rems_was_down_is_pushed_on_reconnect(tmp_path):
     finally:
         avm.stop()
         d.stop()
+
+
+def test_a_nonce_answers_one_report_only(dep):
+    """Item 10: a second report (new seq, valid signature) on an answered nonce is refused."""
+    raw = RawAvm(dep.avms["vm-1"], dep.endpoint, dep.keys.public)
+    nonce = raw.session.nonce
+    raw.send(raw.session.report(content(), nonce=nonce))
+    first = raw.expect("ack")
+    assert first["accepted"] is True and first["nonce"] != nonce
+    raw.send(raw.session.report(content(), nonce=nonce))
+    again = raw.expect("ack")
+    assert (again["accepted"], again["reason"], again["detail"]) == (False, "stale", "nonce was answered before")
+    raw.send(raw.session.report(content(), nonce=first["nonce"]))  # the nonce REM-S gave back works once
+    assert raw.expect("ack")["accepted"] is True
+    assert dep.metric("vims_reports_rejected_total", reason="stale") == 1
+    raw.close()
+
+
+def test_a_gate_that_cannot_listen_holds_back_no_other_vm(tmp_path):
+    """Item 5: vm-1's gate port is taken: vm-2 still gets the new policy and its gate; vm-1's error is
+    counted, recorded for `vims rems status` and retried until the port is free."""
+    import socket
+
+    d = Deployment(tmp_path, vms=2, policy=FAST)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", d.ports["vm-1"]))
+    squatter.listen()
+    d.start()
+    try:
+        server = d.thread.server
+        assert d.metric("vims_gate_listening", vm="vm-1") == 0
+        assert d.metric("vims_gate_listening", vm="vm-2") == 1
+        version = d.store().set_policy("vm-2", {**FAST, "threshold": 0.7})
+        d.store().set_policy("vm-1", {**FAST, "threshold": 0.7})
+        wait_until(lambda: d.thread.call(lambda: server.policies["vm-2"]["version"]) == version,
+                   what="vm-2's new policy applied")
+        assert d.metric("vims_gate_bind_failures_total", vm="vm-1") == 1  # once per error, not per retry
+        wait_until(lambda: {r["vm_id"]: r for r in d.store().status()}["vm-1"]["last_decision"],
+                   what="the gate error recorded")
+        status = {r["vm_id"]: r for r in d.store().status()}
+        assert status["vm-1"]["last_decision"]["kind"] == "gate_error"
+        assert str(d.ports["vm-1"]) in status["vm-1"]["last_decision"]["reason"]
+        squatter.close()
+        wait_until(lambda: d.metric("vims_gate_listening", vm="vm-1") == 1, what="vm-1's gate retried")
+        assert read_all(d.connect("vm-1")).startswith(b"VIMS DENY")  # its A-VM is not running: refused
+    finally:
+        squatter.close()
+        d.stop()
+
+
+def test_history_stays_bounded_under_a_flood(tmp_path):
+    """Item 6: fresh CURVE keys by the hundred and a stream of accepted reports leave a bounded history:
+    refusals are all counted but recorded at a bounded rate and capped; old documents are dropped."""
+    import zmq
+
+    d = Deployment(tmp_path, vms=1, policy={**FAST, "history_documents": 3})
+    d.start(prune_every_s=0.2, max_unattributed=20)
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for _ in range(150):
+            public, secret = zmq.curve_keypair()
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = d.keys.public.encode(), public, secret
+            s.connect(d.endpoint)
+            socks.append(s)
+        wait_until(lambda: d.metric("vims_reports_rejected_total", reason="unenrolled") >= 150,
+                   what="every handshake refused")
+        raw = RawAvm(d.avms["vm-1"], d.endpoint, d.keys.public)
+        for _ in range(10):
+            raw.send(raw.session.report(content()))
+            assert raw.expect("ack")["accepted"] is True
+        raw.close()
+
+        def counts():
+            db = sqlite3.connect(d.db)
+            try:
+                return db.execute("SELECT SUM(vm_id IS NULL), SUM(vm_id = 'vm-1' AND status = 'accepted'), "
+                                  "SUM(document IS NOT NULL AND vm_id = 'vm-1') FROM reports").fetchone()
+            finally:
+                db.close()
+
+        wait_until(lambda: counts()[0] <= 20 and counts()[2] == 3, what="the history pruned")
+        assert counts()[1] == 10  # every accepted report keeps its row (digest, verdict, reason)
+        assert d.metric("vims_history_pruned_total", what="documents") >= 7
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
+        d.stop()
+
+
+def test_prune_applies_each_vms_retention(tmp_path):
+    """Item 6: rows older than a VM's history_days go; other VMs' rows and young rows stay."""
+    from vims.remote.store import Store
+
+    store = Store(tmp_path / "h.sqlite")
+    now = 1_800_000_000.0
+    for vm, age_days in (("vm-a", 10), ("vm-a", 1), ("vm-b", 10)):
+        store.record_report(avm_id=None, vm_id=vm, seq=None, status="rejected", reason="stale",
+                            document="{}", received_at=now - age_days * 86400)
+        store.record_decision(vm_id=vm, conn_id="1", kind="deny", reason="x", at=now - age_days * 86400)
+    out = store.prune({"vm-a": (5.0, 0), "vm-b": (30.0, 1)}, max_unattributed=0, now=now)
+    assert out == {"reports": 1, "decisions": 1, "documents": 1, "unattributed": 0}
+    left = store.db.execute("SELECT vm_id, document FROM reports ORDER BY id").fetchall()
+    assert [tuple(r) for r in left] == [("vm-a", None), ("vm-b", "{}")]
+    store.close()
+
+
+def test_gate_connections_per_vm_are_capped(tmp_path):
+    """Item 13: past the cap a connection is refused with the reason and counted; closing one frees a slot."""
+    d = Deployment(tmp_path, vms=1, policy=FAST)
+    d.start(max_connections_per_vm=3)
+    try:
+        with sim(d):
+            held = []
+            for i in range(3):
+                c = d.connect()
+                c.sendall(b"%d\n" % i)
+                assert read_line(c) == b"data: %d\n" % i
+                held.append(c)
+            assert read_all(d.connect()).startswith(b"VIMS DENY too many connections from VM vm-1 (limit 3)")
+            assert d.metric("vims_gate_refused_total", reason="busy") == 1
+            held.pop().close()
+            wait_until(lambda: d.thread.call(lambda: d.thread.server.gate.active["vm-1"]) == 2,
+                       what="the closed connection's slot freed")
+            c = d.connect()
+            c.sendall(b"again\n")
+            assert read_line(c) == b"data: again\n"
+            for h in [*held, c]:
+                h.close()
+    finally:
+        d.stop()
+
+
+def test_refusals_beyond_the_record_rate_are_summed_up_not_dropped(dep):
+    """Item 6: refusals of fresh keys past UNATTRIBUTED_PER_S are counted, and the next recorded one says
+    how many were not recorded: records plus the sums account for every refusal."""
+    import secrets
+
+    from vims.remote.server import UNATTRIBUTED_PER_S
+
+    server = dep.thread.server
+
+    def refuse() -> None:
+        frames = [b"1.0", b"1", b"vims", b"127.0.0.1", b"", b"CURVE", secrets.token_bytes(32)]
+        assert server._zap_reply(frames)[2] == b"400"
+
+    def burst() -> None:
+        for _ in range(50):
+            refuse()
+
+    dep.thread.call(burst)
+    time.sleep(1.1)
+    dep.thread.call(refuse)
+    def recorded() -> list[str]:
+        return [t for (t,) in dep.store().db.execute(
+            "SELECT detail FROM reports WHERE reason = 'unenrolled' ORDER BY id")]
+
+    # Written in order: once the last refusal's record (the summing one) is there, all are.
+    rows = wait_until(lambda: (r := recorded()) and "more refusals" in r[-1] and r, what="the summing record")
+    import re
+
+    summed = sum(int(m.group(1)) for t in rows for m in [re.search(r"\((\d+) more refusals", t)] if m)
+    assert len(rows) + summed == 51 == dep.metric("vims_reports_rejected_total", reason="unenrolled")
+    assert len(rows) <= 3 * UNATTRIBUTED_PER_S + 1
+
+
+def test_a_message_of_many_big_frames_is_refused_and_the_server_carries_on(dep):
+    """Item 15: 150 frames of 1 MiB from an enrolled A-VM are refused as malformed with their count.
+
+    (libzmq hands a multipart message over whole: REM-S holds it once, briefly; only an enrolled key
+    gets past the handshake to send one.)"""
+    import zmq
+
+    from vims.remote.protocol import MAX_MESSAGE
+
+    raw = RawAvm(dep.avms["vm-1"], dep.endpoint, dep.keys.public)
+    raw.sock.send_multipart([zmq.Frame(b"x" * MAX_MESSAGE)] * 150, copy=False)
+    wait_until(lambda: dep.metric("vims_reports_rejected_total", reason="malformed") == 1, what="the refusal")
+    rows = wait_until(lambda: dep.store().db.execute(
+        "SELECT detail FROM reports WHERE reason = 'malformed'").fetchall(), what="the refusal recorded")
+    assert rows[0][0] == "150 frames, expected 1"
+    raw.send(raw.session.report(content()))
+    assert raw.expect("ack")["accepted"] is True
+    raw.close()
+
+
+def test_the_avm_outbox_is_bounded_and_says_so():
+    """Item 15: with REM-S away, reports queue up to OUTBOX_MAX; one more is refused and counted."""
+    from vims.remote.client import OUTBOX_MAX, AvmClient
+    from vims.remote.keys import AvmIdentity, ServerKeys
+
+    client = AvmClient(AvmIdentity.generate("avm-1"), "tcp://127.0.0.1:9", ServerKeys.generate().public)
+    client.session.policy = {"version": 1, "interval_s": 1.0}
+    client.session.vm_id = "vm-1"
+    queued = [client.send_report(content()) for _ in range(OUTBOX_MAX)]
+    assert all(doc is not None for doc in queued)
+    assert client.send_report(content()) is None
+    assert client.errors["outbox_full"] == 1
