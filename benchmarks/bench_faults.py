@@ -5,7 +5,8 @@ one relayed client connection open; the fault is injected and the time until the
 CUT`` is measured against the policy's deadline plus one interval. Then a new client connects while
 the fault lasts: an allow is counted as one that should not have been (must be 0).
 
-Faults: the database locked by another connection (during cut and report), the A-VM killed, the
+Faults: the database locked by another connection (during cut and report), full (SQLite's own
+``SQLITE_FULL``: no page may be added) and read-only (``query_only`` on REM-S's connection), the A-VM killed, the
 collector silent (reports say ``collector.alive`` false), a failing check (report evidence), six
 clients that never read beside the one being measured, REM-S stopped mid-connection (restarted after).
 
@@ -15,7 +16,7 @@ server's internal errors, exceptions out of ``recv``) and refusals by reason.
 
 Usage::
 
-    python benchmarks/bench_faults.py            # N = 10000
+    python benchmarks/bench_faults.py            # N = 50000 (100,000 messages in all)
     python benchmarks/bench_faults.py --quick    # N = 500, a few seconds of faults
     python benchmarks/bench_faults.py --json
 """
@@ -103,6 +104,27 @@ def _unlock(state: dict[str, Any]) -> None:
     state["locker"].close()
 
 
+def _on_writer(state: dict[str, Any], pragma: str) -> None:
+    """Run ``pragma`` on REM-S's own history connection (SQLite serialises it with the writer thread;
+    the writer's queue may be held by a write it retries, so not through the queue)."""
+    state["dep"].thread.server.history._store.db.execute(pragma)
+
+
+def _db_full(state: dict[str, Any]) -> None:
+    """SQLite's own "database or disk is full": no page may be added beyond those it has."""
+    pages = sqlite3.connect(state["dep"].db).execute("PRAGMA page_count").fetchone()[0]
+    _on_writer(state, f"PRAGMA max_page_count = {pages}")
+
+
+def _db_read_only(state: dict[str, Any]) -> None:
+    _on_writer(state, "PRAGMA query_only = ON")
+
+
+def _db_writable(state: dict[str, Any]) -> None:
+    _on_writer(state, "PRAGMA query_only = OFF")
+    _on_writer(state, "PRAGMA max_page_count = 1073741823")
+
+
 def _kill_avm(state: dict[str, Any]) -> None:
     state["avm"].stop()
 
@@ -133,6 +155,8 @@ def _stop_server(state: dict[str, Any]) -> None:
 def faults(tmp: Path) -> list[dict[str, Any]]:
     return [
         _fault("database locked", tmp, _lock, _unlock),
+        _fault("database full", tmp, _db_full, _db_writable),
+        _fault("database read-only", tmp, _db_read_only, _db_writable),
         _fault("A-VM killed", tmp, _kill_avm),
         _fault("collector silent", tmp, _collector_silent),
         _fault("failing check", tmp, _failing_check),
@@ -241,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    n = args.n or (500 if args.quick else 10000)
+    n = args.n or (500 if args.quick else 50000)
     with tempfile.TemporaryDirectory() as tmp:
         rows = faults(Path(tmp))[:2] if args.quick else faults(Path(tmp))
         control = fuzz_control(Path(tmp), n, args.seed)
