@@ -28,7 +28,12 @@ def collect(
                                     help="Also stream Arrow batches to this ZeroMQ endpoint (PUSH, connects), "
                                          "e.g. tcp://127.0.0.1:5555."),
     server_key: str | None = typer.Option(None, "--server-key",
-                                          help="The receiver's CURVE public key (Z85): encrypts the stream."),
+                                          help="The receiver's CURVE public key: Z85 text, or its file (the "
+                                               "A-VM's avm.public.json). Encrypts the stream."),
+    keys: Path | None = typer.Option(None, "--keys",
+                                     help="With --server-key: this collector's CURVE key file, made on first use "
+                                          "(0600) with NAME.public.json beside it, the file the A-VM's "
+                                          "--collector-key allows. Without it a fresh key is used each run."),
     name: str = typer.Option("vims-guest", "--name", help="Name of the guest started by `vims guest up`."),
     vm_id: str | None = typer.Option(None, "--vm-id", help="Id written in every event and message "
                                                            "(default: the guest's name)."),
@@ -52,8 +57,9 @@ def collect(
         raise VimsError(f"--method {method!r}: one of auto, watchpoint, breakpoint")
     policy = Policy.load(policy_file) if policy_file is not None else Policy()
     vm_id = vm_id or name
+    curve = _curve(server_key, keys, quiet=as_json)
     with QemuBackend.from_guest(name) as backend:
-        tracer, result, stream = _trace(backend, vm_id, policy, method, duration, max_events, push, server_key,
+        tracer, result, stream = _trace(backend, vm_id, policy, method, duration, max_events, push, curve,
                                         keep=output is not None, quiet=as_json)
     if output is not None:
         write_table(result.events, output)
@@ -65,14 +71,33 @@ def collect(
         _print_summary(summary, result)
 
 
+def _curve(server_key: str | None, keys: Path | None, quiet: bool) -> dict[str, str]:
+    """The stream's CURVE settings for :class:`BatchSender` from ``--server-key`` and ``--keys``."""
+    from vims.errors import InputError
+    from vims.remote.keys import collector_keys, load_server_public
+
+    if server_key is None:
+        if keys is not None:
+            raise InputError("--keys needs --server-key (the receiver's public key)")
+        return {}
+    if Path(server_key).is_file():
+        server_key = load_server_public(Path(server_key))
+    if keys is None:
+        return {"server_key": server_key}
+    own, public_file, made = collector_keys(keys)
+    if made and not quiet:
+        err.print(f"made collector keys {keys}; give the A-VM --collector-key {public_file}", highlight=False)
+    return {"server_key": server_key, "public_key": own.public, "secret_key": own.secret}
+
+
 def _trace(backend: Any, vm_id: str, policy: Any, method: str, duration: float, max_events: int | None,
-           push: str | None, server_key: str | None, keep: bool, quiet: bool) -> tuple[Any, Any, Any]:
+           push: str | None, curve: dict[str, str], keep: bool, quiet: bool) -> tuple[Any, Any, Any]:
     """Trace ``backend`` with a progress bar, Ctrl-C ending it cleanly: (tracer, result, stream counts)."""
     from vims.collector.stream import BatchSender
     from vims.collector.tracer import SyscallTracer
     from vims.console import progress
 
-    sender = BatchSender(push, sender=vm_id, kind="event", server_key=server_key) if push else None
+    sender = BatchSender(push, sender=vm_id, kind="event", **curve) if push else None
     stop = threading.Event()
 
     def on_sigint(signum: int, frame: Any) -> None:

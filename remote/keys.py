@@ -148,6 +148,21 @@ class ServerKeys:
         return cls(public, secret)
 
 
+def collector_keys(path: Path) -> tuple[ServerKeys, Path, bool]:
+    """A collector's CURVE keypair from ``path``; made when absent.
+
+    Returns the keys, the public file (``<stem>.public.json`` beside ``path``: what the A-VM's
+    ``--collector-key`` takes) and whether they were made now. A made secret file is 0600.
+    """
+    public_file = path.with_name(path.name.removesuffix(".json").removesuffix(".secret") + ".public.json")
+    if path.exists():
+        return ServerKeys.load(path), public_file, False
+    keys = ServerKeys.generate()
+    write_private(path, {"kind": "vims-collector-secret", "curve_public": keys.public, "curve_secret": keys.secret})
+    write_private(public_file, {"kind": "vims-collector-public", "curve_public": keys.public}, force=True)
+    return keys, public_file, True
+
+
 def load_server_public(path: Path) -> str:
     """REM-S's CURVE public key from ``rems.public.json`` (or the secret file)."""
     obj = read_json(path)

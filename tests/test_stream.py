@@ -145,6 +145,34 @@ def test_curve_round_trip_and_refusals() -> None:
         plain.close(timeout=0.1)
 
 
+def test_collect_keys_made_once_are_the_ones_the_avm_allows(tmp_path) -> None:
+    """`vims collect --server-key avm.public.json --keys c.json`: keys made 0600 on first use and reused;
+    the A-VM's --collector-key file (its public half) lets exactly that collector through."""
+    import json
+
+    from vims.collector.trace_cli import _curve
+    from vims.remote.keys import AvmIdentity, load_server_public
+
+    avm = AvmIdentity.generate("avm-1")
+    avm_public = avm.write(tmp_path / "avm")
+    first = _curve(str(avm_public), tmp_path / "c.json", quiet=True)
+    assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o600
+    assert _curve(str(avm_public), tmp_path / "c.json", quiet=True) == first  # reused, not made anew
+    allowed = load_server_public(tmp_path / "c.public.json")
+    assert json.loads((tmp_path / "c.public.json").read_text())["kind"] == "vims-collector-public"
+    with BatchReceiver("tcp://127.0.0.1:*", secret_key=avm.curve_secret, allowed_keys=[allowed]) as rx:
+        tx = BatchSender(rx.endpoint, sender="vm-k", **first)
+        tx.send(_events(3))
+        assert (m := rx.recv(timeout=10)) is not None and m.batch.num_rows == 3
+        tx.close()
+        other = BatchSender(rx.endpoint, sender="other", **_curve(avm.curve_public, tmp_path / "o.json", quiet=True))
+        other.send(_events(1))
+        assert rx.recv(timeout=1.5) is None and "other" not in rx.senders
+        other.close(timeout=0.1)
+    with pytest.raises(InputError, match="--keys needs --server-key"):
+        _curve(None, tmp_path / "c.json", quiet=True)
+
+
 def test_curve_without_client_list_accepts_any_key_holder() -> None:
     server_pub, server_sec = curve_keypair()
     with BatchReceiver("tcp://127.0.0.1:*", secret_key=server_sec) as rx:
