@@ -71,7 +71,7 @@ def collect(
         _print_summary(summary, result)
 
 
-def _curve(server_key: str | None, keys: Path | None, quiet: bool) -> dict[str, str]:
+def _curve(server_key: str | None, keys: Path | None, quiet: bool) -> dict[str, Any]:
     """The stream's CURVE settings for :class:`BatchSender` from ``--server-key`` and ``--keys``."""
     from vims.errors import InputError
     from vims.remote.keys import collector_keys, load_server_public
@@ -91,7 +91,7 @@ def _curve(server_key: str | None, keys: Path | None, quiet: bool) -> dict[str, 
 
 
 def _trace(backend: Any, vm_id: str, policy: Any, method: str, duration: float, max_events: int | None,
-           push: str | None, curve: dict[str, str], keep: bool, quiet: bool) -> tuple[Any, Any, Any]:
+           push: str | None, curve: dict[str, Any], keep: bool, quiet: bool) -> tuple[Any, Any, Any]:
     """Trace ``backend`` with a progress bar, Ctrl-C ending it cleanly: (tracer, result, stream counts)."""
     from vims.collector.stream import BatchSender
     from vims.collector.tracer import SyscallTracer
