@@ -3,7 +3,10 @@
 For each fault, one VM with a simulated A-VM (:class:`vims.remote.simavm.SimulatedAvm`, real CURVE) has
 one relayed client connection open; the fault is injected and the time until the client reads ``VIMS
 CUT`` is measured against the policy's deadline plus one interval. Then a new client connects while
-the fault lasts: an allow is counted as one that should not have been (must be 0).
+the fault lasts: an allow is counted as one that should not have been (must be 0). A fault can bite
+after its injection (a full database still takes the writes that fit its last pages), so "within"
+judges the time from the later of the injection and the last accepted report: the deadline plus one
+interval, no slack.
 
 Faults: the database locked by another connection (during cut and report), full (SQLite's own
 ``SQLITE_FULL``: no page may be added) and read-only (``query_only`` on REM-S's connection), the A-VM killed, the
@@ -83,6 +86,12 @@ def _fault(name: str, tmp: Path, inject: Any, restore: Any = None) -> dict[str, 
         t0 = time.monotonic()
         inject(state)
         cut = _time_to_cut(client, t0)
+        cut_at = time.monotonic()
+        server = dep.thread.server if dep.thread is not None else None
+        last_ok = server.avms["avm-1"].last_ok if server is not None else None
+        # A fault may bite after its injection (a full database still takes writes that fit its pages):
+        # REM-S's promise runs from the last report it accepted.
+        since_ok = None if cut is None else cut_at - max(t0, last_ok or t0)
         bad = 0 if state.get("no_probe") else int(_allowed(dep))
         if restore is not None:
             restore(state)
@@ -90,8 +99,8 @@ def _fault(name: str, tmp: Path, inject: Any, restore: Any = None) -> dict[str, 
         avm.stop()
         dep.stop()
     bound = POLICY["deadline_s"] + POLICY["interval_s"]
-    return {"fault": name, "cut_s": cut, "bound_s": bound, "within": cut is not None and cut <= bound + 0.5,
-            "wrongly_allowed": bad}
+    return {"fault": name, "cut_s": cut, "since_last_accepted_s": since_ok, "bound_s": bound,
+            "within": since_ok is not None and since_ok <= bound, "wrongly_allowed": bad}
 
 
 def _lock(state: dict[str, Any]) -> None:
@@ -274,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{'fault':<26} {'cut after (s)':>14} {'bound (s)':>10} {'within':>7} {'wrongly allowed':>16}")
+    print(f"{'fault':<26} {'cut after (s)':>14} {'after last accepted':>20} {'bound (s)':>10} {'within':>7} "
+          f"{'wrongly allowed':>16}")
     for r in rows:
         cut = "never" if r["cut_s"] is None else f"{r['cut_s']:.2f}"
-        print(f"{r['fault']:<26} {cut:>14} {r['bound_s']:>10.2f} {r['within']!s:>7} {r['wrongly_allowed']:>16}")
+        since = "-" if r["since_last_accepted_s"] is None else f"{r['since_last_accepted_s']:.2f}"
+        print(f"{r['fault']:<26} {cut:>14} {since:>20} {r['bound_s']:>10.2f} {r['within']!s:>7} "
+              f"{r['wrongly_allowed']:>16}")
     for name, f in (("control", control), ("collector", collector)):
         print(f"fuzz {name}: {f['messages']} messages, {f['crashes']} crashes, refused {f['refused']}")
     return 0
