@@ -72,6 +72,38 @@ def test_locked_history_cuts_the_open_connection_and_refuses_new_ones(dep):
     assert kinds[0] == "allow" and "cut" in kinds and kinds[-1] == "allow"
 
 
+@pytest.mark.parametrize(("fault", "error"), [
+    ("full", "database or disk is full"),
+    ("read-only", "attempt to write a readonly database"),
+])
+def test_full_or_read_only_history_cuts_and_refuses_then_recovers(dep, fault, error):
+    """Item 1 and the fault suite: SQLite's own "full" (no page may be added) and "read-only" errors on
+    REM-S's history connection: the open connection is cut, new ones are refused naming the error, and
+    all is well again once the fault is gone."""
+    db = dep.thread.server.history._store.db  # REM-S's own connection; SQLite serialises its users
+    with sim(dep):
+        client = dep.connect()
+        client.sendall(b"ping\n")
+        assert read_line(client) == b"data: ping\n"
+        if fault == "full":
+            db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        else:
+            db.execute("PRAGMA query_only = ON")
+        try:
+            assert read_all(client).startswith(b"\nVIMS CUT no fresh report within 1.5 s")
+            wait_until(lambda: dep.metric("vims_history_writable") == 0, what="the history to count as unwritable")
+            denied = read_all(dep.connect())
+            assert denied.startswith(b"VIMS DENY history cannot be written") and error.encode() in denied
+        finally:
+            db.execute("PRAGMA query_only = OFF")
+            db.execute("PRAGMA max_page_count = 1073741823")
+        wait_until(lambda: dep.metric("vims_history_writable") == 1, what="the history to be writable again")
+        again = dep.connect()
+        again.sendall(b"x\n")
+        assert read_line(again) == b"data: x\n"
+        again.close()
+
+
 def test_event_loop_keeps_serving_while_the_history_is_locked(dep):
     """Item 1: no database call on the event loop: metrics answer while a write waits for the lock."""
     with sim(dep):
