@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -195,10 +196,12 @@ def check(name: str, avms: list[SimAvm], attempts: list[Attempt], first_seq: dic
           start: float, rate: float, seconds: float, cpu: float, wall: float) -> dict[str, Any]:
     store = Store(db)
     lost = misattributed = rejected = 0
+    why: collections.Counter[str] = collections.Counter()
     sent_total = 0
     for a in avms:
         avm_id = a.session.identity.avm_id
-        rows = store.db.execute("SELECT seq, vm_id, status, document FROM reports WHERE avm_id = ? AND seq >= ?",
+        rows = store.db.execute("SELECT seq, vm_id, status, reason, detail, document FROM reports "
+                                "WHERE avm_id = ? AND seq >= ?",
                                 (avm_id, first_seq[avm_id])).fetchall()
         got = {r["seq"]: r for r in rows}
         sent_total += len(a.sent)
@@ -208,6 +211,7 @@ def check(name: str, avms: list[SimAvm], attempts: list[Attempt], first_seq: dic
                 lost += 1
             elif row["status"] != "accepted":
                 rejected += 1
+                why[f"{row['reason']}: {row['detail']}"[:80]] += 1
             elif row["vm_id"] != a.vm_id or \
                     json.loads(row["document"])["collector"] != {"sim": avm_id, "tag": tag, "alive": True}:
                 misattributed += 1
@@ -241,6 +245,7 @@ def check(name: str, avms: list[SimAvm], attempts: list[Attempt], first_seq: dic
     return {
         "phase": name, "avms": len(avms), "attempts_per_s": rate, "seconds": seconds,
         "reports_sent": sent_total, "reports_lost": lost, "reports_rejected": rejected,
+        "rejected_because": dict(why),
         "reports_misattributed": misattributed, "reports_per_s": round(sent_total / wall, 1),
         "attempts": len(attempts), "outcomes": outcomes, "attempts_without_decision": no_decision,
         "decisions_unclaimed": unclaimed,
@@ -326,7 +331,8 @@ def main() -> None:
         print(json.dumps(results, indent=2))
     else:
         keys = ["avms", "attempts_per_s", "seconds", "reports_sent", "reports_per_s", "reports_lost",
-                "reports_rejected", "reports_misattributed", "attempts", "outcomes", "attempts_without_decision",
+                "reports_rejected", "rejected_because", "reports_misattributed", "attempts", "outcomes",
+                "attempts_without_decision",
                 "decisions_unclaimed", "wrong_decisions", "decision_ms_median", "decision_ms_p99",
                 "client_ms_median", "client_ms_p99", "server_cpu_percent"]
         print(f"{'':28}" + "".join(f"{r['phase']:>34}" for r in results))

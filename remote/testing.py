@@ -53,7 +53,9 @@ class Deployment:
         self.avms: dict[str, AvmIdentity] = {}
         self.ports: dict[str, int] = {}
         store = Store(self.db)
-        ports = free_ports(vms)
+        ports = free_ports(vms + 1)
+        # The control channel's own port, chosen with the gates' so no gate finds its port taken by it.
+        self.control = f"tcp://127.0.0.1:{ports[-1]}"
         for i in range(1, vms + 1):
             ident = AvmIdentity.generate(f"avm-{i}")
             self.avms[f"vm-{i}"] = ident
@@ -64,6 +66,7 @@ class Deployment:
 
     def start(self, **kwargs: Any) -> ServerThread:
         kwargs.setdefault("demo_service", True)
+        kwargs.setdefault("control", self.control)
         self.thread = ServerThread(self.db, self.keys, **kwargs).start()
         return self.thread
 
