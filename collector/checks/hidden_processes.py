@@ -86,9 +86,23 @@ class HiddenProcesses(Check):
     pause = 0.05
 
     def views(self, kernel: KernelView, pids: PidView) -> tuple[dict[int, int], dict[int, int]]:
-        listed = {kernel.kernel.u32(a + kernel._offsets.pid): a for a in kernel.task_addresses(threads=True)}
-        listed.pop(0, None)  # the idle task has pid 0 and no struct pid
-        return listed, pids.tasks_by_pid()
+        """The task list and the pid allocator's tasks, each as ``{pid: task_struct}``.
+
+        Both change while they are read (other vCPUs run on): a read that runs into a freed task
+        or node is tried again, up to :attr:`rounds` times.
+        """
+        failed = 0
+        while True:
+            try:
+                listed = {kernel.kernel.u32(a + kernel._offsets.pid): a
+                          for a in kernel.task_addresses(threads=True)}
+                listed.pop(0, None)  # the idle task has pid 0 and no struct pid
+                return listed, pids.tasks_by_pid()
+            except GuestMemoryError:
+                failed += 1
+                if failed >= self.rounds:
+                    raise
+                time.sleep(self.pause)
 
     def run(self, ctx: Context) -> Iterator[Row]:
         kernel = ctx.kernel
