@@ -150,3 +150,45 @@ def test_a_modified_packaged_binary_is_named(debian: Guest, debian_image: Debian
     assert debian.run(f"md5sum {TOOL}").split()[0] == shipped  # restored
     with checks_of(debian, debian_image) as ctx:
         assert not failures(run(ctx, "process-binaries"))
+
+
+def test_a_running_process_hidden_from_list_and_pids_is_seen_on_its_cpu(debian: Guest,
+                                                                       debian_image: DebianImage) -> None:
+    """A busy loop unlinked from the task list and from its struct pid, as a thorough rootkit would:
+    the runqueue of the CPU that runs it still names it."""
+    loop = "setsid nohup sh -c 'while :; do :; done' >/dev/null 2>&1 </dev/null & echo $!"
+    pid = int(debian.run(loop, check=True))
+    try:  # setsid and nohup exec the shell: wait until it runs under its own name
+        debian.run(f"for i in $(seq 100); do [ \"$(ps -o comm= -p {pid})\" = sh ] && break; sleep 0.1; done")
+        with checks_of(debian, debian_image) as ctx:
+            kernel, profile = ctx.kernel, ctx.profile
+            task = next(t for t in kernel.tasks() if t.pid == pid)
+            node = task.addr + profile.offset("task_struct", "tasks")
+            nxt, prev = kernel.u64(node), kernel.u64(node + 8)
+            first = kernel.u64(task.addr + profile.offset("task_struct", "thread_pid")) \
+                + profile.offset("pid", "tasks")
+            for _ in range(50):  # until the guest stops with the loop on a CPU
+                with halted_in_kernel(debian) as (gdb, vcpu):
+                    if pid not in registry()["hidden-processes"].running(kernel):
+                        continue
+                    writes = [(prev, struct.pack("<Q", nxt)), (nxt + 8, struct.pack("<Q", prev)),
+                              (first, bytes(8))]
+                    originals = [gdb.read(addr, 8, vcpu) for addr, _ in writes]
+                    try:
+                        for addr, data in writes:
+                            gdb.write(addr, data, vcpu)
+                        rows = run(ctx, "hidden-processes")
+                    finally:
+                        for (addr, _), data in zip(writes, originals, strict=True):
+                            gdb.write(addr, data, vcpu)
+                    break
+            else:
+                pytest.fail(f"the busy loop (pid {pid}) was not on a CPU in 50 stops")
+            after = run(ctx, "hidden-processes")
+    finally:
+        debian.run(f"kill {pid}")
+    bad = failures(rows)
+    assert [r.target for r in bad] == [f"pid {pid} (sh)"], bad
+    assert bad[0].fields["seen_in"].startswith("runqueue of CPU ") and bad[0].fields["task"] == task.addr
+    assert bad[0].fields["missing_from"] == "task list"
+    assert not failures(after)
