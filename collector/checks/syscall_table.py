@@ -13,6 +13,7 @@ from typing import Any
 
 from vims.collector.checks.base import Check, Column, Context, Row, symbol_name
 from vims.collector.kernel import unpack_u64s
+from vims.collector.syscall_table import table_size
 from vims.syscalls import names as syscall_names
 
 #: Handlers whose symbol is not ``__x64_sys_<name>`` of the ABI name (arch/x86/entry/syscalls/syscall_64.tbl).
@@ -52,12 +53,8 @@ class SyscallTable(Check):
         profile, kernel = ctx.profile, ctx.kernel
         table = profile.symbol("sys_call_table")
         names = syscall_names()
-        count = len(names)
         # The table ends where the next symbol begins (a kernel may have fewer calls than the ABI list).
-        # (A linear scan: sorting every symbol for a bisect costs ten times more, once per process.)
-        following = [a for a in profile.symbols().values() if table < a < table + 8 * count]
-        if following:
-            count = min(count, (min(following) - table) // 8)
+        count = table_size(profile, len(names))
         entries = unpack_u64s(kernel.read(table, 8 * count))
         bad = 0
         for nr, (name, entry) in enumerate(zip(names, entries, strict=False)):
