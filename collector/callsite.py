@@ -127,6 +127,15 @@ def _vma_pointers(u64: Any, root: int, slot_layout: dict[int, tuple[int, int]]) 
     The root is a node when it carries ``MAPLE_ROOT_NODE`` (``root & 3 == 2``, above 4096), else a
     lone entry; every slot of an internal node is an encoded child (``node | type << 3 | 4``: the
     low bits are *not* 2), every slot of a leaf an entry.
+
+    A root ``maple_arange_64`` whose first slot is a leaf (type 1) holding two VMAs and, in its
+    last slot, the metadata ``end=12``:
+
+    >>> K = 0xFFFF_8880_0000_0000
+    >>> mem = {K + 0x100 + 80: K + 0x200 | 1 << 3 | 4, K + 0x200 + 128: K + 0x1000,
+    ...        K + 0x200 + 136: K + 0x1098, K + 0x200 + 128 + 8 * 15: 12}
+    >>> [hex(v - K) for v in _vma_pointers(lambda a: mem.get(a, 0), K + 0x100 | 3 << 3 | 4 | 2, _SLOTS)]
+    ['0x1000', '0x1098']
     """
     if root & 3 != 2 or root <= 4096:
         return [root] if _is_kernel_pointer(root) else []
