@@ -13,7 +13,16 @@ Facts that shape it (measured on QEMU 7.2):
 - Detaching (``D``) removes every breakpoint and watchpoint and lets the VM run. A client that dies
   without detaching leaves the VM paused, so always :meth:`GdbStub.close` (or use ``with``).
 
-vCPUs are numbered from 0 here (the stub's thread ids are the vCPU index + 1).
+vCPUs are numbered from 0 here (the stub's thread ids are the vCPU index + 1). With several vCPUs
+(QEMU's source, 7.2 and 10.0, ``tcg_insert_breakpoint`` and ``gdb_set_stop_cpu``):
+
+- a break/watchpoint (``Z0``-``Z4``) is set on every vCPU; a watchpoint matches a virtual address,
+  whichever page tables the vCPU runs with;
+- a stop stops every vCPU and its reply names one thread: the vCPU that trapped (for a trap stop
+  QEMU also selects it for register and memory reads, so :meth:`GdbStub.registers` of that vCPU
+  sends no ``Hg``); registers of any other vCPU are read after selecting it (``Hg``);
+- under MTTCG a second vCPU that traps before the VM is stopped is left stopped there, but only
+  the last trap is reported (see :mod:`vims.collector.tracer` for how the tracer copes).
 
 >>> StopEvent(signal=5, vcpu=0, reason="watch", addr=0x1000).reason
 'watch'
@@ -379,6 +388,10 @@ class GdbStub:
                 self._running = False
                 event = parse_stop_reply(reply)
                 self._last_stop = event
+                if event.signal == 5 and event.vcpu is not None:
+                    # QEMU makes the vCPU that trapped the one register reads go to (gdb_set_stop_cpu
+                    # sets its c_cpu and g_cpu): reading it needs no 'Hg' first
+                    self._gthread = event.vcpu
                 return event
             # anything else (console output 'O...', a late 'OK') is not a stop: keep waiting
 

@@ -51,7 +51,8 @@ PATH_ARGS: dict[str, int] = {
 PRCTL, PR_SET_NAME = 157, 15
 #: execve(path, argv, envp) has argv second; execveat(dirfd, path, argv, ...) third.
 EXECVE = 59
-#: Bits of CR3 that hold the page-table root (the rest: PCID, no-flush).
+#: Bits of CR3 that hold the page-table root (the rest: PCID, no-flush); under PTI bit 12 is cleared
+#: too (:meth:`~vims.collector.kernel.KernelView.space`).
 CR3_MASK = 0x000F_FFFF_FFFF_F000
 #: Consecutive stops whose task cannot be read before the trace ends (the guest is rebooting).
 MAX_UNREADABLE = 50
@@ -213,15 +214,21 @@ class EventRecorder:
         return ident
 
     def record(self, vcpu: int, nr: int, args: tuple[int, ...], ip: int, gs_base: int, cr3: int,
-               ts_ns: int) -> bool:
+               ts_ns: int, user_sp: int = 0) -> bool:
         """Turn one trapped call into a row; ``False`` if it was not kept (filter, cap, unreadable task).
+
+        ``gs_base`` and ``cr3`` are those of the vCPU that made the call (its kernel GS base names
+        the task; its CR3, PCID and PTI's user-copy bit masked off, the address space).
+        ``user_sp``, the user stack pointer at the call, lets a call made inside a library name its
+        caller in the main program (:meth:`~vims.collector.callsite.CallSites.token`); 0 if unknown.
 
         Raises :class:`GuestUnreadableError` after :data:`MAX_UNREADABLE` unreadable stops in a row.
         """
         stats = self.stats
         stats["trapped"] += 1
-        cr3 &= CR3_MASK
         view = self.view
+        # The page-table root as the kernel keeps it (mm->pgd): the same value with PTI off and on.
+        cr3 = view.space(cr3 & CR3_MASK).cr3
         try:
             task = view.current_task(gs_base)
             ident = self._identity(task, cr3)
@@ -269,7 +276,7 @@ class EventRecorder:
         rows.args.append(args)
         rows.ip.append(ip)
         rows.path.append(path)
-        rows.site.append(callsites.token(ident.mm, ip) if callsites is not None else None)
+        rows.site.append(callsites.token(ident.mm, ip, user_sp, cr3) if callsites is not None else None)
         stats["events"] += 1
         return True
 
@@ -306,6 +313,10 @@ class EventRecorder:
         stats["filtered"] = self.sampler.filtered
         stats["capped"] = self.sampler.capped
         stats.update(self.progress(now), armed_fraction=round(armed_ns / max(1, now - self.start_ns), 4))
+        if self.callsites is not None:
+            sites = self.callsites
+            stats.update(site_fallbacks=sites.fallbacks, callers_sought=sites.callers_sought,
+                         callers_found=sites.callers_found)
         events = (pa.Table.from_batches(self.batches, schema=EVENT_SCHEMA) if self.batches
                   else EVENT_SCHEMA.empty_table())
         return TraceResult(events, reason, method, dict(stats))

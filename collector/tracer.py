@@ -18,6 +18,17 @@ For each stop the tracer reads the registers (one ``g`` packet); the rest (task,
 ``argv``, call site, filter, cap, batches) is the backend-neutral
 :class:`~vims.collector.recorder.EventRecorder`, which the LibVMI tracer uses too.
 
+**Several vCPUs** (the Debian guest has 2): each CPU has its own slot (``__per_cpu_offset[cpu] +
+cpu_tss_rw + 0x14``); one write watchpoint per slot, and QEMU sets each on every vCPU. A stop names
+the vCPU that trapped; its registers (GS base: its task; CR3: its address space, PCID and PTI's
+user-copy bit masked) make the row, with ``vcpu`` = that vCPU. Under MTTCG a vCPU that traps while
+the VM is being stopped for another one's trap is left stopped right after the store, unreported:
+at every stop the tracer looks at the other vCPUs' RIP and records such a call too
+(:meth:`SyscallTracer._catch_up`; ``stats["recovered"]``, about 3% of the calls on the Debian guest).
+A row whose GS base is not its vCPU's per-cpu base is counted in ``stats["vcpu_mismatch"]``.
+With PTI on, the store runs on the user copy of the page tables, which map the per-cpu TSS page
+(PTI clones it for exactly this store), so the watchpoint fires as with PTI off.
+
 Sampling follows a :class:`~vims.tracing_policy.Policy`: outside the duty-cycle window, and once
 the per-second cap is reached, the trap is removed so the guest runs at full speed.
 
@@ -51,8 +62,10 @@ from vims.tracing_policy import Policy, Sampler
 
 __all__ = ["EntryCheck", "SyscallTracer", "TraceResult", "TracerError", "check_entry", "find_sp2_store"]
 
-#: Registers read at each stop, in the order the row needs them.
-_REGS = ("rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rcx", "gs_base", "cr3", "rip")
+#: Registers read at each stop, in the order the row needs them (RSP: the user stack at a watchpoint stop).
+_REGS = ("rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rcx", "gs_base", "cr3", "rip", "rsp")
+#: Length of ``mov %rsp, %gs:disp32`` (``65 48 89 24 25`` + 4 bytes).
+_STORE_LEN = 9
 #: Stop reasons of our traps.
 _TRAP_REASONS = ("watch", "awatch", "swbreak", "hwbreak")
 #: The longest wait for a stop before the loop looks up (Ctrl-C, duration, duty cycle).
@@ -74,6 +87,7 @@ class EntryCheck:
     slot: int  # per-cpu offset of the scratch slot (watchpoint)
     breakpoint: int  # address of the execution breakpoint (fallback)
     detail: str
+    after_store: int = 0  # address of the instruction after the store: where a watchpoint stop leaves a vCPU
 
 
 def find_sp2_store(code: bytes, slot: int) -> int | None:
@@ -104,7 +118,8 @@ def check_entry(view: Any, profile: Any) -> EntryCheck:
     pos = find_sp2_store(code, slot) if slot >= 0 else None
     if pos is not None:
         return EntryCheck("watchpoint", slot, after,
-                          f"entry_SYSCALL_64+{pos:#x} stores RSP in %gs:{slot:#x} (cpu_tss_rw.x86_tss.sp2)")
+                          f"entry_SYSCALL_64+{pos:#x} stores RSP in %gs:{slot:#x} (cpu_tss_rw.x86_tss.sp2)",
+                          entry + pos + _STORE_LEN)
     if not after:
         raise TracerError("entry_SYSCALL_64 does not store RSP in cpu_tss_rw.x86_tss.sp2 and the profile has "
                           "no entry_SYSCALL_64_after_hwframe to break on: cannot trap system calls")
@@ -182,8 +197,13 @@ class SyscallTracer:
         self.notes: list[str] = [self.entry.detail, *self.recorder.notes]
         self.names = self.recorder.names
         self.stats = self.recorder.stats
+        self.stats["recovered"] = 0  # calls of vCPUs whose stop QEMU did not report (_catch_up)
+        self.stats["vcpu_mismatch"] = 0  # stops whose GS base is not their vCPU's per-cpu base
+        self._bases: dict[int, int] = {}
         self._traps: list[tuple[str, int, int]] = []
         self._vcpus: list[int] = [0]
+        #: Per vCPU, the registers of its last call recorded by the watchpoint (see _catch_up).
+        self._seen: dict[int, tuple[int, ...]] = {}
 
     @property
     def gdb(self) -> GdbStub:
@@ -211,7 +231,7 @@ class SyscallTracer:
     # -- traps -----------------------------------------------------------------------------------
     def _trap_list(self) -> list[tuple[str, int, int]]:
         if self.method == "watchpoint":
-            return [("write", self.view.per_cpu_base(cpu) + self.entry.slot, 8) for cpu in self._vcpus]
+            return [("write", self._bases[cpu] + self.entry.slot, 8) for cpu in self._vcpus]
         return [("hw", self.entry.breakpoint, 1)]
 
     def _arm(self) -> None:
@@ -257,6 +277,7 @@ class SyscallTracer:
         try:
             gdb.halt()
             self._vcpus = gdb.vcpus() or [0]
+            self._bases = {cpu: self.view.per_cpu_base(cpu) for cpu in self._vcpus}
             self.recorder.restart_clock()
             run.last_progress = start_ns = self.recorder.start_ns
             run.end_ns = None if duration is None else start_ns + int(duration * 1e9)
@@ -303,6 +324,8 @@ class SyscallTracer:
         self._set_armed(run, rec.sampler.armed(now), now)
         event = self._wait(run, now)
         if event is None:
+            if run.armed and self.method == "watchpoint" and len(self._vcpus) > 1:
+                self._catch_up(None, time.time_ns())  # our interrupt may have stopped a vCPU's trap
             return None
         if event.reason not in _TRAP_REASONS and event.signal != 5:
             # Not ours: the VM was paused (monitor "stop" gives SIGINT) or is shutting down.
@@ -326,17 +349,59 @@ class SyscallTracer:
         return event
 
     def _record(self, event: StopEvent) -> None:
-        """Turn a stop at our trap into a row (stepping over the breakpoint first)."""
+        """Turn a stop at our trap into a row (stepping over the breakpoint first); with the
+        watchpoint on several vCPUs, also the calls of the others that QEMU did not report."""
+        ts_ns = time.time_ns()
         if self.method == "watchpoint" and event.reason != "watch":
+            if len(self._vcpus) > 1:
+                self._catch_up(None, ts_ns)
             return
+        vcpu = event.vcpu or 0
         regs = self.gdb.registers(event.vcpu, names=_REGS)
         if self.method == "breakpoint":
             if regs["rip"] != self.entry.breakpoint:
                 return
             self._step_over(event.vcpu)
-        self.recorder.record(event.vcpu or 0, regs["rax"],
+            # past the entry's pushes RSP is the kernel stack; the user's is in the scratch slot
+            user_sp = self.view.u64(regs["gs_base"] + self.entry.slot) if self.entry.slot >= 0 else 0
+        else:
+            user_sp = regs["rsp"]
+            if len(self._vcpus) > 1:
+                self._seen[vcpu] = tuple(regs.values())
+                self._catch_up(vcpu, ts_ns)
+        self._emit(vcpu, regs, user_sp, ts_ns)
+
+    def _catch_up(self, reporter: int | None, ts_ns: int) -> None:
+        """Record the calls of vCPUs left stopped right after the store whose stop QEMU did not report.
+
+        A stop reply names one vCPU: the last to hit a trap before the VM stopped. Under MTTCG the
+        other vCPUs run on until they are paused, and one that hits its own watchpoint meanwhile
+        is left stopped after the store, its stop never reported (measured on the 2-vCPU Debian
+        guest: about 3% of the calls). Such a vCPU sits at :attr:`EntryCheck.after_store`. One
+        that is still there since an earlier stop (recorded then, not run since) has the same
+        registers as then and is skipped; so is, therefore, a call repeated with every register
+        equal between two stops (a loop of identical calls, caught at the same instruction twice).
+        """
+        gdb = self.gdb
+        for vcpu in self._vcpus:
+            if vcpu == reporter or gdb.register("rip", vcpu) != self.entry.after_store:
+                continue
+            regs = gdb.registers(vcpu, names=_REGS)
+            seen = tuple(regs.values())
+            if self._seen.get(vcpu) == seen:
+                continue
+            self._seen[vcpu] = seen
+            self.stats["recovered"] += 1
+            self._emit(vcpu, regs, regs["rsp"], ts_ns)
+
+    def _emit(self, vcpu: int, regs: dict[str, int], user_sp: int, ts_ns: int) -> None:
+        if regs["gs_base"] != self._bases.get(vcpu):
+            # not __per_cpu_offset[vcpu]: registers read from another vCPU than the stop named (or the
+            # guest numbers its CPUs otherwise); the row stays consistent, its vcpu may be wrong
+            self.stats["vcpu_mismatch"] += 1
+        self.recorder.record(vcpu, regs["rax"],
                              (regs["rdi"], regs["rsi"], regs["rdx"], regs["r10"], regs["r8"], regs["r9"]),
-                             regs["rcx"], regs["gs_base"], regs["cr3"], time.time_ns())
+                             regs["rcx"], regs["gs_base"], regs["cr3"], ts_ns, user_sp)
 
     def _finish(self, run: _Run) -> None:
         """Count the last armed stretch, take the traps out and leave the guest running (if it is there)."""

@@ -18,12 +18,23 @@ from vims.errors import MissingDependencyError, VimsError
 @pytest.fixture()
 def bare_qemu() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """QEMU with its firmware only (a few MiB of RAM, TCG) and a GDB stub on a free port."""
+    yield from _bare_qemu()
+
+
+@pytest.fixture()
+def bare_qemu_smp2() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The same machine with two vCPUs (multi-threaded TCG, as the Debian guest runs)."""
+    yield from _bare_qemu("-smp", "2", "-accel", "tcg,thread=multi")
+
+
+def _bare_qemu(*extra: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     port = free_port()
+    accel = () if "-accel" in extra else ("-accel", "tcg")
     proc = subprocess.Popen(
         ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-m", "32",
-         "-accel", "tcg", "-gdb", f"tcp:127.0.0.1:{port}"],
+         *accel, *extra, "-gdb", f"tcp:127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     for _ in range(100):
@@ -101,6 +112,22 @@ def test_errors_are_clear(bare_qemu: tuple[subprocess.Popen[bytes], int]) -> Non
     with pytest.raises(GuestGoneError):
         gdb.read(0, 16)
     gdb.close()  # closing after the guest went away is quiet
+
+
+def test_two_vcpus_are_listed_and_read_each_for_itself(bare_qemu_smp2: tuple[subprocess.Popen[bytes], int]) -> None:
+    _, port = bare_qemu_smp2
+    with GdbStub("127.0.0.1", port) as gdb:
+        gdb.halt()
+        assert gdb.vcpus() == [0, 1]
+        # alternate between the vCPUs: every read goes to the one asked for (Hg before it)
+        first = {v: gdb.registers(v) for v in (1, 0)}
+        for v in (0, 1, 0, 1):
+            assert gdb.register("rip", v) == first[v]["rip"]
+            assert gdb.registers(v, names=("rip", "rsp", "cr0"))["rsp"] == first[v]["rsp"]
+        # a breakpoint or watchpoint is one per address, whatever the number of vCPUs
+        gdb.set_breakpoint("write", 0x5000, 8)
+        assert gdb.breakpoints() == [("write", 0x5000, 8)]
+        gdb.clear_breakpoint("write", 0x5000, 8)
 
 
 def test_stop_replies() -> None:
