@@ -143,6 +143,10 @@ class GuestUnreadableError(VimsError):
     """Too many stops in a row whose task could not be read: the guest is rebooting (or not Linux 6.1)."""
 
 
+#: With nothing to hand over, an empty batch (a heartbeat) goes out this often (nanoseconds).
+HEARTBEAT_NS = 1_000_000_000
+
+
 class EventRecorder:
     """Everything done for one trapped system call once its registers are known, for any backend.
 
@@ -192,7 +196,8 @@ class EventRecorder:
         self.last_batch = self.start_ns
         self.stats: dict[str, Any] = {"trapped": 0, "events": 0, "filtered": 0, "capped": 0,
                                       "path_unreadable": 0, "identity_reads": 0, "unreadable": 0,
-                                      "batches": 0}
+                                      "batches": 0, "heartbeats": 0}
+        self._last_handed = self.start_ns
         self._identities: dict[int, _Identity] = {}
         self._seq = 0
         self._unreadable = 0
@@ -286,10 +291,21 @@ class EventRecorder:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the rows gathered so far over as one batch."""
-        self.last_batch = time.monotonic_ns()
+        """Hand the rows gathered so far over as one batch.
+
+        With no rows, an empty batch is handed over at most every :data:`HEARTBEAT_NS`: the tracer's
+        heartbeat, so that a receiver tells an idle guest (empty batches keep coming) from a collector
+        that stopped (nothing comes), and never reads an idle guest as a dead collector.
+        """
+        now = time.monotonic_ns()
+        self.last_batch = now
         if not len(self.rows):
+            if self.on_batch is not None and now - self._last_handed >= HEARTBEAT_NS:
+                self._last_handed = now
+                self.stats["heartbeats"] += 1
+                self.on_batch(self.rows.batch(self.vm_id))
             return
+        self._last_handed = now
         batch = self.rows.batch(self.vm_id)
         self.rows.clear()
         self.stats["batches"] += 1

@@ -83,6 +83,8 @@ class LibvmiSyscallTracer:
         self._armed_since = 0
         self._events: list[Any] = []
         self._error: BaseException | None = None
+        # At the INT3 the user RSP still sits in the per-cpu slot entry_SYSCALL_64 saved it to.
+        self._sp2_slot = int(profile.symbol("cpu_tss_rw")) + 0x14 if profile.has_symbol("cpu_tss_rw") else None
 
     # -- the breakpoint --------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -115,12 +117,22 @@ class LibvmiSyscallTracer:
             self.recorder.record(int(cffi.vcpu_id), int(regs.rax),
                                  (int(regs.rdi), int(regs.rsi), int(regs.rdx), int(regs.r10), int(regs.r8),
                                   int(regs.r9)),
-                                 int(regs.rcx), int(regs.gs_base), int(regs.cr3), time.time_ns())
+                                 int(regs.rcx), int(regs.gs_base), int(regs.cr3), time.time_ns(),
+                                 self._user_sp(int(regs.gs_base)))
         except (GuestUnreadableError, VimsError) as exc:
             self._error = exc  # raising inside LibVMI's C callback would be lost: end the loop instead
         # Run the real instruction: original byte back, one step, then the step callback re-arms.
         self._write(self._original)
         return ev.EventResponse.TOGGLE_SINGLESTEP
+
+    def _user_sp(self, gs_base: int) -> int:
+        """The user RSP ``entry_SYSCALL_64`` saved in this CPU's ``cpu_tss_rw.x86_tss.sp2`` (0 if unknown)."""
+        if self._sp2_slot is None:
+            return 0
+        try:
+            return int(self.recorder.view.u64(gs_base + self._sp2_slot))
+        except (GuestUnreadableError, VimsError):
+            return 0
 
     def _on_step(self, vmi: Any, event: Any) -> Any:
         self.stats["steps"] += 1

@@ -185,3 +185,22 @@ def test_missing_symbol_is_a_clear_error(toy: tuple[Any, Any, Any]) -> None:
     del backend.profile.data["symbols"]["entry_SYSCALL_64_after_hwframe"]
     with pytest.raises(TracerError, match="entry_SYSCALL_64_after_hwframe"):
         LibvmiSyscallTracer(backend, "toy")
+
+
+def test_an_idle_guest_still_gives_heartbeats(toy: tuple[Any, Any, Any]) -> None:
+    """No system call for 2.5 s: empty batches keep coming (the collector is alive), then a real one."""
+    from vims.collector.tracer_libvmi import LibvmiSyscallTracer
+
+    backend, dom, _ = toy
+    got: list[Any] = []
+    tracer = LibvmiSyscallTracer(backend, "toy", on_batch=got.append, keep=False)
+    result = tracer.run(duration=2.5)
+    assert result.stats["heartbeats"] >= 2 and len(got) == result.stats["heartbeats"]
+    assert all(b.num_rows == 0 and b.schema.equals(EVENT_SCHEMA) for b in got)
+    tracer = LibvmiSyscallTracer(backend, "toy", on_batch=got.append, keep=False)
+    tracer.start()
+    tracer.poll(0)
+    _syscall(dom, 60)
+    tracer.poll(0)
+    tracer.finish("done")
+    assert got[-1].num_rows == 1 and tracer.stats["heartbeats"] == 0
