@@ -22,7 +22,7 @@ their start times: the first round holds every kind once (in a seeded order), th
 is kept with its error, never dropped.
 
 >>> [(a.kind, a.detail) for a in plan(seed=1, rate=2.0, duration=3.0)][:2]
-[('gate-client', ('HELLO 0',)), ('http-php', ('/status.php',))]
+[('cron-job', ('site-health',)), ('gate-client', ('HELLO 1',))]
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class Workload:
     rate : float
         Actions per second (the mean of a Poisson process).
     workers : int
-        Actions that may run at once (an ssh login under TCG takes about a second).
+        Actions that may run at once (a full ssh login under TCG takes about 2 s).
     timeout : float
         Seconds one action may take before it counts as failed.
 
