@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from vims.console import err, out, print_json
+from vims.console import err, out, print_json, progress
 
 guest_app = typer.Typer(
     help="The monitored guest (C-VM): a Debian kernel and a busybox workload under QEMU.",
@@ -155,6 +155,62 @@ def scenario(
     guest = Guest.attach(name)
     answer = guest.reset() if which == "reset" else guest.scenario(which)
     _show({"scenario": which, "answer": answer}, as_json)
+
+
+@guest_app.command("workload")
+def workload(
+    name: str = NAME,
+    seed: int = typer.Option(0, "--seed", help="Seeds the plan: same seed, same actions at the same times."),
+    rate: float = typer.Option(2.0, "--rate", help="Actions per second (mean of a Poisson process)."),
+    duration: float = typer.Option(60.0, "--duration", help="Seconds during which actions start."),
+    workers: int = typer.Option(4, "--workers", help="Actions that may run at once."),
+    as_json: bool = JSON,
+) -> None:
+    """Play the small-server workload on the detached Debian guest: web pages, ssh logins, cron jobs,
+    log rotation, package queries and the client's connections through REM-S's gate.
+
+    Prints the count of each kind of action and every failure; exit status 1 when an action failed.
+    """
+    from vims.collector.guest import Guest
+    from vims.collector.guest.workload import Workload, check_knobs
+
+    check_knobs(rate, duration, workers)
+    runner = Workload(Guest.attach(name), seed=seed, rate=rate, workers=workers)
+    planned = runner.plan(duration)
+    with progress(transient=True) as bar:
+        task = bar.add_task("workload", total=len(planned))
+        done = {"ok": 0, "failed": 0}
+
+        def show(result: Any) -> None:
+            done["ok" if result.ok else "failed"] += 1
+            bar.update(task, advance=1, description=f"workload: {done['ok']} ok, {done['failed']} failed, "
+                                                    f"last {result.action.kind}")  # fmt: skip
+
+        result = runner.run(duration, on_result=show)
+    summary = result.as_dict()
+    if as_json:
+        print_json(summary)
+    else:
+        _workload_table(summary)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def _workload_table(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"workload: seed {summary['seed']}, {summary['rate']:g} actions/s, "
+                        f"{summary['duration']:g} s")  # fmt: skip
+    for column in ("action", "ok", "failed"):
+        table.add_column(column, justify="left" if column == "action" else "right")
+    for kind, count in summary["counts"].items():
+        table.add_row(kind, str(count["ok"]), f"[red]{count['failed']}[/]" if count["failed"] else "0")
+    out.print(table)
+    out.print(f"{summary['actions']} actions in {summary['elapsed_s']} s ({summary['actions_per_s']}/s), "
+              f"longest start delay {summary['max_lag_s']} s, mean action {summary['mean_action_s']} s")  # fmt: skip
+    for failure in summary["failures"]:
+        out.print(f"[red]failed[/] #{failure['index']} {failure['kind']} {' '.join(failure['detail'])}: "
+                  f"{failure['error']}", highlight=False)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

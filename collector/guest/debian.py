@@ -5,8 +5,13 @@
 1. resolves the versions of the packages it installs (``apt-cache``); they key the cache;
 2. makes a bookworm root file system with ``mmdebstrap --variant=minbase`` plus systemd, udev,
    openssh-server, nginx-light, php-fpm, cron, sudo, ifupdown with the ISC DHCP client and the
-   distribution's kernel with its initramfs; then configures it (:func:`_configure`): a few users, an
-   ssh key made for the workload (kept beside the image), DHCP on the virtio NIC, a host name;
+   distribution's kernel with its initramfs, logrotate, curl and netcat (the client that reaches REM-S's
+   gate); then configures it (:func:`_configure`): a few users, an ssh key made for the workload (kept
+   beside the image, and kept across rebuilds so a guest still running from an earlier build accepts
+   it), DHCP on the virtio NIC, a host name, and the small server the workload
+   (:mod:`vims.collector.guest.workload`) exercises: static and PHP pages (:data:`STATIC_PAGES`,
+   :data:`PHP_PAGES`), cron jobs (:data:`CRON_JOBS`, in ``/etc/cron.d/vims-site``) and the rotation of
+   their logs (``/etc/logrotate.d/vims-site``, run by a cron entry and by logrotate's own timer);
 3. writes it to ``disk.img`` with ``mke2fs -t ext4 -d`` (no mount) and copies out the kernel and the
    initrd the guest boots from (``-kernel``/``-initrd``, the distribution's default command line);
 4. builds the kernel profile from the kernel's own files: BTF from ``vmlinuz`` and the symbols from
@@ -33,10 +38,13 @@ from vims.collector.guest.image import _apt, _locked
 from vims.errors import MissingDependencyError, VimsError
 from vims.paths import cache_dir
 
-__all__ = ["PACKAGES", "DebianImage", "build_debian", "resolve_debian"]
+__all__ = [
+    "CRON_JOBS", "LOGROTATE_COMMAND", "PACKAGES", "PHP_PAGES", "STATIC_PAGES", "DebianImage", "build_debian",
+    "resolve_debian",
+]  # fmt: skip
 
 #: Bump when the build changes in a way the cache key would not see.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
 SUITE = "bookworm"
 MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
@@ -45,7 +53,8 @@ MIRRORS = (
 )
 PACKAGES = (
     "systemd-sysv", "udev", "openssh-server", "nginx-light", "php-fpm", "cron", "sudo", "iproute2",
-    "ifupdown", "isc-dhcp-client", "procps", "linux-image-amd64", "initramfs-tools",
+    "ifupdown", "isc-dhcp-client", "procps", "linux-image-amd64", "initramfs-tools", "logrotate", "curl",
+    "netcat-openbsd",
 )  # fmt: skip
 USERS = ("alice", "bob", "carol")
 WORKLOAD_USER = "vims"
@@ -74,6 +83,92 @@ server {
     }
 }
 """
+
+#: The web site's static pages: path under the document root -> content.
+STATIC_PAGES = {
+    "index.html": "<html><body>vims debian guest</body></html>\n",
+    "about.html": "<html><head><title>About</title><link rel=stylesheet href=/css/site.css></head>"
+    "<body><h1>About this server</h1><p>A small Debian server: nginx, PHP, cron, ssh.</p></body></html>\n",
+    "docs/guide.html": "<html><head><title>Guide</title></head><body><h1>Guide</h1><ol><li>Log in with your key"
+    "</li><li>Read the status page</li><li>Search the site</li></ol></body></html>\n",
+    "css/site.css": "body { font-family: sans-serif; margin: 2em; }\nh1 { color: #234; }\n",
+    "robots.txt": "User-agent: *\nDisallow: /api.php\n",
+}
+_STATUS_PHP = """<?php
+header('Content-Type: text/plain');
+$load = sys_getloadavg();
+printf("status ok\\nhost %s\\nload %.2f %.2f %.2f\\nuptime %s\\n", gethostname(), $load[0], $load[1], $load[2],
+       trim(file_get_contents('/proc/uptime')));
+"""
+_SEARCH_PHP = """<?php
+$q = isset($_GET['q']) ? strtolower((string)$_GET['q']) : '';
+$items = ['nginx', 'php', 'debian', 'cron', 'logrotate', 'ssh', 'systemd', 'kernel', 'backup', 'status'];
+$hits = array_values(array_filter($items, fn($i) => $q !== '' && str_contains($i, $q)));
+echo '<html><body><h1>Search: ', htmlspecialchars($q), '</h1><ul>';
+foreach ($hits as $h) { echo '<li>', htmlspecialchars($h), '</li>'; }
+echo '</ul><p>', count($hits), " results</p></body></html>\\n";
+"""
+_API_PHP = """<?php
+header('Content-Type: application/json');
+$n = isset($_GET['n']) ? max(1, min(50, (int)$_GET['n'])) : 5;
+$rows = [];
+for ($i = 0; $i < $n; $i++) { $rows[] = ['id' => $i, 'sha1' => sha1(gethostname() . $i)]; }
+echo json_encode(['host' => gethostname(), 'time' => time(), 'rows' => $rows]), "\\n";
+"""
+#: The PHP pages: path -> (content, a string every good answer contains).
+PHP_PAGES = {
+    "index.php": (_INDEX_PHP, "vims "),
+    "status.php": (_STATUS_PHP, "status ok"),
+    "search.php": (_SEARCH_PHP, "results</p>"),
+    "api.php": (_API_PHP, '"rows"'),
+}
+_LOG_DIR = "/var/log/vims-site"
+#: The rotation of the site's logs, with their own state file (the cron entry; the workload adds ``--force``).
+LOGROTATE_COMMAND = "/usr/sbin/logrotate --state /var/lib/logrotate/vims-site.status /etc/logrotate.d/vims-site"
+_LOGROTATE = f"""{_LOG_DIR}/*.log {{
+    size 4k
+    rotate 4
+    compress
+    missingok
+    notifempty
+    copytruncate
+}}
+"""
+_SCRIPTS = {
+    "site-health": f"""#!/bin/sh
+# Is the web site up? One line per check in the site's health log.
+code=$(curl -s -o /dev/null -m 10 -w '%{{http_code}} %{{time_total}}' http://127.0.0.1/status.php) || code=down
+echo "$(date -Is) status.php $code load $(cut -d' ' -f1-3 /proc/loadavg)" >> {_LOG_DIR}/health.log
+""",
+    "site-report": f"""#!/bin/sh
+# The site's pages and their sizes, for the people who run it.
+set -e
+find /var/www/html -type f -printf '%s %P\\n' | sort -k2 > /var/www/cache/pages.txt.new
+mv /var/www/cache/pages.txt.new /var/www/cache/pages.txt
+echo "$(date -Is) pages $(wc -l < /var/www/cache/pages.txt)" >> {_LOG_DIR}/report.log
+""",
+    "site-backup": f"""#!/bin/sh
+# A copy of the web site and the web server's configuration; the last five are kept.
+set -e
+dir=/var/backups/vims-site
+mkdir -p "$dir"
+tar -czf "$dir/site-$(date +%Y%m%d-%H%M%S)-$$.tar.gz" -C / var/www/html etc/nginx
+ls -1t "$dir"/site-*.tar.gz | tail -n +6 | xargs -r rm -f
+echo "$(date -Is) backup $(ls "$dir" | wc -l) kept" >> {_LOG_DIR}/backup.log
+""",
+}
+#: The server's cron jobs: name -> (schedule, user, command), as ``/etc/cron.d/vims-site`` lists them.
+CRON_JOBS = {
+    "site-health": ("* * * * *", "root", "/usr/local/bin/site-health"),
+    "site-report": ("* * * * *", "www-data", "/usr/local/bin/site-report"),
+    "site-backup": ("*/5 * * * *", "root", "/usr/local/bin/site-backup"),
+    "logrotate": ("*/5 * * * *", "root", LOGROTATE_COMMAND),
+}
+_CRONTAB = (
+    "# The small server's own jobs (the VIMS workload runs them on demand too).\n"
+    "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    + "".join(f"{when} {user} {command}\n" for when, user, command in CRON_JOBS.values())
+)
 
 
 @dataclass
@@ -143,7 +238,8 @@ def resolve_debian() -> dict[str, str]:
 
 
 def _cache_key(versions: dict[str, str]) -> str:
-    recipe = [PACKAGES, USERS, MIRRORS, _INTERFACES, _LINK, _INDEX_PHP, _NGINX_SITE, DISK_SIZE]
+    recipe = [PACKAGES, USERS, MIRRORS, _INTERFACES, _LINK, _NGINX_SITE, DISK_SIZE, STATIC_PAGES, PHP_PAGES,
+              _SCRIPTS, _CRONTAB, _LOGROTATE]  # fmt: skip
     data = {"format": BUILD_FORMAT, "versions": versions, "recipe": recipe}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -184,10 +280,26 @@ def _configure(root: Path, public_key: str) -> None:
     _write(root, "etc/hostname", HOSTNAME + "\n")
     _write(root, "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
     _write(root, "etc/fstab", "/dev/vda / ext4 errors=remount-ro 0 1\n")
-    _write(root, "etc/nginx/sites-available/default", _NGINX_SITE)
-    _write(root, "var/www/html/index.php", _INDEX_PHP)
-    _write(root, "var/www/html/index.html", "<html><body>vims debian guest</body></html>\n")
     _write(root, "etc/ssh/sshd_config.d/vims.conf", "UseDNS no\nPasswordAuthentication no\n")
+    _configure_site(root)
+
+
+def _configure_site(root: Path) -> None:
+    """The small server: web pages, cron jobs and their scripts, the rotation of their logs."""
+    _write(root, "etc/nginx/sites-available/default", _NGINX_SITE)
+    for page, text in STATIC_PAGES.items():
+        _write(root, f"var/www/html/{page}", text)
+    for page, (text, _marker) in PHP_PAGES.items():
+        _write(root, f"var/www/html/{page}", text)
+    for name, script in _SCRIPTS.items():
+        _write(root, f"usr/local/bin/{name}", script, 0o755)
+    _write(root, "etc/cron.d/vims-site", _CRONTAB)
+    _write(root, "etc/logrotate.d/vims-site", _LOGROTATE)
+    _in_root(
+        root,
+        f"mkdir -p {_LOG_DIR} /var/www/cache && touch {_LOG_DIR}/health.log {_LOG_DIR}/backup.log "
+        f"{_LOG_DIR}/report.log && chown www-data:www-data {_LOG_DIR}/report.log /var/www/cache",
+    )
 
 
 def build_debian(force: bool = False, log: Callable[[str], None] | None = None) -> DebianImage:
@@ -225,10 +337,7 @@ def _build(directory: Path, versions: dict[str, str], key: str, say: Callable[[s
             "mmdebstrap",
         )  # fmt: skip
         strap_seconds = time.monotonic() - started
-        for name in ("id_ed25519", "id_ed25519.pub"):
-            (directory / name).unlink(missing_ok=True)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vims-workload", "-f",
-              str(directory / "id_ed25519")], "ssh-keygen")  # fmt: skip
+        _workload_key(directory)
         say("configuring users, ssh key, network")
         _configure(root, (directory / "id_ed25519.pub").read_text())
         shutil.copyfile(root / "boot" / f"vmlinuz-{release}", directory / "vmlinuz")
@@ -258,6 +367,16 @@ def _build(directory: Path, versions: dict[str, str], key: str, say: Callable[[s
     (directory / "build.json").write_text(json.dumps(info, indent=2))
     say(f"Debian guest image ready in {directory} ({info['build_seconds']} s)")
     return DebianImage.at(directory)
+
+
+def _workload_key(directory: Path) -> None:
+    """Make the workload's ssh key, or keep the one there (guests booted from an earlier build accept it)."""
+    key, public = directory / "id_ed25519", directory / "id_ed25519.pub"
+    if key.exists() and public.exists():
+        return
+    key.unlink(missing_ok=True)
+    public.unlink(missing_ok=True)
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vims-workload", "-f", str(key)], "ssh-keygen")
 
 
 def _disk_used(path: Path) -> int:

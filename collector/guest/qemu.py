@@ -19,7 +19,11 @@ default command line (``root=/dev/vda ro console=ttyS0``, KASLR on, PTI at its d
 the one option that may be added), 2 vCPUs, 1 GiB, a virtio disk (``snapshot=on``: the cached image is
 never written) and a virtio NIC on QEMU's user network with ``restrict=on`` (nothing leaves the
 machine), ``hostfwd`` from 127.0.0.1 to its ssh and http ports; commands run over ssh with the key
-made at build time. Its RAM file and GDB stub are as for the busybox guest.
+made at build time. Its RAM file and GDB stub are as for the busybox guest. Its client software reaches
+REM-S's gate by an ordinary TCP connection to the intranet address :data:`GATE_GUEST_ADDRESS`: a
+``guestfwd`` there runs :func:`gate_relay` for each connection the guest opens, which carries it to the
+gate port on the host's loopback (a free port that nothing listens on when none is given, as for the
+busybox guest's serial line).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ import ctypes
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +55,7 @@ if TYPE_CHECKING:
     from vims.collector.guest.image import GuestImage
     from vims.collector.profile import KernelProfile
 
-__all__ = ["SCENARIOS", "Guest", "GuestBootError", "free_port", "kvm_available", "reap_stale"]
+__all__ = ["SCENARIOS", "Guest", "GuestBootError", "free_port", "gate_relay", "kvm_available", "reap_stale"]
 
 QEMU = "qemu-system-x86_64"
 SCENARIOS = ("normal", "webshell", "adduser", "tamper-binary")
@@ -305,11 +311,11 @@ class Guest:
         gate = gate_port if gate_port is not None else free_port()
         accel = machine.accel or ("kvm" if kvm_available() else "tcg")
         cmd, ports = _qemu_command(image, name, machine, accel, memory_path, console, run_dir, gdb_port,
-                                   control_port, gate, gate_port, capture_kallsyms)
+                                   control_port, gate, capture_kallsyms)
         process = _spawn(cmd, run_dir / "qemu.log", detach)
         started = time.time()
         state = _initial_state(image, name, machine, accel, process.pid, memory_path, run_dir, console, gdb_port,
-                               control_port, gate, gate_port, started, detach, cmd, ports)
+                               control_port, gate, started, detach, cmd, ports)
         (run_dir / "state.json").write_text(json.dumps(state, indent=2))  # for reap_stale()
         guest = cls(state, process)
         try:
@@ -630,19 +636,49 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+def gate_relay(port: int) -> None:
+    """Carry one connection of the guest's client to the gate on 127.0.0.1:``port``.
+
+    QEMU's ``guestfwd`` runs this once per connection the guest opens to :data:`GATE_GUEST_ADDRESS`,
+    with the connection as file descriptor 0. Bytes go both ways unchanged and each side's end of
+    stream is passed on; when nothing listens on the gate port, the guest's connection closes unanswered.
+    """
+    guest = socket.socket(fileno=0)
+    try:
+        gate = socket.create_connection(("127.0.0.1", port), timeout=10.0)
+    except OSError:
+        guest.close()
+        return
+    gate.settimeout(None)
+    back = threading.Thread(target=_pump, args=(gate, guest), daemon=True)
+    back.start()
+    _pump(guest, gate)
+    back.join()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+
+
+def _gate_forward(gate: int) -> str:
+    """The ``guestfwd`` option that runs :func:`gate_relay` (this Python) for each guest connection."""
+    host, port = GATE_GUEST_ADDRESS
+    code = f"from vims.collector.guest.qemu import gate_relay; gate_relay({int(gate)})"
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}".replace(",", ",,")  # QEMU's escape
+    return f"guestfwd=tcp:{host}:{port}-cmd:{command}"
+
+
 def _debian_devices(
-    image: DebianImage, ports: dict[str, int], gate_port: int | None, extra_args: tuple[str, ...]
+    image: DebianImage, ports: dict[str, int], gate: int, extra_args: tuple[str, ...]
 ) -> list[str]:
     """QEMU options of the Debian guest: command line, virtio disk and NIC on a restricted network."""
     net = (
         f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{ports['ssh_port']}-:22,"
-        f"hostfwd=tcp:127.0.0.1:{ports['http_port']}-:80"
+        f"hostfwd=tcp:127.0.0.1:{ports['http_port']}-:80,{_gate_forward(gate)}"
     )
-    if gate_port is not None:  # the guest's client reaches the gate at an intranet address
-        if shutil.which("nc") is None:  # QEMU runs one `nc` per connection the guest opens
-            raise MissingDependencyError("nc not found (the gate's guestfwd needs it): apt-get install netcat-openbsd")
-        host, port = GATE_GUEST_ADDRESS
-        net += f",guestfwd=tcp:{host}:{port}-cmd:nc 127.0.0.1 {gate_port}"
     return [
         "-append", " ".join((DEBIAN_KERNEL_ARGS, *extra_args)),
         "-drive", f"file={image.disk},if=virtio,format=raw,snapshot=on",
@@ -652,7 +688,7 @@ def _debian_devices(
 
 def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine, accel: str, memory_path: Path,
                   console: Path, run_dir: Path, gdb_port: int, control_port: int, gate: int,
-                  gate_port: int | None, capture_kallsyms: Path | None) -> tuple[list[str], dict[str, int]]:
+                  capture_kallsyms: Path | None) -> tuple[list[str], dict[str, int]]:
     """QEMU's command line for ``image``, and the host ports it forwards (ssh and http of a Debian guest)."""
     memory_mb, cpu = machine.memory_mb, machine.cpu
     cmd = [
@@ -670,7 +706,7 @@ def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine,
     ports: dict[str, int] = {}
     if isinstance(image, DebianImage):
         ports = {"ssh_port": free_port(), "http_port": free_port()}
-        cmd += _debian_devices(image, ports, gate_port, machine.extra_args)
+        cmd += _debian_devices(image, ports, gate, machine.extra_args)
     else:
         append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
         cmd += [
@@ -704,7 +740,7 @@ def _spawn(cmd: list[str], log_path: Path, detach: bool) -> subprocess.Popen[byt
 
 def _initial_state(image: GuestImage | DebianImage, name: str, machine: _Machine, accel: str, pid: int,
                    memory_path: Path, run_dir: Path, console: Path, gdb_port: int, control_port: int, gate: int,
-                   gate_port: int | None, started: float, detach: bool, cmd: list[str],
+                   started: float, detach: bool, cmd: list[str],
                    ports: dict[str, int]) -> dict[str, Any]:
     """What ``state.json`` says of a guest just started (``vims guest status`` and :meth:`Guest.attach` read it)."""
     debian = isinstance(image, DebianImage)
@@ -735,5 +771,5 @@ def _initial_state(image: GuestImage | DebianImage, name: str, machine: _Machine
     if isinstance(image, DebianImage):
         state["ssh_key"] = str(image.ssh_key)
         state["kernel_args"] = " ".join((DEBIAN_KERNEL_ARGS, *machine.extra_args))
-        state["gate_guest"] = list(GATE_GUEST_ADDRESS) if gate_port is not None else None
+        state["gate_guest"] = list(GATE_GUEST_ADDRESS)
     return state
