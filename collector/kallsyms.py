@@ -177,11 +177,21 @@ def read_symbols(image: bytes, tables: KallsymsTables | None = None) -> dict[str
 
 
 def _banner(image: bytes, release: str) -> str:
-    """The kernel's ``linux_banner`` string as the image holds it (empty if not found)."""
+    """The kernel's ``linux_banner`` string as the image holds it (empty if not found).
+
+    Debian's image holds the string twice: a template with ``# SMP`` and the banner itself with the
+    build number (``#1 SMP``); the banner is the one whose ``#`` a digit follows.
+    """
+    found = ""
     start = image.find(f"Linux version {release} (".encode())
-    if start < 0:
-        return ""
-    return image[start : image.find(b"\0", start)].decode("latin-1")
+    while start >= 0:
+        text = image[start : image.find(b"\0", start)].decode("latin-1")
+        found = found or text
+        hash_at = text.find(" #")
+        if hash_at >= 0 and text[hash_at + 2 : hash_at + 3].isdigit():
+            return text
+        start = image.find(f"Linux version {release} (".encode(), start + 1)
+    return found
 
 
 def build_profile(vmlinuz: Path, release: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -105,8 +105,8 @@ class KaslrOffsets:
 def _banner(profile: Any) -> bytes:
     """The start of the kernel's ``linux_banner`` (what ``/proc/version`` prints)."""
     text = str(profile.metadata.get("banner") or "")
-    if text:
-        return text.encode("latin-1")
+    if text:  # up to the build number: a profile that kept the image's template copy still matches
+        return text.split(" #", 1)[0].encode("latin-1")
     return f"Linux version {profile.release} ".encode()
 
 
