@@ -27,14 +27,10 @@ is kept with its error, never dropped.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import random
 import shlex
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -213,7 +209,6 @@ class Workload:
         if guest.kind != "debian" or guest.http_address is None:
             raise InputError(f"guest {guest.name!r} is not a Debian guest (`vims guest up --image debian`)")
         self.guest, self.seed, self.rate, self.workers, self.timeout = guest, seed, rate, workers, timeout
-        self._admin: _AdminSession | None = None
 
     def plan(self, duration: float) -> list[Action]:
         """The actions :meth:`run` plays in ``duration`` seconds (:func:`plan`)."""
@@ -237,16 +232,11 @@ class Workload:
                 if on_result is not None:
                     on_result(done)
 
-        with _AdminSession(self.guest) as admin:
-            self._admin = admin
-            start = time.monotonic()
-            try:
-                with ThreadPoolExecutor(self.workers, "workload") as pool:
-                    for index, action in enumerate(actions):
-                        time.sleep(max(0.0, start + action.at - time.monotonic()))
-                        pool.submit(play, index, action)
-            finally:
-                self._admin = None
+        start = time.monotonic()
+        with ThreadPoolExecutor(self.workers, "workload") as pool:
+            for index, action in enumerate(actions):
+                time.sleep(max(0.0, start + action.at - time.monotonic()))
+                pool.submit(play, index, action)
         result.elapsed = time.monotonic() - start
         result.results = [r for r in slots if r is not None]
         return result
@@ -312,8 +302,8 @@ class Workload:
         return f"{user}: {len(proc.stdout)} bytes"
 
     def _inside(self, command: str) -> tuple[int, str]:
-        if self._admin is not None:
-            return self._admin.execute(command, self.timeout)
+        # Guest.execute shares one root ssh connection (a login costs seconds under TCG); the
+        # ``ssh-login`` actions are full logins of their own.
         return self.guest.execute(command, timeout=self.timeout)
 
     def _root(self, command: str) -> str:
@@ -339,52 +329,3 @@ class Workload:
         return reply.splitlines()[0][:200]
 
 
-class _AdminSession:
-    """One ssh connection as root shared by the actions run inside the guest (ssh's connection sharing).
-
-    Each command is still a session of its own in the guest's sshd, without a key exchange each time
-    (under TCG about 0.2 s instead of 2 s); when the shared connection is not up, a command opens its
-    own. The ``ssh-login`` actions never use it: each of them is a full login.
-    """
-
-    def __init__(self, guest: Guest) -> None:
-        self.guest = guest
-        self._folder = ""
-        self._master: subprocess.Popen[bytes] | None = None
-
-    def _command(self, *options: str) -> list[str]:
-        ssh = self.guest.ssh_command("root")
-        return [ssh[0], "-o", f"ControlPath={self._folder}/control", *options, *ssh[1:]]
-
-    def __enter__(self) -> _AdminSession:
-        self._folder = tempfile.mkdtemp(prefix="vims-workload-")
-        self._master = subprocess.Popen(self._command("-M", "-N"), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        control = f"{self._folder}/control"
-        deadline = time.monotonic() + 30.0
-        while time.monotonic() < deadline and self._master.poll() is None and not os.path.exists(control):
-            time.sleep(0.1)
-        return self
-
-    def execute(self, command: str, timeout: float) -> tuple[int, str]:
-        """Run ``command`` as root in the guest: its exit status and output (as :meth:`Guest.execute`)."""
-        remote = f"timeout {max(1, math.ceil(timeout))} sh -c {shlex.quote(command)}"
-        try:
-            proc = subprocess.run([*self._command("-o", "ControlMaster=no"), remote], stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=timeout + 30.0, check=False)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise _ActionFailedError(f"{command[:60]!r}: no answer within {timeout + 30:g} s") from None
-        if proc.returncode == 255:
-            said = proc.stderr.decode(errors="replace").strip()[-200:]
-            raise _ActionFailedError(f"cannot ssh into guest {self.guest.name!r}: {said}")
-        return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._master is not None:
-            self._master.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._master.wait(10)
-            if self._master.poll() is None:
-                self._master.kill()
-                self._master.wait(5)
-        shutil.rmtree(self._folder, ignore_errors=True)
