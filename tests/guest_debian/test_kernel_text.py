@@ -5,9 +5,11 @@ its function, and passes again once restored."""
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from vims.collector.backends import QemuBackend
@@ -15,6 +17,7 @@ from vims.collector.checks import Context, registry, run_checks
 from vims.collector.gdbstub import GdbStub
 from vims.collector.guest import Guest
 from vims.collector.guest.debian import DebianImage
+from vims.collector.kernel_image import KernelImage
 
 #: A function nothing in the guest calls while the tests run.
 QUIET_FUNCTION = "__x64_sys_vhangup"
@@ -97,3 +100,46 @@ def test_the_same_image_passes_under_two_cpu_models_and_two_boots(debian: Guest,
     assert patched[0] != patched[1], patched
     if offset(debian) == offset(qemu64):
         pytest.skip("both boots drew the same KASLR slot (1 in 512): the reboot half was not shown")
+
+
+def test_the_relocation_table_fills_the_payload_after_the_elf_file(debian_image: DebianImage) -> None:
+    image = KernelImage.from_vmlinuz(debian_image.kernel)
+    rel = image.relocations
+    assert len(rel.r32) > 10_000 and len(rel.r64) > 10_000 and len(rel.inverse32) > 1_000
+    text = image.section(".text")
+    inside = (rel.r32 >= np.uint64(text.addr)) & (rel.r32 < np.uint64(text.addr + text.size))
+    assert inside.sum() > 1_000  # absolute addresses in code (``mov $sym, %reg``) are relocated
+
+
+def test_a_patch_site_holding_a_foreign_state_fails(debian: Guest) -> None:
+    """A return site or an ftrace site is checked for the kernel's states, not skipped: a jump to
+    another function there fails, named by the function the site is in."""
+    evil = debian.profile.symbol(QUIET_FUNCTION)
+    with QemuBackend.from_guest(debian) as backend:
+        ctx = Context.of_guest(backend)
+        check = registry()["kernel-text"]()
+        assert not failures(run_checks(ctx, [check]))
+        sites = ctx.memo["kernel-text"].sites
+        writes = []
+        for kind in (sites.returns, sites.mcount):
+            addr = sites.address(int(kind[len(kind) // 2]))
+            writes.append((addr, b"\xe9" + struct.pack("<i", evil - addr - 5)))
+        with GdbStub(*debian.gdb_address) as gdb:
+            gdb.halt()
+            try:
+                originals = [gdb.read(addr, 5) for addr, _ in writes]
+                try:
+                    for addr, code in writes:
+                        gdb.write(addr, code)
+                    rows = run_checks(ctx, [check])
+                finally:
+                    for (addr, _), code in zip(writes, originals, strict=True):
+                        gdb.write(addr, code)
+                after = run_checks(ctx, [check])
+            finally:
+                gdb.resume()
+    bad = failures(rows)
+    named = {ctx.profile.symbol_at(addr)[0] for addr, _ in writes}
+    assert {r.fields["symbol"] for r in bad} == named, bad
+    assert all(r.status == "fail" and r.fields["bytes"] <= 5 for r in bad)
+    assert not failures(after), failures(after)
