@@ -49,10 +49,12 @@ accounted for. The states accepted, by kind:
 
 Where the check trusts the guest: the current targets of static calls, paravirt operations and the
 return thunk are read from kernel data (a rootkit that rewrites a key and its call sites together
-passes here; the data are not kernel text); and an alternative may hold any of its replacements,
-whether or not the CPU has the feature that selects it (the choice is not cross-checked between
-sites of one feature). No byte of the text is masked: every changed byte is checked against its
-site's states.
+passes here; the data are not kernel text). Alternatives are also checked against each other: every
+site, changed or not, says which CPU features the kernel found (the replacement it holds was
+selected, those after it were not), and a site whose choice contradicts the other sites of a feature
+fails, even when its bytes are the image's own (a ``clac`` put back to the built NOPs). What the CPU
+offers is not known otherwise: a forged choice made at every site of a feature at once passes. No
+byte of the text is masked: every changed byte is checked against its site's states.
 """
 
 from __future__ import annotations
@@ -375,7 +377,7 @@ class PatchSites:
 
     # -- the states ------------------------------------------------------------------------------
     def explain(self, current: np.ndarray, reference: np.ndarray, read: Any) -> tuple[np.ndarray, dict[str, int]]:
-        """Which changed bytes are the kernel's own patching, and how many sites of each kind changed.
+        """The changes that are not the kernel's own patching, and how many sites of each kind changed.
 
         Parameters
         ----------
@@ -387,8 +389,11 @@ class PatchSites:
 
         Returns
         -------
-        explained : numpy.ndarray
-            A bool per text byte: True where a site in a state the kernel can put there covers it.
+        foreign : numpy.ndarray
+            Text indexes, sorted: the changed bytes no site in a state the kernel can put there
+            covers, and the first byte of each alternative site whose choice contradicts the others'
+            about a CPU feature (changed or not: reverting a replacement to the image's original
+            bytes is caught so).
         kinds : dict
             Sites in a changed, legitimate state, by kind.
         """
@@ -404,7 +409,8 @@ class PatchSites:
             count = method(ok)
             if count:
                 kinds[kind] = count
-        return ok, kinds
+        foreign = np.flatnonzero(changed & ~ok)
+        return np.union1d(foreign, np.asarray(ctx.contradicted, np.int64)), kinds
 
 
 class _States:
@@ -414,14 +420,18 @@ class _States:
     def __init__(self, sites: PatchSites, current: np.ndarray, reference: np.ndarray, changed: np.ndarray,
                  read: Any) -> None:
         self.s, self.cur, self.ref, self.read = sites, current, reference, read
-        self._sum = np.concatenate([[0], np.cumsum(changed, dtype=np.int64)])
+        self._changed = np.flatnonzero(changed)
         self._u64: dict[int, int] = {}
+        self.contradicted: list[int] = []
 
     # -- helpers
+    def hits(self, at: np.ndarray, size: int | np.ndarray) -> np.ndarray:
+        """For each site of ``at`` (text indexes), whether a byte of its ``size`` bytes changed."""
+        return np.asarray(np.searchsorted(self._changed, at) < np.searchsorted(self._changed, at + size))
+
     def touched(self, at: np.ndarray, size: int | np.ndarray) -> np.ndarray:
-        """The sites of ``at`` (text indexes) with a changed byte in their ``size`` bytes."""
-        end = np.minimum(at + size, len(self.cur))
-        return at[self._sum[end] - self._sum[at] > 0]
+        """The sites of ``at`` with a changed byte in their ``size`` bytes."""
+        return at[self.hits(at, size)]
 
     def now(self, i: int, n: int) -> bytes:
         return self.cur[i:i + n].tobytes()
@@ -559,11 +569,12 @@ class _States:
         s = self.s
         pv_ops, nop = self.symbol("pv_ops"), self.symbol("_paravirt_nop")
         at = s.pv["instr"] + s._to_index
-        inside = (at >= 0) & (at < s.n)
+        pick = (at >= 0) & (at < s.n)
+        pick[pick] = self.hits(at[pick], s.pv["len"][pick])
         count = 0
-        for i, kind, size in zip(at[inside].tolist(), s.pv["type"][inside].tolist(), s.pv["len"][inside].tolist(),
+        for i, kind, size in zip(at[pick].tolist(), s.pv["type"][pick].tolist(), s.pv["len"][pick].tolist(),
                                  strict=True):
-            if pv_ops is None or not self.touched(np.array([i]), size).size:
+            if pv_ops is None:
                 continue
             func, now = self.u64(pv_ops + 8 * kind), self.now(i, size)
             if (func == nop and is_nops(now)) or (now[:2] == b"\x0f\x0b" and is_nops(now[2:])) or \
@@ -589,25 +600,59 @@ class _States:
     def alternatives(self, ok: np.ndarray) -> int:
         """``.altinstructions``: a site holds one of its replacements (NOP-padded), or its original
         instructions with their 0x90 padding turned into long NOPs (changes inside the original are
-        left to the other kinds of sites)."""
+        left to the other kinds of sites). Every site, changed or not, is also evidence of which CPU
+        features the kernel found (:meth:`_contradictions`)."""
         s, alt = self.s, self.s.alt
         at = alt["instr"] + s._to_index
         inside = np.flatnonzero((at >= 0) & (at < s.n))
+        starts, which = np.unique(at[inside], return_inverse=True)
+        sizes = np.zeros(len(starts), np.int64)
+        np.maximum.at(sizes, which, alt["instrlen"][inside])
+        hit = self.hits(starts, sizes)
         sites: dict[int, list[int]] = {}
-        for j in inside[np.isin(at[inside], self.touched(np.unique(at[inside]), alt["instrlen"].max()))].tolist():
-            sites.setdefault(int(at[j]), []).append(j)
+        for j, k in zip(inside.tolist(), which.tolist(), strict=True):
+            sites.setdefault(k, []).append(j)
+        evidence: dict[tuple[int, bool], set[int]] = {}
         count = 0
-        for i, entries in sites.items():
-            size = max(int(alt["instrlen"][j]) for j in entries)
-            if not self.touched(np.array([i]), size).size:
+        for k, entries in sites.items():
+            i, size = int(starts[k]), int(sizes[k])
+            now, orig = self.now(i, size), self.then(i, size)
+            pad = len(orig) - len(orig.rstrip(b"\x90"))
+            original = now[:size - pad] == orig[:size - pad] and is_nops(now[size - pad:])
+            shown = [n for n, j in enumerate(entries)
+                     if self._replacement(now, i, int(alt["repl"][j]), int(alt["repllen"][j]))]
+            self._evidence(evidence, i, entries, shown[-1] if shown else None, original)
+            if not hit[k]:
                 continue
-            now = self.now(i, size)
-            if any(self._replacement(now, i, int(alt["repl"][j]), int(alt["repllen"][j])) for j in entries):
+            if shown:
                 self.mark(ok, i, size)
                 count += 1
-                continue
-            orig = self.then(i, size)
-            pad = len(orig) - len(orig.rstrip(b"\x90"))
-            if pad and is_nops(now[size - pad:]):
+            elif pad and is_nops(now[size - pad:]):
                 self.mark(ok, i + size - pad, pad)
+        self.contradicted = self._contradictions(evidence)
         return count
+
+    def _evidence(self, evidence: dict[tuple[int, bool], set[int]], site: int, entries: list[int],
+                  shown: int | None, original: bool) -> None:
+        """Record what one site says about the features of its ``entries`` (applied in order, the last
+        whose feature the CPU has wins): the one ``shown`` was selected, those after it were not."""
+        if shown is not None and original:
+            return  # a replacement that looks like the original says nothing
+        if shown is None and not original:
+            return  # neither: the bytes are judged elsewhere
+        later = entries if shown is None else entries[shown + 1:]
+        for n, j in ([(True, entries[shown])] if shown is not None else []) + [(False, j) for j in later]:
+            cpuid = int(self.s.alt["cpuid"][j])
+            # ALTINSTR_FLAG_INV (bit 15): the replacement is selected when the CPU lacks the feature.
+            evidence.setdefault((cpuid & 0x7FFF, n != bool(cpuid & 0x8000)), set()).add(site)
+
+    @staticmethod
+    def _contradictions(evidence: dict[tuple[int, bool], set[int]]) -> list[int]:
+        """Sites that disagree with the others about a feature (the fewer side; both on a tie)."""
+        out: set[int] = set()
+        for (feature, has), sites in evidence.items():
+            other = evidence.get((feature, not has), set())
+            if has and other:
+                out |= sites if len(sites) <= len(other) else set()
+                out |= other if len(other) <= len(sites) else set()
+        return sorted(out)

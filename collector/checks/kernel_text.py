@@ -153,8 +153,8 @@ class KernelText(Check):
     @staticmethod
     def _compare(current: np.ndarray, ref: _Reference, read: object) -> tuple[dict[str, int], np.ndarray]:
         """The sites in a changed legitimate state by kind, and the indexes of the other changed bytes."""
-        explained, kinds = ref.sites.explain(current, ref.text, read)
-        return kinds, np.flatnonzero((current != ref.text) & ~explained)
+        foreign, kinds = ref.sites.explain(current, ref.text, read)
+        return kinds, foreign
 
     def _failures(self, ctx: Context, bad: np.ndarray, start: int) -> Iterator[Row]:
         """One failing row per page with foreign changes."""

@@ -143,3 +143,43 @@ def test_a_patch_site_holding_a_foreign_state_fails(debian: Guest) -> None:
     assert {r.fields["symbol"] for r in bad} == named, bad
     assert all(r.status == "fail" and r.fields["bytes"] <= 5 for r in bad)
     assert not failures(after), failures(after)
+
+
+#: ``X86_FEATURE_SMAP`` (word 9, bit 20): QEMU's ``max`` CPU has it, so ``stac``/``clac`` are patched in.
+SMAP = 9 * 32 + 20
+
+
+def test_an_alternative_reverted_to_the_image_fails(debian: Guest) -> None:
+    """Writing back the image's own bytes at one SMAP site (``clac`` turned back into NOPs: a real
+    attack, it opens user memory to the kernel) is a choice no CPU makes together with the other
+    SMAP sites: it fails, named by the function, though the bytes are the image's."""
+    with QemuBackend.from_guest(debian) as backend:
+        ctx = Context.of_guest(backend)
+        check = registry()["kernel-text"]()
+        assert not failures(run_checks(ctx, [check]))
+        ref = ctx.memo["kernel-text"]
+        sites, alt = ref.sites, ref.sites.alt
+        current = np.frombuffer(backend.kernel.read(sites.start, sites.n), np.uint8)
+        for j in np.flatnonzero(alt["cpuid"] == SMAP).tolist():
+            i, size = int(alt["instr"][j] + sites._to_index), int(alt["instrlen"][j])
+            if 0 <= i < sites.n and bytes(current[i:i + size]) != bytes(ref.text[i:i + size]):
+                break
+        else:
+            pytest.skip("no SMAP site patched in this guest (a CPU without SMAP?)")
+        addr, image_bytes = sites.address(i), bytes(ref.text[i:i + size])
+        with GdbStub(*debian.gdb_address) as gdb:
+            gdb.halt()
+            try:
+                original = gdb.read(addr, size)
+                gdb.write(addr, image_bytes)
+                try:
+                    rows = run_checks(ctx, [check])
+                finally:
+                    gdb.write(addr, original)
+                after = run_checks(ctx, [check])
+            finally:
+                gdb.resume()
+    bad = failures(rows)
+    assert [r.fields["symbol"] for r in bad] == [ctx.profile.symbol_at(addr)[0]], bad
+    assert bad[0].fields["address"] == addr
+    assert not failures(after), failures(after)
