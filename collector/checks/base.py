@@ -135,28 +135,24 @@ class Reference:
 
     Attributes
     ----------
-    kernel_text : bytes or None
-        Kernel text ``[_stext, _etext)`` copied from a running guest of the same kernel and CPU model.
+    kernel_image : Path or None
+        The ``vmlinuz`` the guest booted: the kernel-text reference is built from it (relocated for
+        KASLR, its patch sites read from it), so it holds for every boot and CPU model.
     rootfs : Path or None
         The guest's root file system tree as built (the reference executables).
-    cpu : str or None
-        The QEMU CPU model the kernel text was copied under (the kernel patches itself for its CPU).
     """
 
-    kernel_text: bytes | None = None
+    kernel_image: Path | None = None
     rootfs: Path | None = None
-    cpu: str | None = None
 
     @classmethod
     def from_image(cls, image: Any) -> Reference:
-        """The reference of a :class:`vims.collector.guest.GuestImage`."""
-        text = getattr(image, "kernel_text_ref", None)
-        if isinstance(text, str | Path):
-            text = Path(text).read_bytes()
+        """The reference of a guest image (:class:`vims.collector.guest.GuestImage` or a Debian image):
+        its ``kernel`` and ``rootfs``."""
+        kernel = getattr(image, "kernel", None)
         rootfs = getattr(image, "rootfs", None)
-        cpu = getattr(image, "cpu", None)
-        return cls(kernel_text=text, rootfs=None if rootfs is None else Path(rootfs),
-                   cpu=None if cpu is None else str(cpu))
+        return cls(kernel_image=None if kernel is None else Path(kernel),
+                   rootfs=None if rootfs is None else Path(rootfs))
 
 
 @dataclass
@@ -170,6 +166,9 @@ class Context:
     reference: Reference = field(default_factory=Reference)
     #: The CPU model the guest runs with, when known (``-cpu`` of QEMU).
     cpu: str | None = None
+    #: What a check keeps between its runs against this guest, under its name (``kernel-text``: its
+    #: reference, built once, and the last text it found clean).
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of_guest(cls, backend: Any) -> Context:

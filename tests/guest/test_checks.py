@@ -6,6 +6,7 @@ with ``guest.reset()``."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from vims.collector.backends import QemuBackend
 from vims.collector.checks import Context, Reference, registry, run_checks
 from vims.collector.checks.kernel_text import NOP5
 from vims.collector.gdbstub import GdbStub
+from vims.collector.kernel_image import KernelImage
 from vims.syscalls import names as syscall_names
 
 #: A function nothing in the guest calls while the tests run.
@@ -69,11 +71,19 @@ def test_a_clean_guest_passes_every_check(ctx: Context) -> None:
     assert not failures(rows), failures(rows)
 
 
-def test_a_reference_from_another_cpu_model_is_an_error_not_a_failure(ctx: Context) -> None:
+def test_the_kernel_image_reference_holds_for_any_cpu_model(ctx: Context) -> None:
+    """The reference is the kernel image and its patch sites, not a snapshot of one CPU's boot."""
     ctx.cpu = "qemu64"
     rows = run(ctx, "kernel-text")
+    assert not failures(rows), failures(rows)
+    assert rows[-1].target == "kernel text" and "match the kernel image" in rows[-1].detail
+
+
+def test_without_a_kernel_image_kernel_text_is_an_error_not_a_failure(ctx: Context) -> None:
+    ctx.reference = Reference(rootfs=ctx.reference.rootfs)
+    rows = run(ctx, "kernel-text")
     assert [(r.status, r.target) for r in rows] == [("error", "kernel text")]
-    assert "CPU model 'max'" in rows[0].detail
+    assert "no kernel image" in rows[0].detail
 
 
 def test_a_write_into_kernel_text_fails_naming_the_function(guest: Any, ctx: Context) -> None:
@@ -95,21 +105,35 @@ def test_a_write_into_kernel_text_fails_naming_the_function(guest: Any, ctx: Con
 def test_a_flipped_jump_label_is_the_kernels_own_patching(guest: Any, ctx: Context) -> None:
     """A static key switched at run time changes text: that must not fail the check."""
     profile, kernel = ctx.profile, ctx.kernel
+    assert ctx.reference.kernel_image is not None
+    image = KernelImage.from_vmlinuz(ctx.reference.kernel_image)  # this guest boots with nokaslr
     lo, hi = profile.symbol("__start___jump_table"), profile.symbol("__stop___jump_table")
     table = kernel.read(lo, hi - lo)
     for i in range(0, len(table), 16):
         code, target, _ = struct.unpack_from("<iiq", table, i)
         site, dest = lo + i + code, lo + i + 4 + target
-        if kernel.read(site, 5) == NOP5 and -(2**31) < dest - site - 5 < 2**31:
+        # A NOP now and in the image: the jump written below is a new change to account for.
+        if kernel.read(site, 5) == NOP5 == image.read(site, 5) and -(2**31) < dest - site - 5 < 2**31:
             break
     else:
         pytest.skip("no 5-byte NOP jump-label site in this kernel")
     jump = b"\xe9" + struct.pack("<i", dest - site - 5)
+    before = run(ctx, "kernel-text")
     with halted(guest) as gdb, patched(gdb, site, jump):
         rows = run(ctx, "kernel-text")
     assert not failures(rows), failures(rows)
-    assert any(r.target == "runtime patch sites" and "1 jump labels" in r.detail for r in rows)
+    # One more site holds the kernel's own patching than before: the flipped jump label.
+    assert jump_labels(rows) == jump_labels(before) + 1
     assert all(r.fields["changes"] >= 1 for r in rows if r.target == "runtime patch sites")
+
+
+def jump_labels(rows: list[Any]) -> int:
+    """How many jump-label sites the runtime-patch row counts (0 when there is no such row)."""
+    for r in rows:
+        found = re.search(r"(\d+) jump labels", r.detail or "") if r.target == "runtime patch sites" else None
+        if found:
+            return int(found.group(1))
+    return 0
 
 
 def test_a_changed_syscall_table_entry_fails_naming_the_syscall(guest: Any, ctx: Context) -> None:
