@@ -139,7 +139,9 @@ class Reference:
         The ``vmlinuz`` the guest booted: the kernel-text reference is built from it (relocated for
         KASLR, its patch sites read from it), so it holds for every boot and CPU model.
     rootfs : Path or None
-        The guest's root file system tree as built (the reference executables).
+        The guest's root file system as built (the reference executables): a directory, or an
+        ext2/3/4 image read without mounting (the Debian image's ``disk.img``; its dpkg md5sums say
+        what Debian shipped).
     """
 
     kernel_image: Path | None = None
@@ -150,7 +152,7 @@ class Reference:
         """The reference of a guest image (:class:`vims.collector.guest.GuestImage` or a Debian image):
         its ``kernel`` and ``rootfs``."""
         kernel = getattr(image, "kernel", None)
-        rootfs = getattr(image, "rootfs", None)
+        rootfs = getattr(image, "rootfs", None) or getattr(image, "disk", None)
         return cls(kernel_image=None if kernel is None else Path(kernel),
                    rootfs=None if rootfs is None else Path(rootfs))
 
@@ -175,9 +177,11 @@ class Context:
         """The context of a backend opened by :meth:`QemuBackend.from_guest`: the reference of the
         guest's image and the guest's CPU model."""
         from vims.collector.guest import GuestImage
+        from vims.collector.guest.debian import DebianImage
 
         guest = backend.guest
-        image = GuestImage.at(Path(guest.state["kernel"]).parent)
+        kind = DebianImage if guest.kind == "debian" else GuestImage
+        image = kind.at(Path(guest.state["kernel"]).parent)
         return cls(backend, Reference.from_image(image), cpu=guest.state.get("cpu"))
 
     @property

@@ -74,7 +74,6 @@ def build(
             "initramfs": image.initramfs,
             "profile": image.profile,
             "rootfs": image.rootfs,
-            "kernel_text_ref": image.kernel_text_ref,
             **{k: image.info.get(k) for k in ("kernel_version", "cpu", "paging_levels", "built", "key")},
         },
         as_json,
@@ -91,7 +90,7 @@ def up(
         0, "--gate-port", help="Host port the guest's client connects to (0: a free one)."
     ),
     gdb_port: int = typer.Option(0, "--gdb-port", help="GDB stub port (0: a free one)."),
-    cpu: str = typer.Option("max", "--cpu", help="QEMU CPU model (the profile's reference is for 'max')."),
+    cpu: str = typer.Option("max", "--cpu", help="QEMU CPU model (any: kernel-text checks against the image)."),
     as_json: bool = JSON,
 ) -> None:
     """Boot the guest in the background (build the image first if needed) and print its endpoints."""

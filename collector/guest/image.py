@@ -90,8 +90,6 @@ class GuestImage:
         ``vmlinuz``, the gzipped cpio and the profile JSON.
     rootfs : Path
         The unpacked root file system (reference hashes of the guest's executables come from here).
-    kernel_text_ref : Path
-        Raw bytes of ``[_stext, _etext)`` from a settled guest of this kernel and CPU model.
     """
 
     release: str
@@ -99,13 +97,13 @@ class GuestImage:
     initramfs: Path
     profile: Path
     rootfs: Path
-    kernel_text_ref: Path
     directory: Path = field(default_factory=Path)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cpu(self) -> str:
-        """The QEMU CPU model the kernel-text reference was taken with."""
+        """The QEMU CPU model the image's first boot ran on (any model serves: kernel-text's reference is
+        the ``vmlinuz`` itself)."""
         return str(self.info.get("cpu", CPU_MODEL))
 
     @property
@@ -123,14 +121,13 @@ class GuestImage:
             initramfs=directory / "initramfs.cpio.gz",
             profile=directory / "profile.json",
             rootfs=directory / "rootfs",
-            kernel_text_ref=directory / "kernel-text.bin",
             directory=directory,
             info=info,
         )
 
     def complete(self) -> bool:
         """Whether every file of the image exists."""
-        paths = (self.kernel, self.initramfs, self.profile, self.rootfs, self.kernel_text_ref)
+        paths = (self.kernel, self.initramfs, self.profile, self.rootfs)
         return all(p.exists() for p in paths) and (self.directory / "build.json").exists()
 
 
@@ -338,12 +335,11 @@ def _first_boot(image: GuestImage, work: Path, log: Callable[[str], None]) -> di
             regs = gdb.registers()
             with open(guest.memory_path, "rb") as mem:
                 mem.seek(stext - KERNEL_MAP_BASE)
-                text = mem.read(etext - stext)
+                text = mem.read(4096)
             probe = gdb.read(stext, 4096)
             gdb.resume()
-        if text[:4096] != probe:
+        if text != probe:
             raise VimsError("kernel text in the RAM file differs from what the GDB stub reads (not nokaslr?)")
-        (work / "kernel-text.bin").write_bytes(text)
         la57 = bool(regs.get("cr4", 0) >> 12 & 1)
         return {
             "symbols": symbols,
@@ -427,7 +423,6 @@ def _build(directory: Path, pkgs: dict[str, str], key: str, say: Callable[[str],
         image = GuestImage.at(directory)
         image.release = release
         boot = _first_boot(image, work, say)
-        shutil.move(str(work / "kernel-text.bin"), directory / "kernel-text.bin")
 
     metadata = {
         "release": release,

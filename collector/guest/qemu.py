@@ -227,7 +227,7 @@ class Guest:
             The host port QEMU connects the guest's client to (REM-S's gate). Default: a free port
             that nothing listens on yet (the client then sees the line down until something does).
         cpu : str
-            QEMU CPU model; ``max`` gives 5-level paging. The kernel-text reference holds for one model.
+            QEMU CPU model; ``max`` gives 5-level paging. Any model: kernel-text checks against the image.
         smp : int, optional
             vCPUs (default 1 for busybox, 2 for Debian).
         extra_args : tuple of str

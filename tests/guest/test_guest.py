@@ -200,18 +200,6 @@ def test_profile_offsets_agree_with_bpftool(guest_image: GuestImage, tmp_path: P
                 assert profile.offset(struct, member) * 8 == int(members[member]), (struct, member)
 
 
-def test_kernel_text_reference_matches_a_fresh_boot(guest_image: GuestImage, guest: Guest) -> None:
-    profile = guest.profile
-    start, end = profile.symbol("_stext"), profile.symbol("_etext")
-    reference = guest_image.kernel_text_ref.read_bytes()
-    assert len(reference) == end - start
-    with open(guest.memory_path, "rb") as mem:
-        mem.seek(start - KERNEL_MAP_BASE)
-        live = mem.read(end - start)
-    differing = [i for i in range(0, len(live), 4096) if live[i : i + 4096] != reference[i : i + 4096]]
-    assert differing == [], [profile.symbol_at(start + i) for i in differing[:5]]
-
-
 def test_gdb_stub_reads_registers_and_memory(guest: Guest) -> None:
     profile = guest.profile
     with GdbStub(*guest.gdb_address) as gdb:
