@@ -81,7 +81,8 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style
 <table>
 <tr><th>client allowed before the attack</th><td>{yes(summary.get('allowed_before_attack'))}</td></tr>
 <tr><th>connection {esc(str(summary.get('cut_kind', 'cut')))} after the webshell started</th>
-<td>{summary.get('cut_after_s', '-')} s; within two {summary['interval_s']:g} s reporting intervals:
+<td>{summary.get('cut_after_s', '-')} s; within the policy's {summary['policy']['deadline_s']:g} s deadline:
+{yes(summary.get('cut_within_deadline'))}; within two {summary['interval_s']:g} s reporting intervals:
 {yes(summary.get('cut_within_two_intervals'))}</td></tr>
 <tr><th>processes blamed</th><td>{esc(', '.join(summary.get('blamed', [])) or '-')}</td></tr>
 <tr><th>refused after the kernel-text patch</th><td>{yes(summary.get('refused_after_kernel_patch'))}

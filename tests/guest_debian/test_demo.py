@@ -21,7 +21,7 @@ def test_demo_story_holds_on_debian(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert summary["image"] == "debian"
     assert summary["allowed_before_attack"] is True
-    assert summary["cut_within_two_intervals"] is True, summary
+    assert summary["cut_within_deadline"] is True, summary
     assert summary["refused_after_kernel_patch"] is True, summary
     assert "kernel-text" in summary["refusal_reason"]
     assert {"sh", "php-fpm8.2"} & set(summary["blamed"]), summary["blamed"]
