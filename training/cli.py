@@ -93,6 +93,11 @@ def _score(
     far: float = typer.Option(None, help="Flag at this false-alarm rate instead, chosen on the model's "
                               "out-of-fold calibration scores (no retraining)."),
     threshold: float = typer.Option(None, help="Flag the scores above this threshold instead."),
+    explain: bool = typer.Option(False, "--explain", metavar="", help="Show each flagged trace's rarest "
+                                 "windows of calls by name (a per-call detector, or an ensemble holding one)."),
+    windows: int = typer.Option(3, help="With --explain: windows shown per flagged trace."),
+    syscall_map: Path = typer.Option(None, "--syscall-map", help="With --explain: name calls from this map "
+                                     "(UNM's syscallMap.txt) instead of the data's ABI table (ADFA-LD: i386)."),
     as_json: bool = JSON,
 ) -> None:
     """Score every trace: trace_id, split, label, family, program, score (higher = more anomalous), anomalous."""
@@ -112,11 +117,35 @@ def _score(
     write_table(scores, output, SCORE_SCHEMA)
     n_anom = int(sum(scores.column("anomalous").to_pylist()))
     summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom, "threshold": chosen}
+    explained = _explain(det, table, scores, windows, syscall_map) if explain else None
+    if explained is not None:
+        summary["explained"] = explained
     if as_json:
         print_json(summary)
-    else:
-        shown = "per program" if chosen is None else f"{chosen:.4g}"
-        out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold {shown}) -> {output}")
+        return
+    shown = "per program" if chosen is None else f"{chosen:.4g}"
+    out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold {shown}) -> {output}")
+    for e in explained or []:
+        family = f" {e['family']}" if e["family"] else ""
+        out.print(f"[bold]{e['trace_id']}[/] ({e['label']}{family}) score {e['score']:.4g}", highlight=False,
+                  soft_wrap=True)
+        for w in e["windows"]:
+            out.print(f"  {w['line']}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _explain(det: object, table: pa.Table, scores: pa.Table, windows: int, syscall_map: Path | None) -> list:
+    """The rarest windows of every flagged trace (``vims score --explain``)."""
+    from vims.errors import InputError
+    from vims.training.explain import explain_table
+
+    if windows < 1:
+        raise InputError(f"--windows must be at least 1, not {windows}")
+    names = None
+    if syscall_map is not None:
+        from vims.datasets.unm import syscall_map as read_map
+
+        names = read_map(syscall_map)
+    return explain_table(det, table, scores, n=windows, names=names)
 
 
 def _splits(table: pa.Table, split: list[str], where: Path) -> pa.Table:
@@ -205,17 +234,23 @@ def _update(
     cv: int = typer.Option(3, help="Folds for the out-of-fold scores of the new traces (0: score in sample)."),
     as_json: bool = JSON,
 ) -> None:
-    """Add confirmed-normal traces to a fitted model (the old traces are not fitted again), recalibrate, record
-    it in the card. The new traces' out-of-fold scores take --cv extra updates of a copy."""
-    from vims.console import err, out, print_json
+    """Add confirmed-normal traces to a fitted model without fitting the old traces again, recalibrate, and
+    record it in the card. Each detector continues from what it learned: stide and ngram add the new windows
+    to their counts, knn adds the traces (its IDF recomputed), an MLP trains a few epochs on the new calls
+    mixed with a replay sample of its training calls. The new traces' out-of-fold scores take --cv updates
+    of a copy, then the full update: --cv + 1 updates, shown as they finish (--cv 0: one, optimistic)."""
+    from vims.console import out, print_json, progress
+    from vims.models.calibration import update_steps
     from vims.models.persist import save_model
-    from vims.training.core import load_traces, open_model, update
+    from vims.training.core import load_traces, open_model, training_rows, update
 
     det, card = open_model(model)
     table = load_traces(data)
-    err.print(f"updating the model ({cv} out-of-fold updates, then the full one)", highlight=False)
-    with err.status("updating"):
-        new_card = update(det, card, table, split=split, cv=cv, data_path=str(data))
+    steps = update_steps(training_rows(table, split, where=str(data)).num_rows, cv)
+    with progress() as bar:
+        task = bar.add_task(f"updating ({steps - 1} out-of-fold, then the full update)", total=steps)
+        new_card = update(det, card, table, split=split, cv=cv, data_path=str(data),
+                          on_fold=lambda _: bar.advance(task))
     new_card = save_model(det, output, new_card)
     entry = new_card["updates"][-1]
     if as_json:
