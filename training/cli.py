@@ -162,30 +162,60 @@ def _splits(table: pa.Table, split: list[str], where: Path) -> pa.Table:
 
 
 def _evaluate(
-    model: Path = typer.Option(None, "--model", "-m", help="A model file written by `vims train` (not needed "
-                               "with --scores)."),
+    model: list[Path] = typer.Option(None, "--model", "-m", help="A model file written by `vims train` (not "
+                                     "needed with --scores); repeat it to compare models in one table."),
     data: Path = typer.Option(None, "--data", "-d", help="A trace table to score (or give --scores)."),
     scores_path: Path = typer.Option(None, "--scores", help="A score table from `vims score` (e.g. after "
                                      "--far/--threshold): evaluated as it is, without scoring again."),
-    output: Path = typer.Option(..., "--output", "-o", help="Report folder (metrics.json, roc.png, report.md)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Report folder (metrics.json, report.md, roc.png, "
+                                "histograms.png, confusion.png; with several models one folder each and "
+                                "comparison.md)."),
     split: list[str] = typer.Option(None, "--split", help="Evaluate on these splits (repeatable; default: "
                                     "every split except the one the model was trained on)."),
     as_json: bool = JSON,
 ) -> None:
-    """ROC AUC, detection at 1/5/10% false alarms, per family and program, a ROC curve and a report."""
+    """ROC AUC, detection at 1/5/10% false alarms, per family and program, figures and a report."""
+    from vims.console import print_json
+    from vims.errors import InputError
+
+    models = list(model or [])
+    if output.exists() and not output.is_dir():
+        raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
+                         "report.md)", where=output)
+    if (scores_path is None) == (data is None) or (data is not None and not models):
+        raise InputError("give --model and --data (score the traces), or --scores (a score table)")
+    if scores_path is not None and len(models) > 1:
+        raise InputError("--scores is one model's scores: give at most one --model with it")
+    if len(models) > 1:
+        from vims.training.report import write_comparison
+
+        if len({m.stem for m in models}) < len(models):
+            raise InputError("two --model files share a name; each model's report goes to a folder named "
+                             "after its file")
+        results = {m.stem: _evaluate_one(m, data, None, output / m.stem, split) for m in models}
+        comparison = write_comparison(results, output)
+        if as_json:
+            print_json({"comparison": comparison, "models": results})
+        else:
+            _print_comparison(comparison, output)
+        return
+    metrics = _evaluate_one(models[0] if models else None, data, scores_path, output, split)
+    if as_json:
+        print_json(metrics)
+    else:
+        _print_metrics(metrics, output)
+
+
+def _evaluate_one(model: Path | None, data: Path | None, scores_path: Path | None, output: Path,
+                  split: list[str] | None) -> dict:
+    """One model's evaluation (or one score table's) into the report folder ``output``; its metrics."""
     import pyarrow as pa
 
-    from vims.console import out, print_json
     from vims.errors import InputError
     from vims.models.modelset import ModelSet
     from vims.training.core import check_evaluable, check_labels, load_traces, open_model, score_table, threshold_of
     from vims.training.report import write_report
 
-    if output.exists() and not output.is_dir():
-        raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
-                         "report.md)", where=output)
-    if (scores_path is None) == (data is None) or (data is not None and model is None):
-        raise InputError("give --model and --data (score the traces), or --scores (a score table)")
     if scores_path is not None:
         from vims.schemas import SCORE_SCHEMA
         from vims.tables import read_table
@@ -194,35 +224,53 @@ def _evaluate(
         scored = read_table(scores_path, SCORE_SCHEMA)
         scored = _splits(scored, split, scores_path) if split else scored
         check_labels(scored, where=str(scores_path))
-        metrics = write_report(scored, card, output, str(scores_path), None)
+        return write_report(scored, card, output, str(scores_path), None)
+    assert model is not None and data is not None
+    det, card = open_model(model)
+    table = load_traces(data)
+    if split:
+        table = _splits(table, split, data)
     else:
-        det, card = open_model(model)
-        table = load_traces(data)
-        if split:
-            table = _splits(table, split, data)
-        else:
-            trained = (card.get("training") or {}).get("split")
-            if trained not in (None, "all"):
-                table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
-        if table.num_rows == 0:
-            raise InputError("no traces left to evaluate on (check --split)", where=data)
-        check_evaluable(table, card, where=str(data))
-        threshold = None if isinstance(det, ModelSet) else threshold_of(det)
-        metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
-    if as_json:
-        print_json(metrics)
-    else:
-        o = metrics["overall"]
-        auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
-        check = metrics.get("target_check")
-        if check and check["missed"]:
-            from vims.console import err
+        trained = (card.get("training") or {}).get("split")
+        if trained not in (None, "all"):
+            table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
+    if table.num_rows == 0:
+        raise InputError("no traces left to evaluate on (check --split)", where=data)
+    check_evaluable(table, card, where=str(data))
+    threshold = None if isinstance(det, ModelSet) else threshold_of(det)
+    return write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
 
-            err.print(f"warning: {check['actual']:.1%} false alarms at the calibrated threshold, target "
-                      f"{check['target']:.0%}: {check['why']}", highlight=False)
-        out.print(f"ROC AUC [bold]{auc}[/]; detection at 1/5/10% false alarms: "
-                  + ", ".join("n/a" if o["dr"][k] is None else f"{o['dr'][k]:.1%}" for k in ("1%", "5%", "10%"))
-                  + f"  ({o['n_normal']:,} normal, {o['n_attack']:,} attack) -> {output}/report.md")
+
+def _print_metrics(metrics: dict, output: Path) -> None:
+    from vims.console import err, out
+
+    o = metrics["overall"]
+    auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
+    check = metrics.get("target_check")
+    if check and check["missed"]:
+        err.print(f"warning: {check['actual']:.1%} false alarms at the calibrated threshold, target "
+                  f"{check['target']:.0%}: {check['why']}", highlight=False)
+    out.print(f"ROC AUC [bold]{auc}[/]; detection at 1/5/10% false alarms: "
+              + ", ".join("n/a" if o["dr"][k] is None else f"{o['dr'][k]:.1%}" for k in ("1%", "5%", "10%"))
+              + f"  ({o['n_normal']:,} normal, {o['n_attack']:,} attack) -> {output}/report.md")
+
+
+def _print_comparison(comparison: list[dict], output: Path) -> None:
+    from rich.table import Table
+
+    from vims.console import out
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1%}"
+
+    table = Table(title=f"models compared -> {output}/comparison.md", title_justify="left", show_edge=False)
+    for col in ("model", "detector", "AUC", "DR@1%", "DR@5%", "DR@10%", "FA at thr.", "DR at thr."):
+        table.add_column(col, justify="left" if col in ("model", "detector") else "right")
+    for r in comparison:
+        table.add_row(r["model"], str(r["detector"]), "n/a" if r["auc"] is None else f"{r['auc']:.4f}",
+                      *(pct(r["dr"][k]) for k in ("1%", "5%", "10%")), pct(r["false_alarm_rate"]),
+                      pct(r["detection_rate"]))
+    out.print(table)
 
 
 def _update(
