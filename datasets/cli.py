@@ -110,5 +110,24 @@ def info(
     _show(summarize(read_table(file, TRACE_SCHEMA)), str(file), as_json)
 
 
+@datasets_app.command("split")
+def split(
+    file: Path = typer.Argument(..., help="A Parquet trace table without splits (e.g. `vims datasets import unm`)."),
+    output: Path = OUTPUT,
+    train: float = typer.Option(0.5, help="Fraction of each program's normal traces for the train split "
+                                "(the rest: validation; attacks: attack)."),
+    seed: int = typer.Option(0, help="Seed of the shuffle: the same seed gives the same split."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the splits the table has."),
+    as_json: bool = JSON,
+) -> None:
+    """Give a data set without splits (UNM) train/validation/attack splits, per program, from a seed."""
+    from vims.datasets.splits import assign_splits
+    from vims.schemas import TRACE_SCHEMA
+    from vims.tables import read_table
+
+    table = assign_splits(read_table(file, TRACE_SCHEMA), train=train, seed=seed, overwrite=overwrite)
+    _write(table, output, as_json)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(datasets_app, name="datasets")

@@ -109,3 +109,25 @@ def read_unm(path: str | Path, program: str | None = None, progress: bool = Fals
         stem = file.name.split(".")[0]
         traces.extend(read_unm_file(file, prog, label, family_of(stem, prog) if label == "attack" else None))
     return trace_table(traces)
+
+
+def syscall_map(path: str | Path) -> dict[int, str]:
+    """UNM's own system call names by number, from a ``syscallMap.txt`` (``NUMBER NAME`` lines).
+
+    ``path`` is the map file or the program's folder holding it (``synthetic-sendmail`` has one;
+    ``login-ps`` has none, so its calls stay numbers). The SunOS numbers are not Linux's.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "syscallMap.txt"
+    if not p.is_file():
+        raise InputError("no UNM syscallMap.txt here", where=p)
+    out: dict[int, str] = {}
+    for lineno, line in enumerate(decode(p.read_bytes(), str(p)).splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[0].isdigit():
+            raise InputError("expected 'NUMBER NAME'", where=f"{p}:{lineno}")
+        out[int(fields[0])] = fields[1]
+    return out

@@ -96,12 +96,23 @@ def calibrate(detector: Detector, X: Any, far: float = 0.05, cv: int = 5, random
     return set_threshold(detector, scores, far)
 
 
-def recalibrate_update(detector: Detector, X: Any, cv: int = 3, random_state: int = 0) -> Detector:  # noqa: N803 (scikit-learn naming)
+def update_steps(n_traces: int, cv: int) -> int:
+    """How many updates :func:`recalibrate_update` makes: one per fold, then the full one.
+
+    >>> update_steps(100, 3), update_steps(100, 0), update_steps(2, 3)
+    (4, 1, 1)
+    """
+    return cv + 1 if cv and n_traces >= max(cv, 2) else 1
+
+
+def recalibrate_update(detector: Detector, X: Any, cv: int = 3, random_state: int = 0,  # noqa: N803 (scikit-learn naming)
+                       on_fold: Callable[[int], Any] | None = None) -> Detector:
     """Update ``detector`` with the normal traces ``X`` and recalibrate its threshold.
 
     The new traces get out-of-fold scores (a copy updated on the other folds scores each fold); the
     threshold is then taken over the old calibration scores plus these, at the same ``far_``.
     With ``cv=0`` the new traces are scored by the updated model itself (fast, optimistic).
+    ``on_fold(i)`` is called after each of the :func:`update_steps` updates (the last is the full one).
     """
     flat: Flat = as_flat(X)
     if flat.n_traces == 0:
@@ -110,12 +121,16 @@ def recalibrate_update(detector: Detector, X: Any, cv: int = 3, random_state: in
     old = np.asarray(getattr(detector, "calibration_scores_", np.zeros(0)))
     if cv and flat.n_traces >= max(cv, 2):
         new = np.empty(flat.n_traces)
-        for held in folds(flat.n_traces, cv, random_state):
+        for i, held in enumerate(folds(flat.n_traces, cv, random_state)):
             rest = np.setdiff1d(np.arange(flat.n_traces), held)
             model = copy.deepcopy(detector).update(flat.take(rest))
             new[held] = model.anomaly_score(flat.take(held))
+            if on_fold is not None:
+                on_fold(i)
         detector.update(flat)
     else:
         detector.update(flat)
         new = detector.anomaly_score(flat)
+    if on_fold is not None:
+        on_fold(update_steps(flat.n_traces, cv) - 1)
     return set_threshold(detector, np.concatenate([old, new]), far)

@@ -39,7 +39,7 @@ DETECTORS: dict[str, type[Detector]] = {
 #: detection at 5% false alarms, selected with each attack family left out in turn, then on all four
 #: (1.449: AUC 0.880 + 0.569; the previous default ngram + mlp about 1.434). Fits ADFA-LD Training in
 #: about 50 s of CPU; knn makes it a whole-trace model (no streaming): the per-program sets of the
-#: A-VM pipeline stream stide instead.
+#: A-VM pipeline stream an n-gram model instead.
 DEFAULT_DETECTOR = "ensemble"
 
 

@@ -93,6 +93,11 @@ def _score(
     far: float = typer.Option(None, help="Flag at this false-alarm rate instead, chosen on the model's "
                               "out-of-fold calibration scores (no retraining)."),
     threshold: float = typer.Option(None, help="Flag the scores above this threshold instead."),
+    explain: bool = typer.Option(False, "--explain", metavar="", help="Show each flagged trace's rarest "
+                                 "windows of calls by name (a per-call detector, or an ensemble holding one)."),
+    windows: int = typer.Option(3, help="With --explain: windows shown per flagged trace."),
+    syscall_map: Path = typer.Option(None, "--syscall-map", help="With --explain: name calls from this map "
+                                     "(UNM's syscallMap.txt) instead of the data's ABI table (ADFA-LD: i386)."),
     as_json: bool = JSON,
 ) -> None:
     """Score every trace: trace_id, split, label, family, program, score (higher = more anomalous), anomalous."""
@@ -112,11 +117,35 @@ def _score(
     write_table(scores, output, SCORE_SCHEMA)
     n_anom = int(sum(scores.column("anomalous").to_pylist()))
     summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom, "threshold": chosen}
+    explained = _explain(det, table, scores, windows, syscall_map) if explain else None
+    if explained is not None:
+        summary["explained"] = explained
     if as_json:
         print_json(summary)
-    else:
-        shown = "per program" if chosen is None else f"{chosen:.4g}"
-        out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold {shown}) -> {output}")
+        return
+    shown = "per program" if chosen is None else f"{chosen:.4g}"
+    out.print(f"{scores.num_rows:,} traces scored, {n_anom:,} anomalous (threshold {shown}) -> {output}")
+    for e in explained or []:
+        family = f" {e['family']}" if e["family"] else ""
+        out.print(f"[bold]{e['trace_id']}[/] ({e['label']}{family}) score {e['score']:.4g}", highlight=False,
+                  soft_wrap=True)
+        for w in e["windows"]:
+            out.print(f"  {w['line']}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _explain(det: object, table: pa.Table, scores: pa.Table, windows: int, syscall_map: Path | None) -> list:
+    """The rarest windows of every flagged trace (``vims score --explain``)."""
+    from vims.errors import InputError
+    from vims.training.explain import explain_table
+
+    if windows < 1:
+        raise InputError(f"--windows must be at least 1, not {windows}")
+    names = None
+    if syscall_map is not None:
+        from vims.datasets.unm import syscall_map as read_map
+
+        names = read_map(syscall_map)
+    return explain_table(det, table, scores, n=windows, names=names)
 
 
 def _splits(table: pa.Table, split: list[str], where: Path) -> pa.Table:
@@ -133,30 +162,60 @@ def _splits(table: pa.Table, split: list[str], where: Path) -> pa.Table:
 
 
 def _evaluate(
-    model: Path = typer.Option(None, "--model", "-m", help="A model file written by `vims train` (not needed "
-                               "with --scores)."),
+    model: list[Path] = typer.Option(None, "--model", "-m", help="A model file written by `vims train` (not "
+                                     "needed with --scores); repeat it to compare models in one table."),
     data: Path = typer.Option(None, "--data", "-d", help="A trace table to score (or give --scores)."),
     scores_path: Path = typer.Option(None, "--scores", help="A score table from `vims score` (e.g. after "
                                      "--far/--threshold): evaluated as it is, without scoring again."),
-    output: Path = typer.Option(..., "--output", "-o", help="Report folder (metrics.json, roc.png, report.md)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Report folder (metrics.json, report.md, roc.png, "
+                                "histograms.png, confusion.png; with several models one folder each and "
+                                "comparison.md)."),
     split: list[str] = typer.Option(None, "--split", help="Evaluate on these splits (repeatable; default: "
                                     "every split except the one the model was trained on)."),
     as_json: bool = JSON,
 ) -> None:
-    """ROC AUC, detection at 1/5/10% false alarms, per family and program, a ROC curve and a report."""
+    """ROC AUC, detection at 1/5/10% false alarms, per family and program, figures and a report."""
+    from vims.console import print_json
+    from vims.errors import InputError
+
+    models = list(model or [])
+    if output.exists() and not output.is_dir():
+        raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
+                         "report.md)", where=output)
+    if (scores_path is None) == (data is None) or (data is not None and not models):
+        raise InputError("give --model and --data (score the traces), or --scores (a score table)")
+    if scores_path is not None and len(models) > 1:
+        raise InputError("--scores is one model's scores: give at most one --model with it")
+    if len(models) > 1:
+        from vims.training.report import write_comparison
+
+        if len({m.stem for m in models}) < len(models):
+            raise InputError("two --model files share a name; each model's report goes to a folder named "
+                             "after its file")
+        results = {m.stem: _evaluate_one(m, data, None, output / m.stem, split) for m in models}
+        comparison = write_comparison(results, output)
+        if as_json:
+            print_json({"comparison": comparison, "models": results})
+        else:
+            _print_comparison(comparison, output)
+        return
+    metrics = _evaluate_one(models[0] if models else None, data, scores_path, output, split)
+    if as_json:
+        print_json(metrics)
+    else:
+        _print_metrics(metrics, output)
+
+
+def _evaluate_one(model: Path | None, data: Path | None, scores_path: Path | None, output: Path,
+                  split: list[str] | None) -> dict:
+    """One model's evaluation (or one score table's) into the report folder ``output``; its metrics."""
     import pyarrow as pa
 
-    from vims.console import out, print_json
     from vims.errors import InputError
     from vims.models.modelset import ModelSet
     from vims.training.core import check_evaluable, check_labels, load_traces, open_model, score_table, threshold_of
     from vims.training.report import write_report
 
-    if output.exists() and not output.is_dir():
-        raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
-                         "report.md)", where=output)
-    if (scores_path is None) == (data is None) or (data is not None and model is None):
-        raise InputError("give --model and --data (score the traces), or --scores (a score table)")
     if scores_path is not None:
         from vims.schemas import SCORE_SCHEMA
         from vims.tables import read_table
@@ -165,35 +224,53 @@ def _evaluate(
         scored = read_table(scores_path, SCORE_SCHEMA)
         scored = _splits(scored, split, scores_path) if split else scored
         check_labels(scored, where=str(scores_path))
-        metrics = write_report(scored, card, output, str(scores_path), None)
+        return write_report(scored, card, output, str(scores_path), None)
+    assert model is not None and data is not None
+    det, card = open_model(model)
+    table = load_traces(data)
+    if split:
+        table = _splits(table, split, data)
     else:
-        det, card = open_model(model)
-        table = load_traces(data)
-        if split:
-            table = _splits(table, split, data)
-        else:
-            trained = (card.get("training") or {}).get("split")
-            if trained not in (None, "all"):
-                table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
-        if table.num_rows == 0:
-            raise InputError("no traces left to evaluate on (check --split)", where=data)
-        check_evaluable(table, card, where=str(data))
-        threshold = None if isinstance(det, ModelSet) else threshold_of(det)
-        metrics = write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
-    if as_json:
-        print_json(metrics)
-    else:
-        o = metrics["overall"]
-        auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
-        check = metrics.get("target_check")
-        if check and check["missed"]:
-            from vims.console import err
+        trained = (card.get("training") or {}).get("split")
+        if trained not in (None, "all"):
+            table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
+    if table.num_rows == 0:
+        raise InputError("no traces left to evaluate on (check --split)", where=data)
+    check_evaluable(table, card, where=str(data))
+    threshold = None if isinstance(det, ModelSet) else threshold_of(det)
+    return write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
 
-            err.print(f"warning: {check['actual']:.1%} false alarms at the calibrated threshold, target "
-                      f"{check['target']:.0%}: {check['why']}", highlight=False)
-        out.print(f"ROC AUC [bold]{auc}[/]; detection at 1/5/10% false alarms: "
-                  + ", ".join("n/a" if o["dr"][k] is None else f"{o['dr'][k]:.1%}" for k in ("1%", "5%", "10%"))
-                  + f"  ({o['n_normal']:,} normal, {o['n_attack']:,} attack) -> {output}/report.md")
+
+def _print_metrics(metrics: dict, output: Path) -> None:
+    from vims.console import err, out
+
+    o = metrics["overall"]
+    auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
+    check = metrics.get("target_check")
+    if check and check["missed"]:
+        err.print(f"warning: {check['actual']:.1%} false alarms at the calibrated threshold, target "
+                  f"{check['target']:.0%}: {check['why']}", highlight=False)
+    out.print(f"ROC AUC [bold]{auc}[/]; detection at 1/5/10% false alarms: "
+              + ", ".join("n/a" if o["dr"][k] is None else f"{o['dr'][k]:.1%}" for k in ("1%", "5%", "10%"))
+              + f"  ({o['n_normal']:,} normal, {o['n_attack']:,} attack) -> {output}/report.md")
+
+
+def _print_comparison(comparison: list[dict], output: Path) -> None:
+    from rich.table import Table
+
+    from vims.console import out
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1%}"
+
+    table = Table(title=f"models compared -> {output}/comparison.md", title_justify="left", show_edge=False)
+    for col in ("model", "detector", "AUC", "DR@1%", "DR@5%", "DR@10%", "FA at thr.", "DR at thr."):
+        table.add_column(col, justify="left" if col in ("model", "detector") else "right")
+    for r in comparison:
+        table.add_row(r["model"], str(r["detector"]), "n/a" if r["auc"] is None else f"{r['auc']:.4f}",
+                      *(pct(r["dr"][k]) for k in ("1%", "5%", "10%")), pct(r["false_alarm_rate"]),
+                      pct(r["detection_rate"]))
+    out.print(table)
 
 
 def _update(
@@ -205,17 +282,23 @@ def _update(
     cv: int = typer.Option(3, help="Folds for the out-of-fold scores of the new traces (0: score in sample)."),
     as_json: bool = JSON,
 ) -> None:
-    """Add confirmed-normal traces to a fitted model (the old traces are not fitted again), recalibrate, record
-    it in the card. The new traces' out-of-fold scores take --cv extra updates of a copy."""
-    from vims.console import err, out, print_json
+    """Add confirmed-normal traces to a fitted model without fitting the old traces again, recalibrate, and
+    record it in the card. Each detector continues from what it learned: stide and ngram add the new windows
+    to their counts, knn adds the traces (its IDF recomputed), an MLP trains a few epochs on the new calls
+    mixed with a replay sample of its training calls. The new traces' out-of-fold scores take --cv updates
+    of a copy, then the full update: --cv + 1 updates, shown as they finish (--cv 0: one, optimistic)."""
+    from vims.console import out, print_json, progress
+    from vims.models.calibration import update_steps
     from vims.models.persist import save_model
-    from vims.training.core import load_traces, open_model, update
+    from vims.training.core import load_traces, open_model, training_rows, update
 
     det, card = open_model(model)
     table = load_traces(data)
-    err.print(f"updating the model ({cv} out-of-fold updates, then the full one)", highlight=False)
-    with err.status("updating"):
-        new_card = update(det, card, table, split=split, cv=cv, data_path=str(data))
+    steps = update_steps(training_rows(table, split, where=str(data)).num_rows, cv)
+    with progress() as bar:
+        task = bar.add_task(f"updating ({steps - 1} out-of-fold, then the full update)", total=steps)
+        new_card = update(det, card, table, split=split, cv=cv, data_path=str(data),
+                          on_fold=lambda _: bar.advance(task))
     new_card = save_model(det, output, new_card)
     entry = new_card["updates"][-1]
     if as_json:

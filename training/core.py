@@ -96,13 +96,16 @@ def train(table: pa.Table, detector: str | None = None, params: list[str] | None
 
 
 def update(det: Detector, card: dict[str, Any], table: pa.Table, split: str | None = None, cv: int = 3,
-           data_path: str | None = None) -> dict[str, Any]:
-    """Add the normal traces of ``table`` to ``det`` and recalibrate; returns the new card."""
+           data_path: str | None = None, on_fold: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Add the normal traces of ``table`` to ``det`` and recalibrate; returns the new card.
+
+    ``on_fold`` is called after each update (:func:`~vims.models.calibration.update_steps` of them).
+    """
     rows = training_rows(table, split, where=data_path or "data")
     flat = as_flat(rows, where=data_path or "data")
     before = getattr(det, "threshold_", None)
     start = time.perf_counter()
-    recalibrate_update(det, flat, cv=cv)
+    recalibrate_update(det, flat, cv=cv, on_fold=on_fold)
     entry = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": data_path,

@@ -1,7 +1,9 @@
 """``vims evaluate``: metrics of a model on labelled traces, a ROC curve and a short report.
 
-The report folder gets ``metrics.json`` (everything), ``roc.png`` (ROC curve, log-scaled false-alarm
-axis with the 1/5/10% operating points marked) and ``report.md`` (a page a person can read).
+The report folder gets ``metrics.json`` (everything), the figures of :mod:`vims.training.plots`
+(``roc.png``: log false-alarm axis, per-family curves, the operating point marked; ``histograms.png``:
+scores by split and family; ``confusion.png``: the confusion matrix at the threshold) and
+``report.md`` (a page a person can read).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pyarrow as pa
 
 from vims.console import to_json
 from vims.training.metrics import FARS, detection_metrics, grouped_metrics, jsonable
+from vims.training.plots import confusion, confusion_png, histograms_png, roc_png
 
 
 def evaluate_scores(scores: pa.Table) -> dict[str, Any]:
@@ -89,32 +92,6 @@ def target_check(metrics: dict[str, Any], far: float | None) -> dict[str, Any] |
             "missed": missed, "why": why if missed else None}
 
 
-def _roc_png(scores: pa.Table, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    s = scores.column("score").to_numpy()
-    y = np.array([lab == "attack" for lab in scores.column("label").to_pylist()], dtype=int)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
-    if 0 < y.sum() < len(y):
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, lw=1.8, label="detector")
-        for far in FARS:
-            ax.axvline(far, color="grey", lw=0.6, ls=":")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance")
-    ax.set_xlabel("false-alarm rate")
-    ax.set_ylabel("detection rate")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -130,6 +107,13 @@ def _target_lines(check: dict[str, Any] | None) -> list[str]:
             f"of {_pct(check['target'])} ({100 * check['difference']:+.1f} points, beyond the "
             f"{100 * check['tolerance']:.1f}-point sampling tolerance) because {check['why']}. Choose the "
             "threshold on held-out normal traces for a rate you can rely on.", ""]
+
+
+def _confusion_lines(c: dict[str, Any]) -> list[str]:
+    return [f"At the threshold: precision {_pct(c['precision'])}, recall {_pct(c['recall'])} "
+            f"({c['true_positives']:,} attacks flagged, {c['false_negatives']:,} missed; "
+            f"{c['false_positives']:,} false alarms, {c['true_negatives']:,} normal traces passed).", "",
+            "![Confusion matrix at the threshold](confusion.png)", ""]
 
 
 def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
@@ -149,7 +133,10 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
         f"{_pct(o['at_threshold']['detection_rate'])} of attacks detected.",
         "",
         *_target_lines(metrics.get("target_check")),
-        "![ROC curve](roc.png)",
+        *_confusion_lines(metrics["confusion"]),
+        "![ROC curve: log false-alarm axis, per family, the operating point circled](roc.png)",
+        "",
+        "![Score histograms by split and by attack family](histograms.png)",
         "",
         *_point_lines(metrics.get("operating_points", [])),
     ]
@@ -167,7 +154,7 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
 
 def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, data: str,
                  threshold: float | None = None) -> dict[str, Any]:
-    """Write ``metrics.json``, ``roc.png`` and ``report.md`` to ``out_dir``; return the metrics.
+    """Write ``metrics.json``, the figures and ``report.md`` to ``out_dir``; return the metrics.
 
     ``threshold`` is the one the scores were flagged with (default: the card's).
     """
@@ -180,10 +167,39 @@ def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, da
     metrics["overall"]["at_threshold"]["threshold"] = metrics["model"]["threshold"]
     metrics["target_check"] = target_check(metrics, card.get("far"))
     metrics["operating_points"] = operating_points(scores, metrics["model"]["threshold"])
+    metrics["confusion"] = confusion(scores)
     metrics["data"] = data
     (out / "metrics.json").write_text(to_json(metrics) + "\n")
     auc = metrics["overall"]["auc"]
-    _roc_png(scores, out / "roc.png", f"{card.get('detector')} on {Path(data).name}"
-             + ("" if auc is None else f" (AUC {auc:.3f})"))
+    roc_png(scores, out / "roc.png", f"{card.get('detector')} on {Path(data).name}"
+            + ("" if auc is None else f" (AUC {auc:.3f})"), metrics["model"]["threshold"])
+    histograms_png(scores, out / "histograms.png", metrics["model"]["threshold"])
+    confusion_png(metrics["confusion"], out / "confusion.png")
     (out / "report.md").write_text(_markdown(metrics, card, data) + "\n")
     return metrics
+
+
+def write_comparison(results: dict[str, dict[str, Any]], out_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per model (name -> its metrics, as :func:`write_report` returned them), best AUC first:
+    written to ``comparison.md`` and ``comparison.json`` in ``out_dir``; returns the rows."""
+    rows = []
+    for name, m in results.items():
+        o = m["overall"]
+        rows.append({"model": name, "detector": m["model"]["detector"], "auc": o["auc"], "dr": o["dr"],
+                     "threshold": m["model"]["threshold"], "false_alarm_rate": o["at_threshold"]["false_alarm_rate"],
+                     "detection_rate": o["at_threshold"]["detection_rate"], "n_normal": o["n_normal"],
+                     "n_attack": o["n_attack"], "report": f"{name}/report.md"})
+    rows.sort(key=lambda r: -1.0 if r["auc"] is None else -r["auc"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Models compared", "", "| model | detector | AUC | DR@1% | DR@5% | DR@10% | threshold | "
+             "false alarms at it | detection at it | normal | attack |", "|---|---|" + "---:|" * 9]
+    for r in rows:
+        auc = "n/a" if r["auc"] is None else f"{r['auc']:.4f}"
+        lines.append(f"| [{r['model']}]({r['report']}) | {r['detector']} | {auc} | "
+                     + " | ".join(_pct(r["dr"][k]) for k in ("1%", "5%", "10%"))
+                     + f" | {_num(r['threshold'])} | {_pct(r['false_alarm_rate'])} | {_pct(r['detection_rate'])} | "
+                     f"{r['n_normal']} | {r['n_attack']} |")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    (out / "comparison.json").write_text(to_json(rows) + "\n")
+    return rows

@@ -1,14 +1,18 @@
-"""x86-64 system call names by number (Linux 6.1), from the kernel's ``unistd_64.h``.
+"""System call names by number, per ABI: x86-64 (Linux 6.1, ``unistd_64.h``) and 32-bit x86 (``unistd_32.h``).
 
 The one table every part uses: the ``syscall-table`` check (which handler each entry should point to),
-the evidence in integrity reports, the notebooks. The guest's own ``sys_call_table`` resolved through
-the kernel profile is the authority where the tracer has it; this table is what the rest falls back on
-(replayed captures and data sets carry numbers only).
+the evidence in integrity reports, ``vims score --explain``, the notebooks. The guest's own
+``sys_call_table`` resolved through the kernel profile is the authority where the tracer has it; this
+table is what the rest falls back on (replayed captures and data sets carry numbers only). ADFA-LD
+traces use the 32-bit x86 numbering (``abi="i386"``); UNM's SunOS numbers have their own map
+(:func:`vims.datasets.unm.syscall_map`).
 
 >>> names()[0], names()[59], names()[450]
 ('read', 'execve', 'set_mempolicy_home_node')
 >>> name(257), name(9999)
 ('openat', 'sys_9999')
+>>> name(11, abi="i386"), name(102, abi="i386"), name(11)
+('execve', 'socketcall', 'munmap')
 """
 
 from __future__ import annotations
@@ -17,17 +21,24 @@ import json
 from functools import cache
 from importlib import resources
 
+from vims.errors import InputError
+
+#: The ABIs with a table, and the file each is read from.
+ABIS = {"x86_64": "syscalls_x86_64.json", "i386": "syscalls_i386.json"}
+
 
 @cache
-def names() -> tuple[str | None, ...]:
-    """Every name by number (None for numbers x86-64 leaves unused)."""
-    text = resources.files("vims").joinpath("syscalls_x86_64.json").read_text()
+def names(abi: str = "x86_64") -> tuple[str | None, ...]:
+    """Every name by number in ``abi`` (``"x86_64"`` or ``"i386"``; None for numbers it leaves unused)."""
+    if abi not in ABIS:
+        raise InputError(f"unknown system call ABI {abi!r} (known: {', '.join(ABIS)})")
+    text = resources.files("vims").joinpath(ABIS[abi]).read_text()
     return tuple(json.loads(text)["names"])
 
 
-def name(nr: int) -> str:
-    """The name of system call ``nr`` (``sys_<nr>`` when unknown)."""
-    table = names()
+def name(nr: int, abi: str = "x86_64") -> str:
+    """The name of system call ``nr`` in ``abi`` (``sys_<nr>`` when unknown)."""
+    table = names(abi)
     nr = int(nr)
     return (table[nr] if 0 <= nr < len(table) else None) or f"sys_{nr}"
 
