@@ -259,7 +259,12 @@ def _live_table(timeline: Timeline, db: Path, phase: str) -> Any:
     return table
 
 
-def run_demo(output: Path, capture_s: float = 60.0, refit: bool = False, live: bool = True,
+#: Seconds of normal life learned from, by image: the Debian guest's cron jobs run every minute (and
+#: its backup and log rotation every five), so its normal must hold more than one round of them.
+CAPTURE_S = {"mini": 60.0, "debian": 150.0}
+
+
+def run_demo(output: Path, capture_s: float | None = None, refit: bool = False, live: bool = True,
              image_kind: str = "debian") -> dict[str, Any]:
     """Play the whole story on ``image_kind`` (``debian`` or ``mini``); returns the summary (also written
     to ``output/summary.json``)."""
@@ -286,7 +291,7 @@ def run_demo(output: Path, capture_s: float = 60.0, refit: bool = False, live: b
     with ServerThread(db, keys, demo_service=True) as rems:
         err.print(f"REM-S listening; the guest's client line goes through its gate on 127.0.0.1:{gate_port}")
         with Guest.start(image, name=f"vims-demo-{os.getpid()}", gate_port=gate_port) as guest:
-            model = _learn_normal(guest, image, capture_s, refit)
+            model = _learn_normal(guest, image, capture_s or CAPTURE_S[image_kind], refit)
             _start_client(guest)
             timeline = Timeline()
             avm = _attach_avm(model, identity, rems.server.endpoint, keys.public, guest, timeline)
@@ -481,8 +486,9 @@ class _maybe_live:  # noqa: N801 (used as a context manager like rich's Live)
 def demo(
     output: Path = typer.Option(Path("vims-demo-report"), "-o", "--output",
                                 help="Folder for the report: timeline.png, index.html, summary.json, ..."),
-    capture_s: float = typer.Option(60.0, "--capture", help="Seconds of normal behaviour to learn from "
-                                    "(only when no model set is cached)."),
+    capture_s: float | None = typer.Option(None, "--capture", help="Seconds of normal behaviour to learn from "
+                                           "(default 150 on Debian, 60 on mini; only when no model set "
+                                           "is cached)."),
     refit: bool = typer.Option(False, "--refit", metavar="",
                                help="Learn the normal behaviour again, ignoring the cache."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON (no live view)."),

@@ -152,7 +152,7 @@ def test_bad_messages_are_counted_and_the_ingest_goes_on_and_a_silent_collector_
             wait_until(lambda: agent.collector_health()["alive"], what="a good batch after the bad ones")
             sender.close()
             health = wait_until(lambda: (h := agent.collector_health())["alive"] is False and h, what="silence")
-            assert health["last_batch_age_s"] > 0.4
+            assert health["last_batch_age_s"] >= 0.4  # rounded to the millisecond: 0.4003 reads 0.4
             assert health["state"].startswith("silent")
             assert receiver.is_alive()
         finally:
