@@ -291,8 +291,8 @@ def run_demo(output: Path, capture_s: float | None = None, refit: bool = False, 
     with ServerThread(db, keys, demo_service=True) as rems:
         err.print(f"REM-S listening; the guest's client line goes through its gate on 127.0.0.1:{gate_port}")
         with Guest.start(image, name=f"vims-demo-{os.getpid()}", gate_port=gate_port) as guest:
+            _start_client(guest)  # the client software is part of the guest's normal life: learned too
             model = _learn_normal(guest, image, capture_s or CAPTURE_S[image_kind], refit)
-            _start_client(guest)
             timeline = Timeline()
             avm = _attach_avm(model, identity, rems.server.endpoint, keys.public, guest, timeline)
             patched: list[tuple[int, bytes]] = []
