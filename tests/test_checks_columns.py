@@ -149,3 +149,14 @@ def test_the_table_output_prints(capsys: pytest.CaptureFixture[str]) -> None:
 def test_each_check_declares_what_it_finds(check: str, names: set[str]) -> None:
     declared = {c.name for c in registry()[check].columns}
     assert names <= declared
+
+
+def test_check_reference_that_does_not_exist_is_a_user_error(tmp_path) -> None:
+    """`vims check --reference PATH`: a missing path is named before any guest is looked for."""
+    import pytest
+
+    from vims.collector.checks.cli import guest_context
+    from vims.errors import InputError
+
+    with pytest.raises(InputError, match="no such directory or disk image"):
+        guest_context("no-such-guest", tmp_path / "missing.img")

@@ -10,14 +10,26 @@ import typer
 _STYLE = {"pass": "green", "fail": "bold red", "error": "yellow"}
 
 
-def guest_context(name: str = "vims-guest") -> Any:
-    """The check context of the detached guest ``name`` (``vims guest up``); close ``ctx.backend``."""
+def guest_context(name: str = "vims-guest", reference: Path | None = None) -> Any:
+    """The check context of the detached guest ``name`` (``vims guest up``); close ``ctx.backend``.
+
+    ``reference``: the reference files (a root directory or an ext2/3/4 image, e.g. a copy of the VM's
+    clean disk) instead of those of the image the guest was built from.
+    """
+    import dataclasses
+
     from vims.collector.backends import QemuBackend
     from vims.collector.checks.base import Context
+    from vims.errors import InputError
 
+    if reference is not None and not reference.exists():
+        raise InputError("no such directory or disk image", where=reference)
     backend = QemuBackend.from_guest(name)
     try:
-        return Context.of_guest(backend)
+        ctx = Context.of_guest(backend)
+        if reference is not None:
+            ctx = dataclasses.replace(ctx, reference=dataclasses.replace(ctx.reference, rootfs=reference))
+        return ctx
     except BaseException:
         backend.close()
         raise
@@ -87,6 +99,9 @@ def register(app: typer.Typer) -> None:
                                   help="--light skips the deep checks (process-binaries hashes every "
                                   "code page of every process)."),
         guest: str = typer.Option("vims-guest", "--name", help="The guest started by `vims guest up`."),
+        reference: Path = typer.Option(None, "--reference", help="The reference files for process-binaries: "
+                                       "a root directory or an ext2/3/4 disk image (its dpkg md5sums are "
+                                       "checked first); default: the image the guest was built from."),
         output: Path = typer.Option(None, "--output", "-o", help="Also write the rows as Parquet here."),
         json_out: bool = typer.Option(False, "--json", metavar="", help="Print the rows as JSON."),
     ) -> None:
@@ -95,7 +110,7 @@ def register(app: typer.Typer) -> None:
         from vims.collector.checks.base import rows_table, run_checks, select
 
         checks = select(names or None, deep=deep)
-        ctx = guest_context(guest)
+        ctx = guest_context(guest, reference)
         try:
             rows = run_checks(ctx, checks)
         finally:
