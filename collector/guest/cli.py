@@ -17,7 +17,8 @@ guest_app = typer.Typer(
 NAME = typer.Option("vims-guest", "--name", help="Name of the detached guest.")
 JSON = typer.Option(False, "--json", metavar="", help="Print JSON.")
 IMAGE = typer.Option(
-    "mini", "--image", help="mini: the busybox guest; debian: a Debian bookworm system (2 vCPUs, 1 GiB)."
+    "debian", "--image", help="debian: a Debian bookworm server booted as users boot it (KASLR, 2 vCPUs, "
+    "1 GiB, network); mini: the busybox guest (quick; the scripted attack scenarios)."
 )
 IMAGES = ("mini", "debian")
 

@@ -609,6 +609,9 @@ class Guest:
         """
         if name not in SCENARIOS:
             raise VimsError(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
+        if self.kind == "debian":
+            raise VimsError(f"the scenarios are the busybox guest's (`vims guest up --image mini`); guest "
+                            f"{self.name!r} is the Debian guest: `vims guest workload` plays its normal life")
         return self.run(f"/sbin/vims-scenario {name}", timeout=timeout, check=True).strip()
 
 
