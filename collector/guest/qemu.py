@@ -349,6 +349,27 @@ class Guest:
             f"QEMU said:\n{log or '(nothing)'}\nconsole tail:\n{self.console_tail(30) or '(empty)'}"
         )
 
+    def reboot(self, timeout: float = 240.0) -> None:
+        """Reboot the Debian guest in place (``systemctl reboot``; the same QEMU and RAM file, a new
+        boot with new KASLR offsets) and wait until it answers again."""
+        if self.kind != "debian":
+            raise VimsError("only the Debian guest reboots in place (the busybox guest's QEMU ends)")
+        before = self.run("cat /proc/sys/kernel/random/boot_id", check=True).strip()
+        with contextlib.suppress(VimsError):  # the connection may drop before the answer
+            self.execute("systemctl reboot", timeout=10, wait=20.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            with contextlib.suppress(VimsError, OSError):
+                now = self.execute("cat /proc/sys/kernel/random/boot_id", timeout=10, wait=20.0)[1].strip()
+                if now and now != before:
+                    self._profile = None  # the symbols moved
+                    return
+            if time.monotonic() > deadline:
+                raise GuestBootError(f"the guest {self.name!r} did not come back within {timeout:g} s of "
+                                     f"its reboot.\nconsole tail:\n{self.console_tail(30) or '(empty)'}")
+            time.sleep(1.0)
+
     def _wait_boot(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -430,6 +451,8 @@ class Guest:
     @property
     def profile(self) -> KernelProfile:
         """The kernel profile of the guest's kernel, its symbols where this boot put them (KASLR)."""
+        if self._profile is not None and self.kind == "debian" and not self._profile_holds(self._profile):
+            self._profile = None  # rebooted in place (by us or by the user): KASLR moved the kernel
         if self._profile is None:
             from vims.collector.profile import KernelProfile
 
@@ -442,6 +465,18 @@ class Guest:
                     profile = relocate(memory, profile)
             self._profile = profile
         return self._profile
+
+    def _profile_holds(self, profile: KernelProfile) -> bool:
+        """Whether the relocated ``profile`` still fits this boot: its banner where it says."""
+        from vims.collector.kernel import KernelView
+        from vims.collector.memory import GuestMemoryError, PhysicalMemory
+
+        try:
+            with PhysicalMemory.open(self.memory_path) as memory:
+                view = KernelView(memory, profile)
+                return view.read(profile.symbol("linux_banner"), 14) == b"Linux version "
+        except (GuestMemoryError, VimsError, OSError):
+            return False
 
     def status(self) -> dict[str, Any]:
         """What ``vims guest status --json`` prints."""
@@ -695,7 +730,7 @@ def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine,
     """QEMU's command line for ``image``, and the host ports it forwards (ssh and http of a Debian guest)."""
     memory_mb, cpu = machine.memory_mb, machine.cpu
     cmd = [
-        QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
         "-accel", f"{accel},thread=multi" if accel == "tcg" and machine.smp > 1 else accel,
         "-cpu", cpu, "-smp", str(machine.smp), "-m", f"{memory_mb}M",
         "-object",
@@ -707,12 +742,13 @@ def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine,
         "-pidfile", str(run_dir / "qemu.pid"),
     ]  # fmt: skip
     ports: dict[str, int] = {}
-    if isinstance(image, DebianImage):
+    if isinstance(image, DebianImage):  # a reboot restarts it in place, as a user's VM (new KASLR offsets)
         ports = {"ssh_port": free_port(), "http_port": free_port()}
         cmd += _debian_devices(image, ports, gate, machine.extra_args)
     else:
         append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
         cmd += [
+            "-no-reboot",  # the busybox guest's panic=-1 ends QEMU
             "-append", append,
             "-chardev", f"socket,id=control,host=127.0.0.1,port={control_port},server=on,wait=off",
             "-serial", "chardev:control",
