@@ -150,11 +150,14 @@ def test_qemu_backend(guest: Any) -> None:
         with backend.paused():
             cr3 = backend.get_vcpureg("cr3")
             rip = backend.get_vcpureg("RIP")
+            gs_base = backend.get_vcpureg("gs_base")
             assert backend.gdb.running is False
         assert backend.gdb.running is True
         # CR3 is a page-table root in guest RAM (its low bits may hold a PCID); RIP is canonical.
         assert 0 < cr3 & ~0xFFF < backend.memory.end
         assert rip >> 47 in (0, (1 << 17) - 1)
-        assert backend.get_vcpureg("gs_base")  # taken while the guest runs: halt, read, resume
+        if rip >> 47:  # stopped in the kernel: GS base is the kernel's per-cpu area (in user mode: the user's)
+            assert gs_base >> 63, hex(gs_base)  # the upper half (4- or 5-level paging)
+        assert isinstance(backend.get_vcpureg("gs_base"), int)  # taken while the guest runs: halt, read, resume
         stext = backend.translate_ksym2v("_stext")
         assert backend.read_va(stext, 64) == backend.read_pa(stext - 0xFFFF_FFFF_8000_0000, 64)
