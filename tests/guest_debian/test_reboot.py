@@ -29,10 +29,9 @@ def test_every_check_passes_after_each_of_two_reboots(debian_image: DebianImage)
         for boot in range(3):
             if boot:
                 guest.reboot()
-            kaslr = guest.status()["kaslr"]
-            offsets.append(kaslr["virtual_offset"])
-            assert guest.profile.symbol("_text") == int(kaslr["text_vaddr"], 16)  # the profile followed
-            assert _all_checks(guest) == [], f"boot {boot + 1} (KASLR {kaslr})"
-        assert len(set(offsets)) >= 2, offsets  # 3 boots on one offset of ~500: KASLR is not moving
+            text = guest.profile.symbol("_text")  # where this boot put the kernel (found in its RAM)
+            offsets.append(text)
+            assert _all_checks(guest) == [], f"boot {boot + 1} (_text at {text:#x})"
+        assert len(set(offsets)) >= 2, [hex(o) for o in offsets]  # 3 boots on one of ~500 offsets: KASLR stuck
     finally:
         guest.stop()
