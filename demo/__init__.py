@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -139,7 +140,6 @@ def _webshell(guest: Any, starts: Callable[[], float]) -> tuple[float, str]:
     """
     if guest.kind != "debian":
         return starts(), str(guest.scenario("webshell", timeout=120))
-    import shlex
     import urllib.parse
     import urllib.request
 
@@ -166,13 +166,7 @@ def _start_client(guest: Any) -> None:
     host, port = GATE_GUEST_ADDRESS
     loop = (f"while :; do (while :; do echo ping; sleep 1; done) | nc {host} {port} >> /var/log/vims-client.log "
             f"2>&1; sleep 2; done")
-    guest.run(f"setsid nohup sh -c {_quote(loop)} </dev/null >/dev/null 2>&1 &", check=True)
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+    guest.run(f"setsid nohup sh -c {shlex.quote(loop)} </dev/null >/dev/null 2>&1 &", check=True)
 
 
 def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path:

@@ -600,9 +600,10 @@ class Guest:
         path = self.console_path.with_suffix(".ssh")
         opts = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
         if not path.exists():
+            ssh = self.ssh_command()
             with contextlib.suppress(subprocess.SubprocessError, OSError):
-                subprocess.run([*self.ssh_command()[:1], "-M", "-N", "-f", "-o", f"ControlPath={path}",
-                                "-o", "ControlPersist=300", *self.ssh_command()[1:]],
+                subprocess.run([ssh[0], "-M", "-N", "-f", "-o", f"ControlPath={path}",
+                                "-o", "ControlPersist=300", *ssh[1:]],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                timeout=30, check=False)
         return opts if path.exists() else []  # no master: a login of its own, as before
