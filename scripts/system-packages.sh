@@ -2,9 +2,10 @@
 # Installs the Debian/Ubuntu packages VIMS needs on the host, if any is missing.
 # QEMU runs the bundled guest; the guest image itself is built from Debian packages fetched with
 # `apt-get download` (see collector/guest), so apt's package lists must be current; the Debian guest
-# (`vims guest build --image debian`) with mmdebstrap and mke2fs, and is reached with ssh.
+# (`vims guest build --image debian`) with mmdebstrap and mke2fs, and is reached with ssh. The attack
+# scenarios use real tools (hydra, socat); REM-S's fleet store and its tests use PostgreSQL.
 set -euo pipefail
-packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs)
+packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs hydra socat postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
