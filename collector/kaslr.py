@@ -13,7 +13,11 @@ its virtual address (``_text`` somewhere above ``__START_KERNEL_map``), both in 
    ``pa(_text) - (va(_text) - __START_KERNEL_map)``, so it gives ``va(_text)``;
 3. **confirmed by the page tables**: the kernel's top-level table ``init_top_pgt`` (at a known
    physical address) must map the ``va(_text)`` found to the ``pa(_text)`` found; and, if a GDB stub
-   is given, so must the tables of the CR3 a vCPU runs with (PCID and PTI bits masked).
+   is given, so must the tables of the CR3 a vCPU runs with (PCID and PTI bits masked);
+4. **the live one**: a reboot in place does not clear RAM, so the previous boot's kernel can still sit,
+   whole and self-consistent, at its old place. When more than one candidate passes 1-3, the CR3 of a
+   vCPU decides if it was given; otherwise the kernel whose ``jiffies_64`` advances is the running
+   one (a leftover copy's clock stands still), which :func:`is_live` also tells for a relocated profile.
 
 >>> r = KaslrOffsets(0x1000000, 0x3a000000, 0xffffffff81000000, 0xffffffff8e600000, 4, ["banner"])
 >>> hex(r.virtual_offset), hex(r.physical_offset)
@@ -25,6 +29,7 @@ its virtual address (``_text`` somewhere above ``__START_KERNEL_map``), both in 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +43,13 @@ from vims.collector.memory import (
 )
 from vims.errors import VimsError
 
-__all__ = ["KaslrError", "KaslrOffsets", "find_kaslr", "find_kaslr_in", "relocate"]
+__all__ = ["KaslrError", "KaslrOffsets", "find_kaslr", "find_kaslr_in", "is_live", "relocate"]
 
 #: KASLR moves the kernel in steps of CONFIG_PHYSICAL_ALIGN (2 MiB on Debian's kernel).
 ALIGN = 0x200000
+#: Seconds to watch the kernels' clocks for the one that runs (a tickless idle guest may let ``jiffies``
+#: stand for a while; a busy one moves it every few milliseconds).
+SETTLE_S = 3.0
 
 
 class KaslrError(VimsError):
@@ -110,38 +118,30 @@ def _banner(profile: Any) -> bytes:
     return f"Linux version {profile.release} ".encode()
 
 
-def _find_text_paddr(memory: PhysicalMemory, profile: Any) -> int:
-    """Physical address of ``_text``: the banner whose offset within 2 MiB is the link-time one."""
+def _text_candidates(memory: PhysicalMemory, profile: Any) -> list[int]:
+    """Physical addresses of ``_text`` of every copy of the kernel in RAM: each banner whose offset
+    within 2 MiB is the link-time one (a reboot in place leaves the previous boot's copy)."""
     link_text = profile.symbol("_text")
     banner_off = profile.symbol("linux_banner") - link_text
     banner = _banner(profile)
     want = (link_text - START_KERNEL_MAP + banner_off) % ALIGN
+    found_at = []
     for region in memory.regions:
         pos, end = region.paddr, region.paddr + region.size
-        while True:
-            found = memory.find(banner, pos, end)
-            if found < 0:
-                break
+        while (found := memory.find(banner, pos, end)) >= 0:
             if found % ALIGN == want:
-                return found - banner_off
+                found_at.append(found - banner_off)
             pos = found + 1
-    raise KaslrError(f"no kernel banner {banner[:40]!r} at a 2 MiB-aligned place in guest RAM "
-                     "(another kernel, or not booted yet?)")
+    if not found_at:
+        raise KaslrError(f"no kernel banner {banner[:40]!r} at a 2 MiB-aligned place in guest RAM "
+                         "(another kernel, or not booted yet?)")
+    return found_at
 
 
-def find_kaslr_in(memory: PhysicalMemory, profile: Any, cr3: int | None = None) -> KaslrOffsets:
-    """The load offsets of the kernel of ``profile`` (link-time symbols) in ``memory``.
-
-    Parameters
-    ----------
-    memory : PhysicalMemory
-    profile : KernelProfile
-        A profile with link-time addresses (``metadata.relocatable``).
-    cr3 : int, optional
-        A CR3 value read from a vCPU: its tables must map the kernel the same way.
-    """
+def _offsets_at(memory: PhysicalMemory, profile: Any, text_pa: int, cr3: int | None) -> KaslrOffsets:
+    """The offsets of the kernel copy whose ``_text`` is at ``text_pa``, checked by its own page tables
+    (and by ``cr3``'s, if given); :class:`KaslrError` if they do not hold."""
     link_text = profile.symbol("_text")
-    text_pa = _find_text_paddr(memory, profile)
     how = ["banner"]
 
     def pa(name: str) -> int:
@@ -169,6 +169,79 @@ def find_kaslr_in(memory: PhysicalMemory, profile: Any, cr3: int | None = None) 
             raise KaslrError(f"{what} maps _text at {text_va:#x} to {got:#x}, not to {text_pa:#x}")
         how.append(what)
     return KaslrOffsets(link_text - START_KERNEL_MAP, text_pa, link_text, text_va, levels, how)
+
+
+def _advancing(read_clocks: list[Any], settle: float, after: float = 0.25) -> list[bool]:
+    """Which of the clocks (functions reading a counter) change: watched until ``after`` seconds past
+    the first change (so that two moving clocks are both seen), or ``settle`` seconds if none moves."""
+    first = [read() for read in read_clocks]
+    moved = [False] * len(read_clocks)
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline and not all(moved):
+        for i, read in enumerate(read_clocks):
+            moved[i] = moved[i] or read() != first[i]
+        if any(moved):
+            deadline = min(deadline, time.monotonic() + after)
+        time.sleep(0.01)
+    return moved
+
+
+def _live_copy(memory: PhysicalMemory, profile: Any, found: list[KaslrOffsets], settle: float) -> KaslrOffsets:
+    """The one of several self-consistent kernel copies that runs: the one whose ``jiffies_64`` moves."""
+    link_text = profile.symbol("_text")
+    at = [f.text_paddr + profile.symbol("jiffies_64") - link_text for f in found]
+    moved = _advancing([lambda a=a: memory.u64(a) for a in at], settle)
+    live = [f for f, m in zip(found, moved, strict=True) if m]
+    places = ", ".join(f"{f.text_paddr:#x}" for f in found)
+    if len(live) != 1:
+        raise KaslrError(f"{len(found)} copies of the kernel in guest RAM (_text at {places}; a reboot in "
+                         f"place leaves the previous boot's) and {len(live) or 'none'} of their clocks moved "
+                         f"in {settle:g} s: is the guest paused? (give the GDB stub: a vCPU's CR3 decides)")
+    return KaslrOffsets(live[0].link_text, live[0].text_paddr, live[0].link_text_va, live[0].text_vaddr,
+                        live[0].paging_levels, [*live[0].how, "jiffies"])
+
+
+def find_kaslr_in(memory: PhysicalMemory, profile: Any, cr3: int | None = None,
+                  settle: float = SETTLE_S) -> KaslrOffsets:
+    """The load offsets of the running kernel of ``profile`` (link-time symbols) in ``memory``.
+
+    Parameters
+    ----------
+    memory : PhysicalMemory
+    profile : KernelProfile
+        A profile with link-time addresses (``metadata.relocatable``).
+    cr3 : int, optional
+        A CR3 value read from a vCPU: its tables must map the kernel the same way.
+    settle : float
+        When RAM holds more than one consistent copy of the kernel and no ``cr3`` tells them apart,
+        the seconds to watch their clocks for the one that runs.
+    """
+    found: list[KaslrOffsets] = []
+    refused: list[str] = []
+    for text_pa in _text_candidates(memory, profile):
+        try:
+            found.append(_offsets_at(memory, profile, text_pa, cr3))
+        except (KaslrError, GuestMemoryError) as exc:
+            refused.append(f"{text_pa:#x}: {exc}")
+    if not found:
+        raise KaslrError("no copy of the kernel in guest RAM holds together: " + "; ".join(refused))
+    return found[0] if len(found) == 1 else _live_copy(memory, profile, found, settle)
+
+
+def is_live(memory: PhysicalMemory, profile: Any, settle: float = SETTLE_S) -> bool:
+    """Whether the kernel that the relocated ``profile`` places runs in ``memory`` now: its banner is
+    where the profile says and its ``jiffies_64`` moves within ``settle`` seconds (after a reboot in
+    place the previous boot's copy may keep its banner, but its clock stands still)."""
+    from vims.collector.kernel import KernelView
+
+    try:
+        view = KernelView(memory, profile)
+        if view.read(profile.symbol("linux_banner"), 14) != b"Linux version ":
+            return False
+        jiffies = profile.symbol("jiffies_64")
+        return _advancing([lambda: view.u64(jiffies)], settle)[0]
+    except (GuestMemoryError, VimsError):
+        return False
 
 
 def find_kaslr(

@@ -467,15 +467,15 @@ class Guest:
         return self._profile
 
     def _profile_holds(self, profile: KernelProfile) -> bool:
-        """Whether the relocated ``profile`` still fits this boot: its banner where it says."""
-        from vims.collector.kernel import KernelView
-        from vims.collector.memory import GuestMemoryError, PhysicalMemory
+        """Whether the relocated ``profile`` still fits this boot: the kernel it places runs
+        (:func:`~vims.collector.kaslr.is_live`; a reboot leaves the old kernel's copy in RAM)."""
+        from vims.collector.kaslr import is_live
+        from vims.collector.memory import PhysicalMemory
 
         try:
             with PhysicalMemory.open(self.memory_path) as memory:
-                view = KernelView(memory, profile)
-                return view.read(profile.symbol("linux_banner"), 14) == b"Linux version "
-        except (GuestMemoryError, VimsError, OSError):
+                return is_live(memory, profile)
+        except (VimsError, OSError):
             return False
 
     def status(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``debian_image`` builds the Debian image (mmdebstrap, about 80 s; then cached); ``debian`` boots it
 once with the distribution's default command line (KASLR on) and stops it at the end of the session;
 ``debian_pti`` boots a second one with ``pti=on`` for the tests that run under both. Every test here
-is marked ``guest``. While developing, ``VIMS_TEST_DEBIAN=NAME`` uses the detached guest ``NAME``
+is marked ``guest``; tests marked ``reboots`` (they reboot the shared guests) run after all others.
+While developing, ``VIMS_TEST_DEBIAN=NAME`` uses the detached guest ``NAME``
 (`vims guest up --image debian --name NAME`) instead of booting one.
 """
 
@@ -26,6 +27,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.guest)
+    # A reboot pulls the shared guest from under the tests that follow: those tests go last (stable).
+    items.sort(key=lambda item: item.get_closest_marker("reboots") is not None)
 
 
 @pytest.fixture(scope="session")
