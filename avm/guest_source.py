@@ -10,29 +10,38 @@ from typing import Any
 from vims.avm.agent import Agent
 from vims.avm.checks_loop import check_loop
 from vims.avm.health import liveness
+from vims.errors import VimsError
+
+#: Seconds between two looks at whether the guest's kernel is still the one traced.
+REBOOT_WATCH_S = 2.0
 
 
 def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = None, vm_id: str | None = None,
                 checks_every: float | None = 10.0, deep_checks: bool = False, batch_ms: int = 100,
-                method: str = "auto", on_ready: Callable[[], Any] | None = None) -> dict[str, Any]:
+                method: str = "auto", on_ready: Callable[[], Any] | None = None,
+                watch_every: float = REBOOT_WATCH_S) -> dict[str, Any]:
     """Trace ``guest`` (a running :class:`vims.collector.guest.Guest`, or the name of one started by
     ``vims guest up``) into the agent until ``stop``; run the static checks every ``checks_every`` s.
 
     The tracer hands its batches to :meth:`Agent.send`, which never blocks it. The agent's collector
-    health is the tracer's own counts (events, filtered, capped, unreadable...) and state. Returns the
-    tracer's final counts and why it ended.
+    health is the tracer's own counts (events, filtered, capped, unreadable...) and state. When the
+    guest reboots in place (its kernel comes back elsewhere: KASLR), the tracer's traps point at the
+    old kernel and would see nothing: a watcher notices the new boot every ``watch_every`` seconds,
+    the tracer ends, and a new one attaches to the new kernel (state ``rebooting`` meanwhile, which
+    the liveness in every report shows as not tracing). Returns the tracer's final counts and why it
+    ended.
     """
     from vims.collector.backends import QemuBackend
-    from vims.collector.tracer import SyscallTracer
 
     backend = QemuBackend.from_guest(guest)  # a Guest or the name of one; a clear error if it is not running
     guest = backend.guest
-    state: dict[str, Any] = {"state": "starting", "collector": "gdbstub"}
-    tracer: Any = None
+    state: dict[str, Any] = {"state": "starting", "collector": "gdbstub", "reboots": 0}
+    current: dict[str, Any] = {"tracer": None}
     last: list[float] = []
 
     def health() -> dict[str, Any]:
         out = dict(state)
+        tracer = current["tracer"]
         if tracer is not None:
             out.update({"method": tracer.method, "notes": tracer.notes[-3:], **{
                 k: v for k, v in tracer.stats.items() if isinstance(v, int | float | str | bool)}})
@@ -49,24 +58,87 @@ def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = N
                                    name="vims-checks", daemon=True)
         checker.start()
     try:
-        tracer = SyscallTracer(backend, vm_id or agent.builder.vm_id, policy=policy, method=method,
-                               batch_ms=batch_ms, on_batch=deliver, keep=False)
-        agent.tracer = tracer
-        state["state"] = "tracing"
-        if on_ready is not None:
-            on_ready()
-        try:
-            result = tracer.run(stop=stop)
-        except BaseException as exc:
-            state["state"] = f"failed: {type(exc).__name__}: {exc}"
-            raise
-        finally:
-            agent.tracer = None
-        state["state"] = f"ended: {result.reason}"
-        state["reason"] = result.reason
+        while True:
+            rebooted = _trace_one_boot(agent, backend, stop, current, state, deliver, watch_every,
+                                       dict(policy=policy, vm_id=vm_id, method=method, batch_ms=batch_ms),
+                                       on_ready)
+            on_ready = None
+            if not rebooted or stop.is_set():
+                break
+            backend.close()
+            state["state"], state["reboots"] = "rebooting", state["reboots"] + 1
+            attached = _attach_new_boot(guest, stop, watch_every)
+            if attached is None:
+                break
+            backend = attached
     finally:
         backend.close()
         if checker is not None:
             stop.set()
             checker.join(timeout=30)
     return health()
+
+
+def _trace_one_boot(agent: Agent, backend: Any, stop: threading.Event, current: dict[str, Any],
+                    state: dict[str, Any], deliver: Callable[[Any], bool], watch_every: float,
+                    knobs: dict[str, Any], on_ready: Callable[[], Any] | None) -> bool:
+    """Trace the kernel ``backend`` was made for until ``stop`` or a new boot; whether it rebooted."""
+    from vims.collector.tracer import SyscallTracer
+
+    ended = threading.Event()  # the tracer's own stop: the agent's stop, or a new boot
+    reboot = threading.Event()
+    watcher = threading.Thread(target=_watch_boot, args=(backend, stop, ended, reboot, watch_every),
+                               name="vims-boot-watch", daemon=True)
+    tracer = SyscallTracer(backend, knobs["vm_id"] or agent.builder.vm_id, policy=knobs["policy"],
+                           method=knobs["method"], batch_ms=knobs["batch_ms"], on_batch=deliver, keep=False)
+    current["tracer"] = agent.tracer = tracer
+    state["state"] = "tracing"
+    watcher.start()
+    if on_ready is not None:
+        on_ready()
+    try:
+        result = tracer.run(stop=ended)
+    except BaseException as exc:
+        state["state"] = f"failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        agent.tracer = None
+        ended.set()
+        watcher.join(timeout=30)
+    state["state"] = f"ended: {result.reason}"
+    state["reason"] = result.reason
+    return reboot.is_set()
+
+
+def _watch_boot(backend: Any, stop: threading.Event, ended: threading.Event, reboot: threading.Event,
+                every: float) -> None:
+    """Set ``ended`` when ``stop`` is set, or (and ``reboot``) when the guest's kernel is no longer the
+    one ``backend`` traces: it rebooted, or is rebooting (no running kernel found)."""
+    text = backend.profile.symbol("_text")
+    while not ended.is_set():
+        if stop.wait(every):
+            break
+        try:
+            moved = backend.guest.profile.symbol("_text") != text
+        except VimsError:  # no kernel runs right now: it is going down or coming up
+            moved = True
+        if moved:
+            reboot.set()
+            break
+    ended.set()
+
+
+def _attach_new_boot(guest: Any, stop: threading.Event, every: float) -> Any:
+    """A backend on the guest's new kernel once it runs (None if ``stop`` came first or QEMU ended)."""
+    from vims.collector.backends import QemuBackend
+
+    wait = every
+    while not stop.is_set():
+        if not guest.running:
+            return None
+        try:
+            return QemuBackend.from_guest(guest)
+        except VimsError:  # no kernel runs yet (each look scans the guest's RAM: back off, to 8 s)
+            stop.wait(wait)
+            wait = min(2 * wait, 8.0)
+    return None

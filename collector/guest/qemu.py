@@ -624,9 +624,13 @@ class Guest:
                 f"guest {self.name!r} did not answer {command[:60]!r} within {wait:g} s "
                 "(is it halted by a GDB client?)"
             ) from None
+        stderr = proc.stderr.decode("utf-8", "replace")
+        if "mux_client" in stderr:  # a master left from before a reboot: ssh went direct; start a new one
+            self.console_path.with_suffix(".ssh").unlink(missing_ok=True)
+            stderr = "".join(line for line in stderr.splitlines(keepends=True) if "mux_client" not in line)
         if proc.returncode == 255:  # ssh's own failure: no connection, refused, auth
-            raise VimsError(f"cannot ssh into guest {self.name!r}: {proc.stderr.decode(errors='replace')[-300:]}")
-        return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace")
+            raise VimsError(f"cannot ssh into guest {self.name!r}: {stderr[-300:]}")
+        return proc.returncode, proc.stdout.decode("utf-8", "replace") + stderr
 
     def run(self, command: str, timeout: float = 60.0, check: bool = False) -> str:
         """Run a shell command in the guest through the control channel and return its output.
