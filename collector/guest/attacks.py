@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from vims.collector.guest.qemu import Guest
     from vims.collector.guest.workload import WorkloadResult
 
-__all__ = ["SCENARIOS", "GroundTruth", "Scenario", "reset", "run_during_workload", "run_scenario"]
+__all__ = ["SCENARIOS", "GroundTruth", "Scenario", "reset", "run_during_workload", "run_scenario", "upload_file"]
 
 #: Common passwords the brute-force wordlist is drawn from (the weak user's is added at a seeded place).
 COMMON_PASSWORDS = (
@@ -286,6 +286,22 @@ def _pid_of(answer: str) -> tuple[int, int]:
 
 
 # -- the web shell ----------------------------------------------------------------------------------------
+def upload_file(guest: Guest, filename: str, content: bytes) -> str:
+    """Upload ``content`` as ``filename`` through the site's vulnerable upload page, as a browser would
+    (a multipart POST to the http forward); return its path under the web root (``uploads/NAME``).
+
+    Raises
+    ------
+    VimsError
+        When the page did not store it.
+    """
+    body, kind = _multipart("file", filename, content)
+    answer = _http(guest, UPLOAD_PAGE[0], body, {"Content-Type": kind})
+    if f"stored uploads/{filename}" not in answer:
+        raise VimsError(f"the upload page did not store {filename}: {answer[:200]!r}")
+    return f"uploads/{filename}"
+
+
 class _WebShell:
     """The PHP shell the attacker uploaded: each command a POST, run by ``sh -c`` under php-fpm."""
 
@@ -297,10 +313,7 @@ class _WebShell:
     def upload(cls, attack: _Attack) -> _WebShell:
         """Upload the shell through the site's upload page (a multipart POST, as a browser sends it)."""
         name = attack.rng.choice(SHELL_NAMES)
-        body, kind = _multipart("file", name, SHELL_PHP.encode())
-        answer = _http(attack.guest, UPLOAD_PAGE[0], body, {"Content-Type": kind})
-        if f"stored uploads/{name}" not in answer:
-            raise VimsError(f"the upload page did not store {name}: {answer[:200]!r}")
+        upload_file(attack.guest, name, SHELL_PHP.encode())
         attack.truth.detail["shell"] = f"{UPLOAD_DIR}/{name}"
         attack.say(f"uploaded {name} through /{UPLOAD_PAGE[0]}")
         return cls(attack, name)

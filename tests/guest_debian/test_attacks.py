@@ -10,7 +10,7 @@ import re
 import pytest
 
 from vims.collector.guest import Guest
-from vims.collector.guest.attacks import SCENARIOS, GroundTruth, reset, run_scenario
+from vims.collector.guest.attacks import SCENARIOS, GroundTruth, reset, run_during_workload, run_scenario
 from vims.collector.guest.debian import DB_PASSWORD, UPLOAD_DIR, WEAK_USER
 from vims.errors import InputError
 
@@ -139,4 +139,17 @@ def test_hidden_payload_hides_as_a_kernel_thread_and_beacons(guest: Guest) -> No
     assert detail["beacons"] == detail["planned"] >= 4
     assert {int(re.findall(r"\d+", line)[-1]) for line in detail["beacon_lines"]} == {pid}
     assert not _alive(guest, pid)
+    reset(guest)
+
+
+def test_an_attack_inside_the_normal_workload(guest: Guest) -> None:
+    seconds = 20.0
+    result, truth = run_during_workload(guest, "webshell-upload", seed=8, seconds=seconds, rate=1.0)
+    _check_window(truth, "webshell-upload")
+    assert 0.1 * seconds <= truth.detail["workload_offset_s"] <= 0.5 * seconds
+    assert "uid=33(www-data)" in truth.detail["id"]
+    assert result.results and result.duration == seconds
+    # the site and the logins keep working beside the attack (nothing listens on the gate port here, and a
+    # forced logrotate may meet cron's on the state file's lock: those are the workload's own affair)
+    assert not {r.action.kind for r in result.failures()} & {"http-static", "http-php", "ssh-login"}
     reset(guest)
