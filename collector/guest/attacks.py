@@ -709,10 +709,12 @@ def run_during_workload(
     box: dict[str, WorkloadResult] = {}
     thread = threading.Thread(target=lambda: box.setdefault("result", workload.run(seconds)), daemon=True)
     thread.start()
-    time.sleep(delay)
-    truth = run_scenario(guest, name, seed, log)
+    try:
+        time.sleep(delay)
+        truth = run_scenario(guest, name, seed, log)
+    finally:
+        thread.join()  # a failed attack still lets the workload end before the error goes up
     truth.detail["workload_offset_s"] = round(delay, 2)
-    thread.join()
     if "result" not in box:
         raise VimsError("the workload did not finish")
     return box["result"], truth
