@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -145,16 +146,55 @@ def run(
 
 @guest_app.command("scenario")
 def scenario(
-    which: str = typer.Argument(..., help="normal, webshell, adduser, tamper-binary (or reset)."),
+    which: str = typer.Argument(..., help="Debian guest: ssh-bruteforce, webshell-upload, reverse-shell, "
+                                "privesc-persistence, data-theft, hidden-payload (or reset); busybox guest: "
+                                "normal, webshell, adduser, tamper-binary (or reset)."),
     name: str = NAME,
+    seed: int = typer.Option(0, "--seed", help="Debian guest: seeds the attack's choices (and the workload's)."),
+    during_workload: float = typer.Option(
+        0.0, "--during-workload", metavar="SECONDS",
+        help="Debian guest: play the normal workload this long and start the attack at a seeded moment in it.",
+    ),
+    rate: float = typer.Option(2.0, "--rate", help="With --during-workload: the workload's actions per second."),
     as_json: bool = JSON,
 ) -> None:
-    """Play a scenario in the detached guest and print its answer."""
+    """Play a scenario in the detached guest and print its answer.
+
+    On the Debian guest the scenarios are real attacks (hydra, an uploaded PHP shell, a reverse shell,
+    sudo privilege escalation and persistence, data theft, a hidden beacon); the output is the attack's
+    ground truth: its window, the guest pids its processes start from, and what it did.
+    """
     from vims.collector.guest import Guest
 
     guest = Guest.attach(name)
+    if guest.kind == "debian":
+        _attack(guest, which, seed, during_workload, rate, as_json)
+        return
     answer = guest.reset() if which == "reset" else guest.scenario(which)
     _show({"scenario": which, "answer": answer}, as_json)
+
+
+def _attack(guest: Any, which: str, seed: int, during: float, rate: float, as_json: bool) -> None:
+    """An attack scenario on the Debian guest (:mod:`vims.collector.guest.attacks`), alone or in a workload."""
+    from vims.collector.guest import attacks
+
+    if which == "reset":
+        _show({"scenario": "reset", "answer": attacks.reset(guest)}, as_json)
+        return
+    say = (lambda _msg: None) if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    if during > 0:
+        result, truth = attacks.run_during_workload(guest, which, seed, during, rate, log=say)
+        summary = result.as_dict()
+        if as_json:
+            print_json({"workload": summary, "truth": json.loads(truth.to_json())})
+            return
+        _workload_table(summary)
+    else:
+        truth = attacks.run_scenario(guest, which, seed, log=say)
+        if as_json:
+            print_json(json.loads(truth.to_json()))
+            return
+    _show(json.loads(truth.to_json()), False)
 
 
 @guest_app.command("workload")

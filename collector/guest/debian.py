@@ -12,6 +12,12 @@
    (:mod:`vims.collector.guest.workload`) exercises: static and PHP pages (:data:`STATIC_PAGES`,
    :data:`PHP_PAGES`), cron jobs (:data:`CRON_JOBS`, in ``/etc/cron.d/vims-site``) and the rotation of
    their logs (``/etc/logrotate.d/vims-site``, run by a cron entry and by logrotate's own timer);
+   and, on purpose, the holes the attack scenarios (:mod:`vims.collector.guest.attacks`) go through
+   (:func:`_configure_holes`): a user with a weak password that sshd lets log in by password
+   (:data:`WEAK_USER`; every other login is by key), an upload page that stores any file under the web
+   root's ``uploads/`` where nginx runs PHP (:data:`UPLOAD_PAGE`), the site's database password in
+   ``config.php`` (:data:`SECRETS_FILE`), and a sudoers entry that lets ``www-data`` run ``find`` as root
+   (:data:`SUDO_HOLE`; ``find -exec`` spawns a root shell: the local privilege escalation);
 3. writes it to ``disk.img`` with ``mke2fs -t ext4 -d`` (no mount) and copies out the kernel and the
    initrd the guest boots from (``-kernel``/``-initrd``, the distribution's default command line);
 4. builds the kernel profile from the kernel's own files: BTF from ``vmlinuz`` and the symbols from
@@ -39,12 +45,12 @@ from vims.errors import MissingDependencyError, VimsError
 from vims.paths import cache_dir
 
 __all__ = [
-    "CRON_JOBS", "LOGROTATE_COMMAND", "PACKAGES", "PHP_PAGES", "STATIC_PAGES", "DebianImage", "build_debian",
-    "resolve_debian",
+    "CRON_JOBS", "DB_PASSWORD", "LOGROTATE_COMMAND", "PACKAGES", "PHP_PAGES", "SECRETS_FILE", "STATIC_PAGES",
+    "SUDO_HOLE", "UPLOAD_DIR", "UPLOAD_PAGE", "WEAK_USER", "DebianImage", "build_debian", "resolve_debian",
 ]  # fmt: skip
 
 #: Bump when the build changes in a way the cache key would not see.
-BUILD_FORMAT = 2
+BUILD_FORMAT = 3
 SUITE = "bookworm"
 MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
@@ -164,6 +170,49 @@ CRON_JOBS = {
     "site-backup": ("*/5 * * * *", "root", "/usr/local/bin/site-backup"),
     "logrotate": ("*/5 * * * *", "root", LOGROTATE_COMMAND),
 }
+# -- the holes, on purpose: what the attack scenarios (vims.collector.guest.attacks) go through --------
+#: The user with a weak password (a common word): sshd takes passwords from this user only.
+WEAK_USER = ("dave", "sunshine")
+_SSHD_CONFIG = (
+    "UseDNS no\nPasswordAuthentication no\n"
+    "# The one account that still logs in by password (weak: the brute-force scenario finds it).\n"
+    f"Match User {WEAK_USER[0]}\n    PasswordAuthentication yes\n"
+)
+#: The site's database password, in the PHP configuration file every page could include.
+DB_PASSWORD = "s3cr3t-Db-2024"
+#: The site's configuration (under the web root, readable by the web server: what an attacker reads).
+SECRETS_FILE = "/var/www/html/config.php"
+_CONFIG_PHP = f"""<?php
+// Site configuration (included by the pages that talk to the database).
+$db_host = 'localhost';
+$db_name = 'site';
+$db_user = 'site';
+$db_password = '{DB_PASSWORD}';
+"""
+#: Where the upload page stores files (served by nginx, which runs any ``.php`` there).
+UPLOAD_DIR = "/var/www/html/uploads"
+#: The vulnerable upload page: path under the document root -> content. It keeps the client's file name
+#: and never checks the extension, so an uploaded ``.php`` file runs as the web server's user.
+UPLOAD_PAGE = ("upload.php", """<?php
+// Profile pictures: POST a multipart field "file"; stored under uploads/ with the name it came with.
+if ($_SERVER['REQUEST_METHOD'] === 'POST' && isset($_FILES['file'])) {
+    $name = basename($_FILES['file']['name']);
+    if (move_uploaded_file($_FILES['file']['tmp_name'], __DIR__ . '/uploads/' . $name)) {
+        echo "stored uploads/$name\n";
+    } else {
+        http_response_code(500);
+        echo "upload failed\n";
+    }
+} else {
+    echo '<html><body><form method="post" enctype="multipart/form-data">',
+         '<input type="file" name="file"><input type="submit" value="Upload"></form></body></html>', "\n";
+}
+""")
+#: The deliberate misconfiguration (local privilege escalation): ``www-data`` may run ``find`` as root
+#: without a password "to clean old uploads", and ``find -exec /bin/sh`` is a root shell.
+SUDO_HOLE = ("site-cleanup", "# The site's cleanup of old uploads (runs as the web server).\n"
+             "www-data ALL=(root) NOPASSWD: /usr/bin/find\n")
+
 _CRONTAB = (
     "# The small server's own jobs (the VIMS workload runs them on demand too).\n"
     "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
@@ -239,7 +288,8 @@ def resolve_debian() -> dict[str, str]:
 
 def _cache_key(versions: dict[str, str]) -> str:
     recipe = [PACKAGES, USERS, MIRRORS, _INTERFACES, _LINK, _NGINX_SITE, DISK_SIZE, STATIC_PAGES, PHP_PAGES,
-              _SCRIPTS, _CRONTAB, _LOGROTATE]  # fmt: skip
+              _SCRIPTS, _CRONTAB, _LOGROTATE, WEAK_USER, _SSHD_CONFIG, _CONFIG_PHP, UPLOAD_DIR, UPLOAD_PAGE,
+              SUDO_HOLE]  # fmt: skip
     data = {"format": BUILD_FORMAT, "versions": versions, "recipe": recipe}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -280,8 +330,9 @@ def _configure(root: Path, public_key: str) -> None:
     _write(root, "etc/hostname", HOSTNAME + "\n")
     _write(root, "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
     _write(root, "etc/fstab", "/dev/vda / ext4 errors=remount-ro 0 1\n")
-    _write(root, "etc/ssh/sshd_config.d/vims.conf", "UseDNS no\nPasswordAuthentication no\n")
+    _write(root, "etc/ssh/sshd_config.d/vims.conf", _SSHD_CONFIG)
     _configure_site(root)
+    _configure_holes(root)
 
 
 def _configure_site(root: Path) -> None:
@@ -300,6 +351,17 @@ def _configure_site(root: Path) -> None:
         f"mkdir -p {_LOG_DIR} /var/www/cache && touch {_LOG_DIR}/health.log {_LOG_DIR}/backup.log "
         f"{_LOG_DIR}/report.log && chown www-data:www-data {_LOG_DIR}/report.log /var/www/cache",
     )
+
+
+def _configure_holes(root: Path) -> None:
+    """The weaknesses left on purpose for the attack scenarios (see the module docstring)."""
+    user, password = WEAK_USER
+    _in_root(root, f"useradd -m -s /bin/bash {user} && echo '{user}:{password}' | chpasswd")
+    _write(root, SECRETS_FILE.lstrip("/"), _CONFIG_PHP, 0o640)
+    _write(root, f"var/www/html/{UPLOAD_PAGE[0]}", UPLOAD_PAGE[1])
+    _write(root, f"etc/sudoers.d/{SUDO_HOLE[0]}", SUDO_HOLE[1], 0o440)
+    _in_root(root, f"mkdir -p {UPLOAD_DIR} && chown www-data:www-data {UPLOAD_DIR} && "
+                   f"chown root:www-data {SECRETS_FILE}")
 
 
 def build_debian(force: bool = False, log: Callable[[str], None] | None = None) -> DebianImage:

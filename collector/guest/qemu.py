@@ -23,7 +23,10 @@ made at build time. Its RAM file and GDB stub are as for the busybox guest. Its 
 REM-S's gate by an ordinary TCP connection to the intranet address :data:`GATE_GUEST_ADDRESS`: a
 ``guestfwd`` there runs :func:`gate_relay` for each connection the guest opens, which carries it to the
 gate port on the host's loopback (a free port that nothing listens on when none is given, as for the
-busybox guest's serial line).
+busybox guest's serial line). A second ``guestfwd``, at :data:`ATTACKER_GUEST_ADDRESS`, stands for a
+machine outside: each connection there is relayed the same way to a host port chosen free at start
+(``attacker_port`` in the guest's state), where the attack scenarios (:mod:`vims.collector.guest.attacks`)
+listen for reverse shells, stolen data and beacons; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ if TYPE_CHECKING:
     from vims.collector.guest.image import GuestImage
     from vims.collector.profile import KernelProfile
 
-__all__ = ["SCENARIOS", "Guest", "GuestBootError", "free_port", "gate_relay", "kvm_available", "reap_stale"]
+__all__ = [
+    "ATTACKER_GUEST_ADDRESS", "SCENARIOS", "Guest", "GuestBootError", "free_port", "gate_relay", "kvm_available",
+    "reap_stale",
+]  # fmt: skip
 
 QEMU = "qemu-system-x86_64"
 SCENARIOS = ("normal", "webshell", "adduser", "tamper-binary")
@@ -68,6 +74,8 @@ DEBIAN_KERNEL_ARGS = "root=/dev/vda ro console=ttyS0,115200"
 DEBIAN_EXTRA_ARGS = ("pti=on",)
 #: Where the guest's client reaches REM-S's gate (a ``guestfwd`` to the host's gate port).
 GATE_GUEST_ADDRESS = ("10.0.2.100", 7000)
+#: An "outside" address the Debian guest can reach: a ``guestfwd`` to the host's ``attacker_port``.
+ATTACKER_GUEST_ADDRESS = ("10.0.2.200", 4444)
 _SSH_OPTIONS = (
     "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
     "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
@@ -706,9 +714,10 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
         sink.shutdown(socket.SHUT_WR)
 
 
-def _gate_forward(gate: int) -> str:
-    """The ``guestfwd`` option that runs :func:`gate_relay` (this Python) for each guest connection."""
-    host, port = GATE_GUEST_ADDRESS
+def _gate_forward(gate: int, address: tuple[str, int] = GATE_GUEST_ADDRESS) -> str:
+    """The ``guestfwd`` option that runs :func:`gate_relay` (this Python) for each guest connection to
+    ``address``, carrying it to the host's port ``gate``."""
+    host, port = address
     code = f"from vims.collector.guest.qemu import gate_relay; gate_relay({int(gate)})"
     command = f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}".replace(",", ",,")  # QEMU's escape
     return f"guestfwd=tcp:{host}:{port}-cmd:{command}"
@@ -720,7 +729,8 @@ def _debian_devices(
     """QEMU options of the Debian guest: command line, virtio disk and NIC on a restricted network."""
     net = (
         f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{ports['ssh_port']}-:22,"
-        f"hostfwd=tcp:127.0.0.1:{ports['http_port']}-:80,{_gate_forward(gate)}"
+        f"hostfwd=tcp:127.0.0.1:{ports['http_port']}-:80,{_gate_forward(gate)},"
+        f"{_gate_forward(ports['attacker_port'], ATTACKER_GUEST_ADDRESS)}"
     )
     return [
         "-append", " ".join((DEBIAN_KERNEL_ARGS, *extra_args)),
@@ -748,7 +758,7 @@ def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine,
     ]  # fmt: skip
     ports: dict[str, int] = {}
     if isinstance(image, DebianImage):  # a reboot restarts it in place, as a user's VM (new KASLR offsets)
-        ports = {"ssh_port": free_port(), "http_port": free_port()}
+        ports = {"ssh_port": free_port(), "http_port": free_port(), "attacker_port": free_port()}
         cmd += _debian_devices(image, ports, gate, machine.extra_args)
     else:
         append = KERNEL_ARGS + (" vims.capture=1" if capture_kallsyms else "")
@@ -816,4 +826,5 @@ def _initial_state(image: GuestImage | DebianImage, name: str, machine: _Machine
         state["ssh_key"] = str(image.ssh_key)
         state["kernel_args"] = " ".join((DEBIAN_KERNEL_ARGS, *machine.extra_args))
         state["gate_guest"] = list(GATE_GUEST_ADDRESS)
+        state["attacker_guest"] = list(ATTACKER_GUEST_ADDRESS)
     return state
