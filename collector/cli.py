@@ -1,4 +1,4 @@
-"""Commands of the collector: ``vims guest``, ``vims check``, ``vims collect``.
+"""Commands of the collector: ``vims guest``, ``vims check``, ``vims collect``, ``vims attach``.
 
 Each command family lives beside the code it drives and registers itself here.
 """
@@ -9,7 +9,8 @@ import typer
 
 from vims.commands import register_commands
 
-SUBCOMMANDS = ("vims.collector.guest.cli", "vims.collector.checks.cli", "vims.collector.trace_cli")
+SUBCOMMANDS = ("vims.collector.guest.cli", "vims.collector.checks.cli", "vims.collector.trace_cli",
+               "vims.collector.attach_cli")
 
 
 def register(app: typer.Typer) -> None:

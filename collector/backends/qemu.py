@@ -7,6 +7,7 @@ registers or pause/resume are asked for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ class QemuBackend(Backend):
         The GDB stub; without it only memory reads work.
     gdb : GdbStub, optional
         An open stub connection to use instead of connecting to ``gdb_address``.
+    on_close : callable, optional
+        Called once when the backend closes (an attached VM's detach).
 
     Open one on a running guest with :meth:`from_guest`, and close it (``with``): that unmaps the
     memory and detaches from the stub, which removes every trap left in the guest.
@@ -40,7 +43,8 @@ class QemuBackend(Backend):
     name = "qemu"
 
     def __init__(self, memory_path: str | Path | PhysicalMemory, profile: Any = None,
-                 gdb_address: tuple[str, int] | None = None, gdb: Any = None) -> None:
+                 gdb_address: tuple[str, int] | None = None, gdb: Any = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         if isinstance(memory_path, PhysicalMemory):  # mapped elsewhere: its owner closes it
             self.memory, self._owns_memory = memory_path, False
             self.memory_path: Path | None = None
@@ -53,6 +57,7 @@ class QemuBackend(Backend):
         self._owns_gdb = gdb is None
         self._pauses = 0
         self._halted = False
+        self._on_close = on_close
         #: The :class:`~vims.collector.guest.Guest` this backend was opened on, if any.
         self.guest: Any = None
 
@@ -123,3 +128,6 @@ class QemuBackend(Backend):
             self._gdb = None
         if self._owns_memory:
             self.memory.close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()

@@ -174,12 +174,15 @@ class Context:
 
     @classmethod
     def of_guest(cls, backend: Any) -> Context:
-        """The context of a backend opened by :meth:`QemuBackend.from_guest`: the reference of the
-        guest's image and the guest's CPU model."""
+        """The context of a backend opened by :meth:`QemuBackend.from_guest` (the reference of the
+        guest's image and the guest's CPU model) or by :meth:`~vims.collector.attach.AttachedVm.backend`
+        (the reference the attachment was given)."""
         from vims.collector.guest import GuestImage
         from vims.collector.guest.debian import DebianImage
 
         guest = backend.guest
+        if guest.kind == "attached":
+            return cls(backend, guest.reference, cpu=guest.info.cpu)
         kind = DebianImage if guest.kind == "debian" else GuestImage
         image = kind.at(Path(guest.state["kernel"]).parent)
         return cls(backend, Reference.from_image(image), cpu=guest.state.get("cpu"))

@@ -10,8 +10,9 @@ import typer
 _STYLE = {"pass": "green", "fail": "bold red", "error": "yellow"}
 
 
-def guest_context(name: str = "vims-guest", reference: Path | None = None) -> Any:
-    """The check context of the detached guest ``name`` (``vims guest up``); close ``ctx.backend``.
+def guest_context(name: str = "vims-guest", reference: Path | None = None, qmp: Path | None = None) -> Any:
+    """The check context of the detached guest ``name`` (``vims guest up``), or of the VM whose QMP
+    monitor is ``qmp`` (:class:`~vims.collector.attach.AttachedVm`); close ``ctx.backend``.
 
     ``reference``: the reference files (a root directory or an ext2/3/4 image, e.g. a copy of the VM's
     clean disk) instead of those of the image the guest was built from.
@@ -24,7 +25,17 @@ def guest_context(name: str = "vims-guest", reference: Path | None = None) -> An
 
     if reference is not None and not reference.exists():
         raise InputError("no such directory or disk image", where=reference)
-    backend = QemuBackend.from_guest(name)
+    if qmp is not None:
+        from vims.collector.attach import AttachedVm
+
+        vm = AttachedVm(qmp, rootfs=reference)
+        try:
+            backend = vm.backend(stub=False, detach_on_close=True)  # the checks only read memory
+        except BaseException:
+            vm.detach()
+            raise
+    else:
+        backend = QemuBackend.from_guest(name)
     try:
         ctx = Context.of_guest(backend)
         if reference is not None:
@@ -99,6 +110,8 @@ def register(app: typer.Typer) -> None:
                                   help="--light skips the deep checks (process-binaries hashes every "
                                   "code page of every process)."),
         guest: str = typer.Option("vims-guest", "--name", help="The guest started by `vims guest up`."),
+        qmp: Path = typer.Option(None, "--qmp", help="Instead: a VM VIMS did not start, by its QMP monitor "
+                                 "socket (see `vims attach`)."),
         reference: Path = typer.Option(None, "--reference", help="The reference files for process-binaries: "
                                        "a root directory or an ext2/3/4 disk image (its dpkg md5sums are "
                                        "checked first); default: the image the guest was built from."),
@@ -110,7 +123,7 @@ def register(app: typer.Typer) -> None:
         from vims.collector.checks.base import rows_table, run_checks, select
 
         checks = select(names or None, deep=deep)
-        ctx = guest_context(guest, reference)
+        ctx = guest_context(guest, reference, qmp)
         try:
             rows = run_checks(ctx, checks)
         finally:

@@ -263,8 +263,7 @@ class Workload:
             _when, user, command = CRON_JOBS[action.detail[0]]
             return self._root(command if user == "root" else f"runuser -u {user} -- {command}")
         if kind == "logrotate":
-            program, rest = LOGROTATE_COMMAND.split(" ", 1)
-            return self._root(f"{program} --force {rest}")
+            return self._logrotate()
         if kind == "package-query":
             return self._root(action.detail[0])
         if kind == "gate-client":
@@ -311,6 +310,20 @@ class Workload:
         if rc != 0:
             raise _ActionFailedError(f"{command!r} exit {rc}: {text.strip()[-200:]}")
         return f"{len(text)} bytes"
+
+    def _logrotate(self, tries: int = 3) -> str:
+        """A forced rotation; cron's own run every five minutes holds logrotate's state-file lock for a
+        moment, and a run that meets it ("already locked") tries again, as an administrator would."""
+        program, rest = LOGROTATE_COMMAND.split(" ", 1)
+        command = f"{program} --force {rest}"
+        for _ in range(tries - 1):
+            try:
+                return self._root(command)
+            except _ActionFailedError as exc:
+                if "already locked" not in str(exc):
+                    raise
+                time.sleep(2.0)
+        return self._root(command)
 
     def _gate(self, message: str) -> str:
         from vims.collector.guest.qemu import GATE_GUEST_ADDRESS
