@@ -8,6 +8,7 @@ with a clear StoreError, and the one after reconnects).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -263,3 +264,37 @@ def test_an_unreachable_server_is_a_one_line_error_without_the_password(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert "cannot connect" in proc.stderr and "rems:***@" in proc.stderr
     assert "hunter2" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_the_remote_commands_work_on_a_store_given_by_url(tmp_path, location):
+    """``--store`` on init, enroll, policy, revoke, status and history; the URL's password is never shown."""
+    from typer.testing import CliRunner
+
+    from vims.cli import app
+
+    if isinstance(location, str):  # the test server trusts its socket: a password is sent to no one
+        location = location.replace("postgresql://vims@", "postgresql://vims:topsecret@")
+    else:
+        location = f"sqlite://{location}"
+    env = {"VIMS_REMOTE_HOME": str(tmp_path / "rems"), "VIMS_AVM_HOME": str(tmp_path / "avm"),
+           "VIMS_REMOTE_STORE": ""}
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(app, [*args, "--store", location], env=env)
+        assert result.exit_code == 0, result.output
+        assert "topsecret" not in result.output
+        return result.stdout
+
+    missing = CliRunner().invoke(app, ["remote", "status", "--store", location], env=env).exception  # no init yet
+    assert isinstance(missing, VimsError) and "vims remote init" in str(missing) and "topsecret" not in str(missing)
+    assert "***" in json.loads(run("remote", "init", "--json"))["database"] or location.startswith("sqlite")
+    avm = json.loads(CliRunner().invoke(app, ["avm", "init", "--id", "avm-a", "--json"], env=env).stdout)
+    run("remote", "enroll", avm["public_key_file"], "--vm", "vm-a", "--gate-port", "40123")
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"threshold": 0.75}))
+    assert json.loads(run("remote", "policy", "vm-a", "--set", str(policy), "--json"))["version"] == 2
+    run("remote", "revoke", "avm-a")
+    status = json.loads(run("remote", "status", "--json"))
+    assert [(a["avm_id"], a["revoked"], a["policy_version"]) for a in status["avms"]] == [("avm-a", True, 2)]
+    assert json.loads(run("remote", "history", "vm-a", "--json"))["reports"] == []
+    assert not (tmp_path / "rems" / "rems.sqlite").exists()  # the home holds the keys only
