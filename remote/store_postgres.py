@@ -33,7 +33,10 @@ from vims.remote.store_migrations import migrate
 
 #: The advisory lock of locking transactions (any fixed 64-bit key; "VIMSREMS" in ASCII).
 LOCK_KEY = 0x56494D5352454D53
-CONNECT_TIMEOUT_S = 5
+#: libpq parameters given unless the URL sets them: a server that stops answering fails an operation in
+#: seconds (connecting; a TCP connection whose peer vanished), not after the kernel's minutes.
+DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "keepalives_idle": 10, "keepalives_interval": 5,
+                            "keepalives_count": 3, "tcp_user_timeout": 10000, "application_name": "vims-rems"}
 
 
 def _reason(exc: BaseException) -> str:
@@ -64,8 +67,7 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise StoreError(f"not a PostgreSQL URL: {self.display}: {_reason(exc)}") from None
         self._password = str(params.get("password") or "")
-        self._extra: dict[str, Any] = {k: v for k, v in (("connect_timeout", CONNECT_TIMEOUT_S),
-                                                          ("application_name", "vims-rems")) if k not in params}
+        self._extra = {k: v for k, v in DEFAULTS.items() if k not in params}
         self._lock_timeout_ms: int | None = None
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._sql: dict[str, str] = {}
