@@ -2,8 +2,9 @@
 
 REM-S keeps its files in one folder (``--home``; default ``$VIMS_REMOTE_HOME`` or
 ``~/.cache/vims/remote``): ``rems.secret.json``/``rems.public.json`` (CURVE keys, 0600) and
-``rems.sqlite`` (the history). The commands that change enrolments or policies work while
-``vims remote serve`` runs: the server picks the change up within a second.
+``rems.sqlite`` (the history). ``--store`` (or ``$VIMS_REMOTE_STORE``) puts the history elsewhere: another
+SQLite file, or a PostgreSQL database (``postgresql://...``, docs/remote-store.md). The commands that change
+enrolments or policies work while ``vims remote serve`` runs: the server picks the change up within a second.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ remote_app = typer.Typer(help="REM-S, the remote attestation server: keys, enrol
                          no_args_is_help=True)
 
 HOME_HELP = "REM-S's folder (keys and history); default $VIMS_REMOTE_HOME or ~/.cache/vims/remote."
+STORE_HELP = ("The history: a SQLite file (or sqlite:///PATH) or postgresql://USER@HOST/DB (password from "
+              "~/.pgpass or $PGPASSWORD, not the command line); default rems.sqlite in --home.")
+STORE_ENV = "VIMS_REMOTE_STORE"
 
 
 def _home(home: Path | None) -> Path:
@@ -27,13 +31,14 @@ def _home(home: Path | None) -> Path:
     return home_dir(home, "VIMS_REMOTE_HOME", "remote")
 
 
-def _store(home: Path, must_exist: bool = True) -> Any:
+def _store(home: Path, store: str | None = None, must_exist: bool = True) -> Any:
+    """Open the history: ``--store`` if given, else ``rems.sqlite`` in the home."""
     from vims.remote.store import Store
 
-    path = home / "rems.sqlite"
-    if must_exist and not path.exists():
+    location = store or home / "rems.sqlite"
+    if must_exist and not store and not Path(location).exists():
         raise VimsError(f"no REM-S database in {home} (run `vims remote init` first)")
-    return Store(path)
+    return Store(location, create=not must_exist)
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -59,6 +64,7 @@ def _read_policy(path: Path) -> dict[str, Any]:
 
 @remote_app.command("init")
 def init(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+         store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
          force: bool = typer.Option(False, "--force", metavar="", help="Replace existing keys (enrolled A-VMs must "
                                                            "then be given the new public key)."),
          json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
@@ -69,9 +75,10 @@ def init(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     folder = _home(home)
     keys = ServerKeys.generate()
     public = keys.write(folder, force=force)
-    _store(folder, must_exist=False).close()
+    opened = _store(folder, store, must_exist=False)
+    opened.close()
     result = {"home": str(folder), "public_key_file": str(public), "curve_public": keys.public,
-              "database": str(folder / "rems.sqlite")}
+              "database": opened.display}
     if json_out:
         print_json(result)
     else:
@@ -87,17 +94,18 @@ def enroll(public_file: Path = typer.Argument(..., help="The A-VM's avm.public.j
                                               "otherwise)."),
            force: bool = typer.Option(False, "--force", metavar="", help="Replace an enrolment of the same A-VM id."),
            home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+           store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
            json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
     """Register an A-VM: its id, the VM it watches, its public keys and the VM's gate port."""
     from vims.console import out, print_json
     from vims.remote.keys import AvmPublic
 
     pub = AvmPublic.load(public_file)
-    store = _store(_home(home))
+    opened = _store(_home(home), store)
     try:
-        result = store.enroll(pub, vm, gate_port, _read_policy(policy) if policy else None, force=force)
+        result = opened.enroll(pub, vm, gate_port, _read_policy(policy) if policy else None, force=force)
     finally:
-        store.close()
+        opened.close()
     if json_out:
         print_json(result)
     else:
@@ -108,15 +116,16 @@ def enroll(public_file: Path = typer.Argument(..., help="The A-VM's avm.public.j
 @remote_app.command("revoke")
 def revoke(avm_id: str = typer.Argument(..., help="The A-VM to revoke."),
            home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+           store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
            json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
     """Revoke an A-VM: its key is refused, its VM's open connections are cut, new ones refused."""
     from vims.console import out, print_json
 
-    store = _store(_home(home))
+    opened = _store(_home(home), store)
     try:
-        store.revoke(avm_id)
+        opened.revoke(avm_id)
     finally:
-        store.close()
+        opened.close()
     if json_out:
         print_json({"avm_id": avm_id, "revoked": True})
     else:
@@ -128,17 +137,18 @@ def policy_cmd(vm: str = typer.Argument(..., help="The VM id."),
                set_file: Path | None = typer.Option(None, "--set", help="Store this policy JSON as the VM's "
                                                     "new policy (a running server pushes it at once)."),
                home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+               store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
                json_out: bool = typer.Option(False, "--json", metavar="", help="Print the policy as JSON.")) -> None:
     """Show a VM's policy, or set a new one."""
     from vims.console import out, print_json
 
-    store = _store(_home(home))
+    opened = _store(_home(home), store)
     try:
         if set_file is not None:
-            store.set_policy(vm, _read_policy(set_file), where=str(set_file))
-        current = store.policy(vm)
+            opened.set_policy(vm, _read_policy(set_file), where=str(set_file))
+        current = opened.policy(vm)
     finally:
-        store.close()
+        opened.close()
     if json_out:
         print_json(current)
     else:
@@ -147,6 +157,7 @@ def policy_cmd(vm: str = typer.Argument(..., help="The VM id."),
 
 @remote_app.command("serve")
 def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+          store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
           control: str = typer.Option("tcp://127.0.0.1:5555", "--control",
                                       help="ZeroMQ endpoint of the control channel (CURVE)."),
           service: str | None = typer.Option(None, "--service", help="HOST:PORT of the protected service "
@@ -178,7 +189,7 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
                         format="%(asctime)s %(levelname)s %(message)s")
 
     async def main() -> None:
-        store = _store(folder)
+        opened = _store(folder, store)
         svc = None
         nonlocal target
         if demo_service:
@@ -186,17 +197,17 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
 
             svc = await start_line_service()
             target = ("127.0.0.1", svc.sockets[0].getsockname()[1])
-        server = RemsServer(store, keys, control=control, service=target, metrics_port=metrics_port)
+        server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port)
         await server.start()
         info = {"control": server.endpoint, "curve_public": keys.public, "gates": server.gate_ports(),
                 "metrics": f"http://127.0.0.1:{server.metrics_bound}/metrics",
-                "service": f"{target[0]}:{target[1]}" if target else None}
+                "service": f"{target[0]}:{target[1]}" if target else None, "store": opened.display}
         if json_out:  # one line, so a script can read it while the server runs
             sys.stdout.write(to_json(info, indent=None) + "\n")
             sys.stdout.flush()
         else:
             err.print(f"REM-S on {info['control']}, gates {info['gates']}, metrics {info['metrics']}, "
-                      f"service {info['service']}")
+                      f"service {info['service']}, history {info['store']}")
         try:
             if seconds is None:
                 await asyncio.Event().wait()
@@ -206,7 +217,7 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
             await server.stop()
             if svc is not None:
                 svc.close()
-            store.close()
+            opened.close()
 
     asyncio.run(main())
 
@@ -254,17 +265,18 @@ def _when(t: float | None) -> str:
 
 @remote_app.command("status")
 def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+           store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
            json_out: bool = typer.Option(False, "--json", metavar="", help="Print as JSON.")) -> None:
     """Every enrolled A-VM: its VM, gate port, policy, last report and last decision; and totals."""
     from rich.table import Table
 
     from vims.console import out, print_json
 
-    store = _store(_home(home))
+    opened = _store(_home(home), store)
     try:
-        rows, counts = store.status(), store.counts()
+        rows, counts = opened.status(), opened.counts()
     finally:
-        store.close()
+        opened.close()
     if json_out:
         print_json({"avms": rows, "totals": counts})
         return
@@ -285,17 +297,18 @@ def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
 def history(vm: str = typer.Argument(..., help="The VM id."),
             limit: int = typer.Option(50, "--limit", help="How many of the latest reports and decisions."),
             home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+            store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
             json_out: bool = typer.Option(False, "--json", metavar="", help="Print as JSON.")) -> None:
     """A VM's latest reports and gate decisions, each with its reason (newest first)."""
     from rich.table import Table
 
     from vims.console import out, print_json
 
-    store = _store(_home(home))
+    opened = _store(_home(home), store)
     try:
-        hist = store.history(vm, limit)
+        hist = opened.history(vm, limit)
     finally:
-        store.close()
+        opened.close()
     if json_out:
         print_json(hist)
         return

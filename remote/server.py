@@ -130,7 +130,7 @@ class RemsServer:
         self.by_vm: dict[str, str] = {}  # vm_id -> unrevoked avm_id
         self.policies: dict[str, dict[str, Any]] = {}
         self.waiters: dict[str, tuple[str, asyncio.Future[tuple[bool, str, int | None]]]] = {}
-        self.history = HistoryWriter(store.path, self.metrics)
+        self.history = HistoryWriter(store.location, self.metrics)
         self.gate = Gate(self.history, self.metrics, self._attest, self._latest_verdict, service, gate_host,
                          max_connections=max_connections_per_vm)
         self.endpoint = ""

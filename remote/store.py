@@ -1,8 +1,22 @@
-"""REM-S's history: A-VMs, policies, every report and every decision, in one SQLite file (WAL).
+"""REM-S's history: A-VMs, policies, every report and every decision, behind one interface.
+
+:class:`Store` opens the backend its location names and is the interface both backends implement:
+
+- a path (or ``sqlite:///abs/path``, ``sqlite://rel/path``): one SQLite file in WAL mode, the embedded
+  default for one machine (:class:`SqliteStore`);
+- ``postgresql://...`` (or ``postgres://``): a PostgreSQL database, the shared store for fleets
+  (:class:`vims.remote.store_postgres.PostgresStore`).
+
+Every operation is written once, here, in SQL both backends run; a backend supplies the connection,
+transactions, the placeholder style and what differs in its dialect. The schema is a versioned list of
+migrations (:mod:`vims.remote.store_migrations`) applied when the store is opened.
 
 Each write is its own committed transaction, so a restart (or a crash of REM-S) loses nothing that
-was answered. The command-line tools open the same file while ``vims remote serve`` runs: a policy
-set or an A-VM revoked there is picked up by the server, which watches ``PRAGMA data_version``.
+was answered. The command-line tools open the same store while ``vims remote serve`` runs: a policy
+set or an A-VM revoked there is picked up by the server, which watches :meth:`Store.data_version`.
+A write that fails raises (SQLite: :class:`sqlite3.Error`; PostgreSQL: :class:`StoreError`, an
+:class:`OSError`), which the history writer (:mod:`vims.remote.history`) treats as an unwritable
+history: REM-S refuses connections until the write goes through.
 
 >>> import tempfile
 >>> from vims.remote.keys import AvmIdentity
@@ -20,104 +34,133 @@ set or an A-VM revoked there is picked up by the server, which watches ``PRAGMA 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from vims.errors import InputError, VimsError
 from vims.remote.keys import AvmPublic, check_id
 from vims.remote.policy import normalise_policy
+from vims.remote.store_migrations import migrate
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS avms (
-    avm_id TEXT PRIMARY KEY,
-    vm_id TEXT NOT NULL,
-    curve_public TEXT NOT NULL UNIQUE,
-    sign_public TEXT NOT NULL,
-    gate_port INTEGER NOT NULL,
-    enrolled_at REAL NOT NULL,
-    revoked_at REAL,
-    last_seq INTEGER NOT NULL DEFAULT 0,
-    acked_version INTEGER,
-    capabilities TEXT,
-    last_hello REAL
-);
-CREATE TABLE IF NOT EXISTS policies (
-    vm_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    policy TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (vm_id, version)
-);
-CREATE TABLE IF NOT EXISTS reports (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at REAL NOT NULL,
-    avm_id TEXT,
-    vm_id TEXT,
-    seq INTEGER,
-    status TEXT NOT NULL,          -- accepted | rejected
-    reason TEXT,                   -- a REJECT_REASONS entry when rejected
-    detail TEXT,
-    nonce TEXT,
-    score REAL,
-    verdict TEXT,                  -- allow | deny: the policy's verdict on an accepted report
-    digest TEXT,
-    document TEXT
-);
-CREATE INDEX IF NOT EXISTS reports_avm_seq ON reports (avm_id, seq);
-CREATE INDEX IF NOT EXISTS reports_vm ON reports (vm_id, received_at);
-CREATE TABLE IF NOT EXISTS decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    vm_id TEXT NOT NULL,
-    conn_id TEXT NOT NULL,
-    kind TEXT NOT NULL,            -- allow | deny | cut
-    reason TEXT NOT NULL,
-    peer TEXT,
-    latency_s REAL,                -- connect to decision (allow/deny); open time (cut)
-    report_seq INTEGER
-);
-CREATE INDEX IF NOT EXISTS decisions_vm ON decisions (vm_id, time);
-"""
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+class StoreError(VimsError, OSError):
+    """The store cannot be reached, read or written now (a lost connection, a refused write).
+
+    An :class:`OSError`, so the history writer counts it as an unwritable history and REM-S fails
+    closed; a :class:`~vims.errors.VimsError`, so a command-line tool says it in one line.
+    """
+
+
+def mask_location(location: str | Path) -> str:
+    """``location`` fit to print: a password in a URL (``user:pw@`` or ``password=``) becomes ``***``.
+
+    >>> mask_location("postgresql://rems:s3cret@db.example/vims?sslmode=require&password=x")
+    'postgresql://rems:***@db.example/vims?sslmode=require&password=***'
+    """
+    text = str(location)
+    text = re.sub(r"(://[^/@:?#]*:)[^@]*@", r"\1***@", text)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", text)
+
+
+def backend(location: str | Path) -> type[Store]:
+    """The :class:`Store` class for ``location`` (a path, ``sqlite://...`` or ``postgresql://...``)."""
+    text = os.fspath(location)
+    scheme = text.partition("://")[0].lower() if "://" in text else ""
+    if scheme in POSTGRES_SCHEMES:
+        from vims.remote.store_postgres import PostgresStore
+
+        return PostgresStore
+    if scheme not in ("", "sqlite"):
+        raise InputError(f"unknown store {mask_location(text)!r}: give a SQLite file, sqlite:///PATH or "
+                         "postgresql://...")
+    if not scheme and text.lower().startswith(tuple(f"{s}:/" for s in POSTGRES_SCHEMES)):
+        raise InputError(f"{mask_location(text)!r} is a PostgreSQL URL that lost a '/' (made a path?)")
+    return SqliteStore
 
 
 class Store:
-    """The SQLite history of one REM-S.
+    """The history of one REM-S: what every backend does, and how to open one.
+
+    ``Store(location)`` opens the backend ``location`` names (see the module's docstring) and brings
+    its schema up to date; a database of a newer schema than this VIMS knows is refused.
 
     Parameters
     ----------
-    path : Path
-        The database file; created (with its tables) if absent.
+    location : Path or str
+        A SQLite file (created, with its tables, if absent), ``sqlite:///PATH`` or ``postgresql://...``.
+    create : bool
+        Whether a store without REM-S's tables may be created; otherwise it is a user error.
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        # Reports, command lines and nonces are private: the home 0700, the database (and WAL) 0600.
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        try:
-            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-            for suffix in ("", "-wal", "-shm"):
-                part = Path(f"{self.path}{suffix}")
-                if part.exists() and part.stat().st_uid == os.getuid():
-                    os.chmod(part, 0o600)
-        except sqlite3.DatabaseError as exc:
-            raise InputError(f"not a REM-S database: {exc}", where=self.path) from exc
+    #: What :class:`Store` reopens the same store with (may hold a password: print :attr:`display`).
+    location: Path | str
+    #: The location fit to print (no password).
+    display: str
+    dialect = "sql"
+    #: The dialect's two-argument maximum.
+    _greatest = "MAX"
 
-    def close(self) -> None:
-        self.db.close()
+    @overload
+    def __new__(cls, location: Path, *, create: bool = ...) -> SqliteStore: ...
+
+    @overload
+    def __new__(cls, location: str | Path, *, create: bool = ...) -> Store: ...
+
+    def __new__(cls, location: str | Path, *, create: bool = True) -> Store:
+        return super().__new__(backend(location) if cls is Store else cls)
+
+    # -- what a backend supplies ----------------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run a query (``?`` placeholders); every row as a dict."""
+        raise NotImplementedError
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; how many rows it changed."""
+        raise NotImplementedError
+
+    def _insert(self, sql: str, params: Sequence[Any]) -> int:
+        """Run an INSERT into a table with an ``id`` column; the new row's id."""
+        raise NotImplementedError
+
+    def _transaction(self, lock: bool = False) -> contextlib.AbstractContextManager[None]:
+        """One transaction; ``lock``: serialised with every other locking one (enrolment, migrations)."""
+        raise NotImplementedError
+
+    def _has_table(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _changed(self) -> None:
+        """Called in the transaction of an enrolment, revocation or policy (what :meth:`data_version` sees)."""
 
     def data_version(self) -> int:
-        """Changes whenever another connection commits (how the server notices the CLI's edits)."""
-        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        """Changes whenever another connection changed enrolments or policies (how the server notices)."""
+        raise NotImplementedError
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long one statement waits for a lock held by another connection before it fails."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def _value(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self._one(sql, params)
+        return None if row is None else next(iter(row.values()))
+
 
     # -- A-VMs and policies ---------------------------------------------------------------------------
 
@@ -128,77 +171,78 @@ class Store:
         if not 0 < gate_port < 65536:
             raise InputError(f"gate port {gate_port} is not a TCP port")
         pol = normalise_policy(policy or {})
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            old = self.db.execute("SELECT * FROM avms WHERE avm_id = ?", (pub.avm_id,)).fetchone()
+        with self._transaction(lock=True):
+            old = self._one("SELECT * FROM avms WHERE avm_id = ?", (pub.avm_id,))
             if old is not None and not force:
                 raise VimsError(f"A-VM {pub.avm_id} is already enrolled; pass --force to replace it")
-            for row in self.db.execute("SELECT avm_id, vm_id, gate_port, curve_public FROM avms "
-                                       "WHERE revoked_at IS NULL AND avm_id != ?", (pub.avm_id,)):
+            for row in self._rows("SELECT avm_id, vm_id, gate_port, curve_public FROM avms "
+                                  "WHERE revoked_at IS NULL AND avm_id != ?", (pub.avm_id,)):
                 if row["vm_id"] == vm_id:
                     raise VimsError(f"VM {vm_id} is already watched by A-VM {row['avm_id']} (revoke it first)")
                 if row["gate_port"] == gate_port:
                     raise VimsError(f"gate port {gate_port} already belongs to VM {row['vm_id']}")
                 if row["curve_public"] == pub.curve_public:
                     raise VimsError(f"this CURVE key is already enrolled as A-VM {row['avm_id']}")
-            self.db.execute("DELETE FROM avms WHERE avm_id = ?", (pub.avm_id,))
+            self._exec("DELETE FROM avms WHERE avm_id = ?", (pub.avm_id,))
             # A re-enrolled A-VM keeps its sequence number: its old reports must stay unreplayable.
-            self.db.execute(
+            self._exec(
                 "INSERT INTO avms (avm_id, vm_id, curve_public, sign_public, gate_port, enrolled_at, last_seq) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (pub.avm_id, vm_id, pub.curve_public, pub.sign_public, gate_port, time.time(),
                  old["last_seq"] if old is not None else 0))
-            version = self._add_policy(vm_id, pol) if policy is not None or self._latest(vm_id) is None \
-                else self._latest(vm_id)
+            latest = self._latest(vm_id)
+            version = self._add_policy(vm_id, pol) if policy is not None or latest is None else latest
+            self._changed()
         return {"avm_id": pub.avm_id, "vm_id": vm_id, "gate_port": gate_port, "policy_version": version}
 
     def revoke(self, avm_id: str) -> None:
-        with self.db:
-            cur = self.db.execute("UPDATE avms SET revoked_at = ? WHERE avm_id = ? AND revoked_at IS NULL",
-                                  (time.time(), avm_id))
-        if cur.rowcount == 0:
+        with self._transaction():
+            changed = self._exec("UPDATE avms SET revoked_at = ? WHERE avm_id = ? AND revoked_at IS NULL",
+                                 (time.time(), avm_id))
+            if changed:
+                self._changed()
+        if changed == 0:
             raise VimsError(f"no enrolled, unrevoked A-VM {avm_id!r}")
 
     def avms(self) -> list[dict[str, Any]]:
         """Every A-VM ever enrolled, revoked ones too."""
-        return [dict(r) for r in self.db.execute("SELECT * FROM avms ORDER BY avm_id")]
+        return self._rows("SELECT * FROM avms ORDER BY avm_id")
 
     def _latest(self, vm_id: str) -> int | None:
-        row = self.db.execute("SELECT MAX(version) FROM policies WHERE vm_id = ?", (vm_id,)).fetchone()
-        return None if row[0] is None else int(row[0])
+        latest = self._value("SELECT MAX(version) AS latest FROM policies WHERE vm_id = ?", (vm_id,))
+        return None if latest is None else int(latest)
 
     def _add_policy(self, vm_id: str, policy: dict[str, Any]) -> int:
         version = (self._latest(vm_id) or 0) + 1
         policy = {k: v for k, v in policy.items() if k != "version"}
-        self.db.execute("INSERT INTO policies VALUES (?, ?, ?, ?)",
-                        (vm_id, version, json.dumps(policy, sort_keys=True), time.time()))
+        self._exec("INSERT INTO policies (vm_id, version, policy, created_at) VALUES (?, ?, ?, ?)",
+                   (vm_id, version, json.dumps(policy, sort_keys=True), time.time()))
         return version
 
     def set_policy(self, vm_id: str, policy: dict[str, Any], where: str = "policy") -> int:
         """Store a new policy version for ``vm_id`` (a running server pushes it); return the version."""
         pol = normalise_policy(policy, where)
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._transaction(lock=True):
             if self._latest(vm_id) is None:
                 raise VimsError(f"no VM {vm_id!r} is enrolled")
-            return self._add_policy(vm_id, pol)
+            version = self._add_policy(vm_id, pol)
+            self._changed()
+        return version
 
     def policy(self, vm_id: str) -> dict[str, Any]:
         """The current policy of ``vm_id``, with its ``version``."""
-        row = self.db.execute("SELECT version, policy FROM policies WHERE vm_id = ? ORDER BY version DESC "
-                              "LIMIT 1", (vm_id,)).fetchone()
+        row = self._one("SELECT version, policy FROM policies WHERE vm_id = ? ORDER BY version DESC LIMIT 1",
+                        (vm_id,))
         if row is None:
             raise VimsError(f"no VM {vm_id!r} is enrolled")
         return {**json.loads(row["policy"]), "version": int(row["version"])}
 
     def record_hello(self, avm_id: str, capabilities: Any) -> None:
-        with self.db:
-            self.db.execute("UPDATE avms SET capabilities = ?, last_hello = ? WHERE avm_id = ?",
-                            (json.dumps(capabilities)[:65536], time.time(), avm_id))
+        self._exec("UPDATE avms SET capabilities = ?, last_hello = ? WHERE avm_id = ?",
+                   (json.dumps(capabilities)[:65536], time.time(), avm_id))
 
     def record_ack(self, avm_id: str, version: int) -> None:
-        with self.db:
-            self.db.execute("UPDATE avms SET acked_version = ? WHERE avm_id = ?", (version, avm_id))
+        self._exec("UPDATE avms SET acked_version = ? WHERE avm_id = ?", (version, avm_id))
 
     # -- reports and decisions ------------------------------------------------------------------------
 
@@ -207,16 +251,16 @@ class Store:
                       score: float | None = None, verdict: str | None = None, digest: str | None = None,
                       document: str | None = None, received_at: float | None = None) -> int:
         """Append a report (accepted or not); an accepted one also advances the A-VM's ``last_seq``."""
-        with self.db:
-            self.db.execute("BEGIN")
-            cur = self.db.execute(
+        with self._transaction():
+            report_id = self._insert(
                 "INSERT INTO reports (received_at, avm_id, vm_id, seq, status, reason, detail, nonce, score, "
                 "verdict, digest, document) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (received_at or time.time(), avm_id, vm_id, seq, status, reason, detail, nonce, score, verdict,
                  digest, document))
             if status == "accepted":
-                self.db.execute("UPDATE avms SET last_seq = MAX(last_seq, ?) WHERE avm_id = ?", (seq, avm_id))
-        return int(cur.lastrowid or 0)
+                self._exec(f"UPDATE avms SET last_seq = {self._greatest}(last_seq, ?) WHERE avm_id = ?",
+                           (seq, avm_id))
+        return report_id
 
     def prune(self, limits: dict[str, tuple[float, int]], max_unattributed: int,
               now: float | None = None) -> dict[str, int]:
@@ -233,74 +277,138 @@ class Store:
 
         now = time.time() if now is None else now
         default = (float(DEFAULT_POLICY["history_days"]), int(DEFAULT_POLICY["history_documents"]))
-        vms = {r[0] for r in self.db.execute("SELECT DISTINCT vm_id FROM reports WHERE vm_id IS NOT NULL")}
-        vms |= {r[0] for r in self.db.execute("SELECT DISTINCT vm_id FROM decisions")}
+        vms = {r["vm_id"] for r in self._rows("SELECT DISTINCT vm_id FROM reports WHERE vm_id IS NOT NULL")}
+        vms |= {r["vm_id"] for r in self._rows("SELECT DISTINCT vm_id FROM decisions")}
         out = {"reports": 0, "decisions": 0, "documents": 0, "unattributed": 0}
-        with self.db:
-            self.db.execute("BEGIN")
+        with self._transaction():
             for vm_id in sorted(vms):
                 days, documents = limits.get(vm_id, default)
                 before = now - days * 86400.0
-                out["reports"] += self.db.execute("DELETE FROM reports WHERE vm_id = ? AND received_at < ?",
-                                                  (vm_id, before)).rowcount
-                out["decisions"] += self.db.execute("DELETE FROM decisions WHERE vm_id = ? AND time < ?",
-                                                    (vm_id, before)).rowcount
-                out["documents"] += self.db.execute(
+                out["reports"] += self._exec("DELETE FROM reports WHERE vm_id = ? AND received_at < ?",
+                                             (vm_id, before))
+                out["decisions"] += self._exec("DELETE FROM decisions WHERE vm_id = ? AND time < ?",
+                                               (vm_id, before))
+                out["documents"] += self._exec(
                     "UPDATE reports SET document = NULL WHERE vm_id = ? AND document IS NOT NULL AND id <= "
                     "(SELECT id FROM reports WHERE vm_id = ? AND document IS NOT NULL ORDER BY id DESC "
-                    "LIMIT 1 OFFSET ?)", (vm_id, vm_id, documents)).rowcount
-            out["unattributed"] = self.db.execute(
+                    "LIMIT 1 OFFSET ?)", (vm_id, vm_id, documents))
+            out["unattributed"] = self._exec(
                 "DELETE FROM reports WHERE vm_id IS NULL AND id <= (SELECT id FROM reports WHERE vm_id IS NULL "
-                "ORDER BY id DESC LIMIT 1 OFFSET ?)", (max_unattributed,)).rowcount
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)", (max_unattributed,))
         return out
 
     def seen_report(self, avm_id: str, seq: int, digest: str) -> bool:
         """Whether this very report (same A-VM, seq and content) was accepted before."""
-        row = self.db.execute("SELECT 1 FROM reports WHERE avm_id = ? AND seq = ? AND digest = ? "
-                              "AND status = 'accepted' LIMIT 1", (avm_id, seq, digest)).fetchone()
-        return row is not None
+        return self._one("SELECT 1 AS seen FROM reports WHERE avm_id = ? AND seq = ? AND digest = ? "
+                         "AND status = 'accepted' LIMIT 1", (avm_id, seq, digest)) is not None
 
     def record_decision(self, *, vm_id: str, conn_id: str, kind: str, reason: str, peer: str | None = None,
                         latency_s: float | None = None, report_seq: int | None = None,
                         at: float | None = None) -> None:
-        with self.db:
-            self.db.execute(
-                "INSERT INTO decisions (time, vm_id, conn_id, kind, reason, peer, latency_s, report_seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (at or time.time(), vm_id, conn_id, kind, reason, peer, latency_s, report_seq))
+        self._exec("INSERT INTO decisions (time, vm_id, conn_id, kind, reason, peer, latency_s, report_seq) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (at or time.time(), vm_id, conn_id, kind, reason, peer, latency_s, report_seq))
 
     # -- reading --------------------------------------------------------------------------------------
 
     def history(self, vm_id: str, limit: int = 50) -> dict[str, Any]:
         """The latest ``limit`` reports and decisions of ``vm_id`` (newest first)."""
-        reports = [dict(r) for r in self.db.execute(
+        reports = self._rows(
             "SELECT id, received_at, avm_id, seq, status, reason, detail, nonce, score, verdict FROM reports "
-            "WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit))]
-        decisions = [dict(r) for r in self.db.execute(
+            "WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit))
+        decisions = self._rows(
             "SELECT id, time, conn_id, kind, reason, peer, latency_s, report_seq FROM decisions "
-            "WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit))]
+            "WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit))
         return {"vm_id": vm_id, "reports": reports, "decisions": decisions}
 
     def counts(self) -> dict[str, Any]:
         """Totals: reports by status and reason, decisions by kind."""
-        reports = {f"{r[0]}" + (f":{r[1]}" if r[1] else ""): r[2] for r in self.db.execute(
-            "SELECT status, reason, COUNT(*) FROM reports GROUP BY status, reason")}
-        decisions = {r[0]: r[1] for r in self.db.execute("SELECT kind, COUNT(*) FROM decisions GROUP BY kind")}
+        reports = {r["status"] + (f":{r['reason']}" if r["reason"] else ""): r["n"] for r in self._rows(
+            "SELECT status, reason, COUNT(*) AS n FROM reports GROUP BY status, reason")}
+        decisions = {r["kind"]: r["n"] for r in self._rows(
+            "SELECT kind, COUNT(*) AS n FROM decisions GROUP BY kind")}
         return {"reports": reports, "decisions": decisions}
 
     def status(self) -> list[dict[str, Any]]:
         """One row per A-VM: its VM, gate port, policy, last report and last decision."""
         rows = []
         for a in self.avms():
-            last = self.db.execute("SELECT received_at, status, reason, score, verdict FROM reports "
-                                   "WHERE avm_id = ? ORDER BY id DESC LIMIT 1", (a["avm_id"],)).fetchone()
-            dec = self.db.execute("SELECT time, kind, reason FROM decisions WHERE vm_id = ? ORDER BY id DESC "
-                                  "LIMIT 1", (a["vm_id"],)).fetchone()
+            last = self._one("SELECT received_at, status, reason, score, verdict FROM reports "
+                             "WHERE avm_id = ? ORDER BY id DESC LIMIT 1", (a["avm_id"],))
+            dec = self._one("SELECT time, kind, reason FROM decisions WHERE vm_id = ? ORDER BY id DESC LIMIT 1",
+                            (a["vm_id"],))
             rows.append({
                 "avm_id": a["avm_id"], "vm_id": a["vm_id"], "gate_port": a["gate_port"],
                 "revoked": a["revoked_at"] is not None, "enrolled_at": a["enrolled_at"],
                 "policy_version": self._latest(a["vm_id"]), "acked_version": a["acked_version"],
                 "last_seq": a["last_seq"], "last_hello": a["last_hello"],
-                "last_report": dict(last) if last else None, "last_decision": dict(dec) if dec else None,
+                "last_report": last, "last_decision": dec,
             })
         return rows
+
+
+class SqliteStore(Store):
+    """The history in one SQLite file (WAL): the embedded default for one machine.
+
+    Parameters
+    ----------
+    location : Path or str
+        The database file (or ``sqlite:///PATH``); created, with its tables, if absent and ``create``.
+    create : bool
+        Whether a missing file may be created (otherwise: a user error naming ``vims remote init``).
+    """
+
+    dialect = "sqlite"
+
+    def __init__(self, location: Path | str, *, create: bool = True) -> None:
+        text = os.fspath(location)
+        self.path = Path(text[len("sqlite://"):] if text.lower().startswith("sqlite://") else text)
+        self.location, self.display = self.path, str(self.path)
+        if not create and not self.path.exists():
+            raise VimsError(f"no REM-S database at {self.path} (run `vims remote init` first)")
+        # Reports, command lines and nonces are private: the home 0700, the database (and WAL) 0600.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            migrate(self)
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(f"{self.path}{suffix}")
+                if part.exists() and part.stat().st_uid == os.getuid():
+                    os.chmod(part, 0o600)
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"not a REM-S database: {exc}", where=self.path) from exc
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute(sql, params)]
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return int(self.db.execute(sql, params).rowcount)
+
+    def _insert(self, sql: str, params: Sequence[Any]) -> int:
+        return int(self.db.execute(sql, params).lastrowid or 0)
+
+    @contextlib.contextmanager
+    def _transaction(self, lock: bool = False) -> Iterator[None]:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE" if lock else "BEGIN")
+            yield
+
+    def _has_table(self, name: str) -> bool:
+        return self._one("SELECT 1 AS present FROM sqlite_master WHERE type = 'table' AND name = ?",
+                         (name,)) is not None
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (how the server notices the CLI's edits)."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        self.db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
+    def close(self) -> None:
+        self.db.close()
+
