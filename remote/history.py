@@ -56,8 +56,9 @@ class HistoryWriter:
 
     Parameters
     ----------
-    path : Path
-        The database file (the writer opens its own connection).
+    location : Path or str
+        The store, as :class:`~vims.remote.store.Store` opens it (a SQLite file, ``postgresql://...``);
+        the writer opens its own connection.
     metrics : Metrics
         Where ``vims_history_writable`` and ``vims_history_write_failures_total`` are kept.
     busy_timeout_s : float
@@ -68,14 +69,14 @@ class HistoryWriter:
         Pause between attempts of a failed write.
     """
 
-    def __init__(self, path: Path | str, metrics: Metrics, busy_timeout_s: float = 1.0, stall_s: float = 0.5,
+    def __init__(self, location: Path | str, metrics: Metrics, busy_timeout_s: float = 1.0, stall_s: float = 0.5,
                  retry_every_s: float = 0.2) -> None:
-        self.path = Path(path)
+        self.location = location
         self.metrics = metrics
         self.stall_s = stall_s
         self.retry_every_s = retry_every_s
-        self._store = Store(self.path)
-        self._store.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        self._store = Store(location)
+        self._store.set_busy_timeout(busy_timeout_s)
         self._queue: queue.Queue[_Write | None] = queue.Queue()
         self._failure: str | None = None
         self._busy_since: float | None = None

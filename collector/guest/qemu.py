@@ -365,11 +365,12 @@ class Guest:
         before = self.run("cat /proc/sys/kernel/random/boot_id", check=True).strip()
         with contextlib.suppress(VimsError):  # the connection may drop before the answer
             self.execute("systemctl reboot", timeout=10, wait=20.0)
+        self._drop_control_master()  # its connection dies with this boot: new commands must not wait on it
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
-            with contextlib.suppress(VimsError, OSError):
-                now = self.execute("cat /proc/sys/kernel/random/boot_id", timeout=10, wait=20.0)[1].strip()
+            with contextlib.suppress(VimsError, OSError):  # a traced guest logs in slowly: a long wait
+                now = self.execute("cat /proc/sys/kernel/random/boot_id", timeout=30, wait=90.0)[1].strip()
                 if now and now != before:
                     self._profile = None  # the symbols moved
                     return
@@ -616,6 +617,16 @@ class Guest:
                                timeout=30, check=False)
         return opts if path.exists() else []  # no master: a login of its own, as before
 
+    def _drop_control_master(self) -> None:
+        """End the shared ssh connection (if any) and forget it; the next command starts a new one."""
+        path = self.console_path.with_suffix(".ssh")
+        if path.exists():
+            ssh = self.ssh_command()
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run([ssh[0], "-o", f"ControlPath={path}", "-O", "exit", ssh[-1]], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=10, check=False)  # fmt: skip
+            path.unlink(missing_ok=True)
+
     def _ssh(self, command: str, timeout: float, wait: float) -> tuple[int, str]:
         if shutil.which("ssh") is None:
             raise MissingDependencyError("ssh not found: apt-get install openssh-client")
@@ -634,7 +645,7 @@ class Guest:
             ) from None
         stderr = proc.stderr.decode("utf-8", "replace")
         if "mux_client" in stderr:  # a master left from before a reboot: ssh went direct; start a new one
-            self.console_path.with_suffix(".ssh").unlink(missing_ok=True)
+            self._drop_control_master()
             stderr = "".join(line for line in stderr.splitlines(keepends=True) if "mux_client" not in line)
         if proc.returncode == 255:  # ssh's own failure: no connection, refused, auth
             raise VimsError(f"cannot ssh into guest {self.name!r}: {stderr[-300:]}")
