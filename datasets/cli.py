@@ -39,15 +39,17 @@ def _show(summary: dict[str, Any], title: str, as_json: bool) -> None:
         for value, n in counts.items():
             table.add_row(value, f"{n:,}")
         out.print(table)
+    for run in summary.get("skipped_runs", []):
+        out.print(f"[yellow]left out[/] run {run['run_id']} ({run['status']}: {run['reason']})", highlight=False)
 
 
-def _write(table: Any, output: Path, as_json: bool) -> None:
+def _write(table: Any, output: Path, as_json: bool, extra: dict[str, Any] | None = None) -> None:
     from vims.datasets.summary import summarize
     from vims.schemas import TRACE_SCHEMA
     from vims.tables import write_table
 
     write_table(table, output, TRACE_SCHEMA)
-    summary = summarize(table) | {"output": str(output)}
+    summary = summarize(table) | {"output": str(output)} | (extra or {})
     _show(summary, str(output), as_json)
 
 
@@ -78,23 +80,43 @@ def import_unm(
 
 @import_app.command("vims")
 def import_vims(
-    events: Path = typer.Argument(..., help="An event table written by `vims collect` (Parquet)."),
+    events: Path = typer.Argument(..., help="An event table written by `vims collect` (Parquet), or a folder "
+                                            "recorded by `vims datasets record`."),
     output: Path = OUTPUT,
+    truth: list[Path] = typer.Option([], "--truth", help="Ground truth of attacks in the capture (JSON: one "
+                                     "truth or a list; repeatable, or a recorded run's folder): their "
+                                     "processes' traces become label attack, split attack."),
     label: str = typer.Option("normal", help="Label of every trace: normal (a known-clean guest) or attack."),
     split: str = typer.Option(None, help="Split given to every trace (train, validation, attack)."),
     family: str = typer.Option(None, help="Attack family given to every trace."),
+    include_failed: bool = typer.Option(False, "--include-failed", metavar="",
+                                        help="A recorded folder: import its failed runs too."),
     as_json: bool = JSON,
 ) -> None:
-    """A VIMS capture: events cut into per-process traces (one per task and program it runs)."""
+    """A VIMS capture: events cut into per-process traces (one per task and program it runs).
+
+    A recorded folder gives one table of every run: labels from each run's truth.json, normal runs split train/validation by run, attack runs split attack (see docs/datasets.md).
+    """  # noqa: E501  (one line per paragraph: the help text is reflowed by rich)
     from vims.datasets.capture import traces_from_events
+    from vims.datasets.recorded import TRUTH, is_recording, read_recording
+    from vims.datasets.truth import read_truths
     from vims.errors import InputError
     from vims.schemas import EVENT_SCHEMA
     from vims.tables import read_table
 
     if label not in ("normal", "attack"):
         raise InputError(f"--label must be normal or attack, not {label!r}")
+    if is_recording(events):
+        if truth or split or family or label != "normal":
+            raise InputError(f"{events} is a recording: its runs carry their labels, splits and truths "
+                             "(no --truth, --label, --split or --family)")
+        table, read = read_recording(events, include_failed=include_failed)
+        _write(table, output, as_json, extra=read)
+        return
+    truths = read_truths(p / TRUTH if p.is_dir() else p for p in truth)
     table = read_table(events, EVENT_SCHEMA)
-    _write(traces_from_events(table, label=label, split=split, family=family, where=str(events)), output, as_json)
+    _write(traces_from_events(table, label=label, split=split, family=family, where=str(events), truths=truths),
+           output, as_json)
 
 
 @datasets_app.command("info")
