@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from vims.console import out, print_json
+from vims.console import err, out, print_json
 
 datasets_app = typer.Typer(help="Import system-call data sets (ADFA-LD, UNM, VIMS captures) into Parquet "
                                 "trace tables, and summarise them.", no_args_is_help=True)
@@ -117,6 +117,89 @@ def import_vims(
     table = read_table(events, EVENT_SCHEMA)
     _write(traces_from_events(table, label=label, split=split, family=family, where=str(events), truths=truths),
            output, as_json)
+
+
+@datasets_app.command("record")
+def record(
+    output: Path = typer.Option(None, "-o", "--output", help="The recording's folder (default: the cache, "
+                                "~/.cache/vims/datasets/vims-debian/<key of image and knobs>, reused when complete)."),
+    name: str = typer.Option("vims-guest", "--name", help="The running Debian guest (`vims guest up`); if none "
+                             "runs, one is booted for the recording and stopped after."),
+    normal_runs: int = typer.Option(2, "--normal-runs", help="Normal runs (workload only) of --seconds each."),
+    seconds: float = typer.Option(60.0, "--seconds", help="Length of each normal run and each attack run."),
+    hours: float = typer.Option(None, "--hours", help="Also one long normal run of this many hours "
+                                "(split validation on import)."),
+    scenario: list[str] = typer.Option([], "--scenario", help="An attack run of this scenario (repeatable; "
+                                       "default: every scenario)."),
+    no_attacks: bool = typer.Option(False, "--no-attacks", metavar="", help="Normal runs only."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the workloads, the scenarios and the attacks' moments."),
+    rate: float = typer.Option(1.0, "--rate", help="Workload actions per second."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Record again even if the cache holds it; "
+                               "record into a folder that holds other files."),
+    as_json: bool = JSON,
+) -> None:
+    """Record the Debian guest: normal runs and one attack run per scenario, each traced whole, into
+    events.parquet + truth.json + run.json per run and a manifest.json (docs/datasets.md).
+
+    `vims datasets import vims FOLDER` turns it into a labelled trace table. A failed run (the guest died, the attack failed) is marked failed with its reason, keeps what was traced, and the command exits 1.
+    """  # noqa: E501  (one line per paragraph: the help text is reflowed by rich)
+    from vims.collector.guest.recording import Knobs, cached, default_folder, running_guest, scenarios_from_attacks
+    from vims.errors import InputError
+
+    if no_attacks and scenario:
+        raise InputError("--no-attacks and --scenario contradict each other")
+    plays = {} if no_attacks else scenarios_from_attacks(tuple(scenario) or None)
+    knobs = Knobs(normal_runs, seconds, hours, tuple(plays), seed, rate)
+    knobs.check()
+    if not plays and not no_attacks and not as_json:
+        err.print("[yellow]no attack scenarios available[/] (vims.collector.guest.attacks): normal runs only",
+                  highlight=False)
+    log = None if as_json else (lambda line: err.print(f"[dim]{line}[/]", highlight=False))
+    with running_guest(name, log=log) as guest:
+        folder = output or default_folder(guest, knobs)
+        manifest = None if force else cached(folder, guest, knobs)
+        if manifest is None:
+            manifest = _record(guest, folder, knobs, plays, force or output is None, log)
+        elif not as_json:
+            out.print(f"already recorded (same image and knobs): {folder}", highlight=False)
+    _show_recording(manifest, folder, as_json)
+
+
+def _record(guest: Any, folder: Path, knobs: Any, plays: dict[str, Any], force: bool, log: Any) -> dict[str, Any]:
+    """Record with a progress bar over the runs' seconds."""
+    from vims.collector.guest.recording import record as record_runs
+    from vims.console import progress
+
+    specs = knobs.runs()
+    total = sum(s.seconds for s in specs)
+    before = {s.run_id: sum(r.seconds for r in specs[:i]) for i, s in enumerate(specs)}
+    with progress() as bar:
+        task = bar.add_task("recording", total=total)
+
+        def show(spec: Any, index: int, p: dict[str, Any]) -> None:
+            bar.update(task, completed=before[spec.run_id] + min(p["seconds"], spec.seconds),
+                       description=f"run {index + 1}/{len(specs)} {spec.run_id}: {p['events']:,} events")
+
+        return record_runs(guest, folder, knobs, plays, progress=show, log=log, force=force)
+
+
+def _show_recording(manifest: dict[str, Any], folder: Path, as_json: bool) -> None:
+    from rich.table import Table
+
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    summary = manifest | {"folder": str(folder), "bytes": size}
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=f"recording {folder}", title_justify="left", show_edge=False)
+    for column in ("run", "kind", "status", "events", "seconds"):
+        table.add_column(column, justify="right" if column in ("events", "seconds") else "left")
+    for run in manifest["runs"]:
+        table.add_row(run["run_id"], run["kind"], run["status"] if run["status"] == "ok" else
+                      f"[red]{run['status']}[/]: {run['reason']}", f"{run['events']:,}", f"{run['duration_s']:g}")
+    out.print(table)
+    out.print(f"{len(manifest['runs'])} runs, {size / 1e6:.1f} MB, recorded in {manifest['elapsed_s']:g} s",
+              highlight=False)
 
 
 @datasets_app.command("info")
