@@ -133,7 +133,8 @@ def record(
                                        "default: every scenario)."),
     no_attacks: bool = typer.Option(False, "--no-attacks", metavar="", help="Normal runs only."),
     seed: int = typer.Option(0, "--seed", help="Seeds the workloads, the scenarios and the attacks' moments."),
-    rate: float = typer.Option(1.0, "--rate", help="Workload actions per second."),
+    rate: float = typer.Option(0.5, "--rate", help="Workload actions per second (under tracing an action "
+                               "takes seconds: more overloads the guest)."),
     force: bool = typer.Option(False, "--force", metavar="", help="Record again even if the cache holds it; "
                                "record into a folder that holds other files."),
     as_json: bool = JSON,

@@ -247,3 +247,35 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_the_knobs_plan_the_runs_and_key_the_cache() -> None:
+    from vims.collector.guest.recording import Knobs
+
+    knobs = Knobs(normal_runs=2, seconds=30, hours=0.5, scenarios=("reverse-shell", "data-theft"), seed=7)
+    assert [(r.run_id, r.kind, r.seed, r.seconds, r.long) for r in knobs.runs()] == [
+        ("normal-0", "normal", 7, 30, False), ("normal-1", "normal", 8, 30, False),
+        ("normal-long", "normal", 1007, 1800.0, True),
+        ("attack-reverse-shell", "attack", 2007, 30, False), ("attack-data-theft", "attack", 2008, 30, False)]
+    assert knobs.key("img") == Knobs(2, 30, 0.5, ("reverse-shell", "data-theft"), 7).key("img")
+    assert len({knobs.key("img"), knobs.key("other-img"), Knobs(seed=7).key("img")}) == 3
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"normal_runs": -1}, "--normal-runs -1"), ({"seconds": 1.0}, "--seconds 1: at least 5"),
+    ({"hours": 0.0}, "--hours 0"), ({"rate": float("nan")}, "--rate nan"),
+    ({"scenarios": ("x", "x")}, "named twice"), ({"normal_runs": 0}, "nothing to record"),
+])
+def test_knobs_no_recording_can_have(knobs: dict[str, Any], message: str) -> None:
+    from vims.collector.guest.recording import Knobs
+
+    with pytest.raises(InputError, match=message):
+        Knobs(**knobs).check()
+
+
+def test_record_cli_refuses_contradicting_options(tmp_path: Path) -> None:
+    done = vims("datasets", "record", "--no-attacks", "--scenario", "reverse-shell", "-o", tmp_path / "rec")
+    assert done.returncode == 2 and "contradict" in done.stderr and "Traceback" not in done.stderr
+    done = vims("datasets", "record", "--no-attacks", "--seconds", "1", "-o", tmp_path / "rec")
+    assert done.returncode == 2 and "--seconds 1: at least 5" in done.stderr
+    assert not (tmp_path / "rec").exists()

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from vims.collector.guest.qemu import Guest
 
 __all__ = ["Knobs", "RecordingError", "RunSpec", "Scenario", "cached", "default_folder", "image_key", "record",
-           "running_guest", "scenarios_from_attacks"]
+           "recording", "running_guest", "scenarios_from_attacks"]
 
 #: Bump when recordings change in a way the knobs do not show (the cache key holds it).
 RECORDING_VERSION = 1
@@ -55,6 +56,8 @@ TAIL_S = 3.0
 LEAD_S = 1.0
 #: The longest an attack may run past the end of its run's workload before the run fails.
 ATTACK_LIMIT_S = 900.0
+#: The longest round of the workload (:func:`_workload`).
+ROUND_S = 60.0
 #: A scenario: ``(guest, seed, log) -> ground truth`` (an object with ``to_json()``, or its dict).
 Scenario = Callable[["Guest", int, Callable[[str], None] | None], Any]
 
@@ -85,7 +88,7 @@ class Knobs:
     hours: float | None = None
     scenarios: tuple[str, ...] = ()
     seed: int = 0
-    rate: float = 1.0
+    rate: float = 0.5
 
     def check(self) -> None:
         """Raise :class:`InputError` for knobs no recording can have."""
@@ -192,11 +195,32 @@ class _Play:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def _workload(guest: Guest, spec: RunSpec, rate: float, stop: threading.Event) -> Any:
+    """The run's workload, played in rounds of at most :data:`ROUND_S` until its seconds have passed.
+
+    Under tracing an action can take longer than the plan allows (an ssh login 5-15 s under TCG on
+    a loaded machine); in rounds, a backlog delays the run's end by at most one round's, however long
+    the run. Round 0 has the run's seed, round ``k`` one drawn from it. Returns the rounds' results
+    as one :class:`~vims.collector.guest.workload.WorkloadResult`.
+    """
+    from vims.collector.guest.workload import Workload, WorkloadResult
+
+    total = WorkloadResult(spec.seed, rate, spec.seconds)
+    began = time.monotonic()
+    for k in itertools.count():
+        left = spec.seconds - (time.monotonic() - began)
+        if left <= 0.5 or stop.is_set():
+            break
+        seed = spec.seed if k == 0 else random.Random(f"{spec.seed}:{k}").randrange(2**31)
+        done = Workload(guest, seed=seed, rate=rate).run(min(ROUND_S, left))
+        total.results += done.results
+    total.elapsed = time.monotonic() - began
+    return total
+
+
 def _play(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, play: _Play,
           stop: threading.Event, log: Callable[[str], None] | None) -> None:
     """The run's life: the workload, the attack at its moment, then the tail; sets ``stop`` at the end."""
-    from vims.collector.guest.workload import Workload
-
     def attack() -> None:
         assert scenario is not None and play.attack_at_s is not None
         if stop.wait(play.attack_at_s):
@@ -215,7 +239,7 @@ def _play(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, p
             attacker = threading.Thread(target=attack, name=f"attack-{spec.scenario}", daemon=True)
             attacker.start()
         try:
-            play.workload = Workload(guest, seed=spec.seed, rate=rate).run(spec.seconds)
+            play.workload = _workload(guest, spec, rate, stop)
         except Exception as exc:  # kept: the run fails with it
             play.workload_error = f"workload failed: {exc}".splitlines()[0][:400]
         if attacker is not None:
@@ -389,6 +413,16 @@ def cached(folder: Path, guest: Guest, knobs: Knobs) -> dict[str, Any] | None:
         return None
     fits = isinstance(manifest, dict) and manifest.get("key") == knobs.key(image_key(guest))
     return manifest if fits and manifest.get("complete") else None
+
+
+def recording(guest: Guest, knobs: Knobs, scenarios: Mapping[str, Scenario] | None = None,
+              progress: Callable[[RunSpec, int, dict[str, Any]], Any] | None = None) -> Path:
+    """The cached recording of ``knobs`` on ``guest``'s image (:func:`default_folder`), recorded first if
+    the cache does not hold it complete: what tests and benchmarks call."""
+    folder = default_folder(guest, knobs)
+    if cached(folder, guest, knobs) is None:
+        record(guest, folder, knobs, scenarios, progress=progress, force=True)
+    return folder
 
 
 def _prepare(folder: Path, force: bool) -> None:
