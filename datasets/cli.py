@@ -113,6 +113,9 @@ def import_vims(
         table, read = read_recording(events, include_failed=include_failed)
         _write(table, output, as_json, extra=read)
         return
+    if events.is_dir():
+        raise InputError("a folder, but not a recording (no manifest.json): name an event table or a folder "
+                         "recorded by `vims datasets record`", where=events)
     truths = read_truths(p / TRUTH if p.is_dir() else p for p in truth)
     table = read_table(events, EVENT_SCHEMA)
     _write(traces_from_events(table, label=label, split=split, family=family, where=str(events), truths=truths),

@@ -279,3 +279,8 @@ def test_record_cli_refuses_contradicting_options(tmp_path: Path) -> None:
     done = vims("datasets", "record", "--no-attacks", "--seconds", "1", "-o", tmp_path / "rec")
     assert done.returncode == 2 and "--seconds 1: at least 5" in done.stderr
     assert not (tmp_path / "rec").exists()
+
+
+def test_cli_a_folder_that_is_not_a_recording(tmp_path: Path) -> None:
+    done = vims("datasets", "import", "vims", tmp_path, "-o", tmp_path / "t.parquet")
+    assert done.returncode == 2 and "not a recording (no manifest.json)" in done.stderr
