@@ -4,16 +4,24 @@ One trace per task and per program it runs: the events of each ``(vm_id, pid)`` 
 cut into program runs and named as :mod:`vims.runs` says (the A-VM's scorer cuts and names live
 streams the same way). ``pid`` is the kernel's task id (a thread), so threads of one process give
 separate traces. Trace ids are ``vims:<vm_id>:<pid>:<seq of the first event>``, stable across
-re-imports of the same capture.
+re-imports of the same capture (with ``capture``, ``vims:<capture>:<vm_id>:<pid>:<seq>``: the runs of a
+recording each start their ``seq`` at 0).
+
+With ground truths (:mod:`vims.datasets.truth`), every trace that holds an event of an attack's
+processes inside its window is ``label=attack``, ``family`` the truth's, ``split=attack``; the others
+keep the ``label``, ``split`` and ``family`` given.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from vims.datasets.traces import Trace, trace_table
+from vims.datasets.truth import GRACE_NS, Truth, attack_marks
 from vims.runs import cut_runs, program_name
 from vims.schemas import EVENT_SCHEMA, TRACE_SCHEMA, conform
 
@@ -21,7 +29,9 @@ __all__ = ["traces_from_events"]
 
 
 def traces_from_events(events: pa.Table, label: str = "normal", split: str | None = None,
-                       family: str | None = None, source: str = "vims", where: str | None = None) -> pa.Table:
+                       family: str | None = None, source: str = "vims", where: str | None = None,
+                       truths: Sequence[Truth] = (), capture: str | None = None,
+                       grace_ns: int = GRACE_NS) -> pa.Table:
     """Cut an event table (:data:`~vims.schemas.EVENT_SCHEMA`) into a trace table (``TRACE_SCHEMA``).
 
     Parameters
@@ -33,7 +43,13 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     source : str
         The traces' source column.
     where : str, optional
-        Named in the error if ``events`` lacks event columns.
+        Named in the error if ``events`` lacks event columns (or a truth matches no process).
+    truths : sequence of Truth
+        Ground truths of attacks in the capture: their processes' traces become attacks.
+    capture : str, optional
+        Put in every trace id after the source (a run of a recording: its run id).
+    grace_ns : int
+        Added to each truth's end (:data:`~vims.datasets.truth.GRACE_NS`).
 
     Examples
     --------
@@ -48,7 +64,10 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     events = conform(events, EVENT_SCHEMA, where=where)
     n = events.num_rows
     if n == 0:
+        if truths:
+            attack_marks(events, truths, grace_ns, where=where)  # says that the truths match nothing
         return trace_table([])
+    marks = attack_marks(events, truths, grace_ns, where=where)
     vm_codes = pc.dictionary_encode(events["vm_id"]).combine_chunks()
     vm = vm_codes.indices.to_numpy(zero_copy_only=False)
     pid = events["pid"].to_numpy()
@@ -56,6 +75,7 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     order = np.lexsort((seq, pid, vm))
     vm, pid, seq = vm[order], pid[order], seq[order]
     nr = events["nr"].to_numpy()[order]
+    marks = marks[order]
 
     new_task = np.ones(n, dtype=bool)
     new_task[1:] = (vm[1:] != vm[:-1]) | (pid[1:] != pid[:-1])
@@ -65,13 +85,16 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     path = events["path"].take(pa.array(order)).to_pylist()
     argv = events["argv"].take(pa.array(order)).to_pylist()
     vm_names = vm_codes.dictionary.to_pylist()
+    prefix = f"{source}:{capture}:" if capture else f"{source}:"
+    attack = np.maximum.reduceat(marks, runs.starts) if len(runs.starts) else marks[:0]
     traces = []
     for g, (start, end) in enumerate(zip(runs.starts.tolist(), runs.ends.tolist(), strict=True)):
         r = runs.exec_row(g)
         program = comm[start] if r is None else program_name(comm[start], path[r], argv[r])
+        hit = truths[attack[g]] if attack[g] >= 0 else None
         traces.append(Trace(
-            trace_id=f"{source}:{vm_names[vm[start]]}:{pid[start]}:{seq[start]}",
-            source=source, syscalls=nr[start:end], label=label, program=program, split=split,
-            family=family,
+            trace_id=f"{prefix}{vm_names[vm[start]]}:{pid[start]}:{seq[start]}",
+            source=source, syscalls=nr[start:end], label="attack" if hit else label, program=program,
+            split="attack" if hit else split, family=hit.family if hit else family,
         ))
     return trace_table(traces).cast(TRACE_SCHEMA)
