@@ -38,8 +38,8 @@ that normal requests share, so it has no anchor of its own.
 
 :func:`run_scenario` removes what earlier runs left (:func:`reset`) before it starts the clock;
 :func:`reset` alone leaves the guest as the image made it (no uploads, added users, keys, cron jobs or
-sudoers entries, no attack process). :func:`run_during_workload` plays the normal workload and starts
-the attack at a seeded moment inside it.
+sudoers entries, no attack process). An attack at a seeded moment of the normal workload, traced or
+not, is the recorder's (:func:`vims.collector.guest.recording.play_run`).
 """
 
 from __future__ import annotations
@@ -73,9 +73,8 @@ from vims.errors import InputError, MissingDependencyError, VimsError
 
 if TYPE_CHECKING:
     from vims.collector.guest.qemu import Guest
-    from vims.collector.guest.workload import WorkloadResult
 
-__all__ = ["SCENARIOS", "GroundTruth", "Scenario", "reset", "run_during_workload", "run_scenario", "upload_file"]
+__all__ = ["SCENARIOS", "GroundTruth", "Scenario", "check_scenario", "reset", "run_scenario", "upload_file"]
 
 #: Common passwords the brute-force wordlist is drawn from (the weak user's is added at a seeded place).
 COMMON_PASSWORDS = (
@@ -618,7 +617,8 @@ SCENARIOS: dict[str, Scenario] = {
 }  # fmt: skip
 
 
-def _check(guest: Guest, name: str | None = None) -> None:
+def check_scenario(guest: Guest, name: str | None = None) -> None:
+    """Raise :class:`InputError` for an unknown scenario ``name`` or a guest that is not Debian."""
     if name is not None and name not in SCENARIOS:
         raise InputError(f"unknown attack scenario {name!r}: one of {', '.join(SCENARIOS)}")
     if guest.kind != "debian" or guest.http_address is None:
@@ -652,7 +652,7 @@ def run_scenario(guest: Guest, name: str, seed: int = 0, log: Callable[[str], No
     VimsError
         When a step of the attack fails (the guest is left for :func:`reset`).
     """
-    _check(guest, name)
+    check_scenario(guest, name)
     scenario = SCENARIOS[name]
     say = log or (lambda _msg: None)
     reset(guest)
@@ -687,34 +687,5 @@ def reset(guest: Guest) -> str:
 
     Returns the guest's answer (``reset``).
     """
-    _check(guest)
+    check_scenario(guest)
     return guest.run(_reset_script(), timeout=60, check=True).strip()
-
-
-def run_during_workload(
-    guest: Guest, name: str, seed: int = 0, seconds: float = 60.0, rate: float = 2.0,
-    log: Callable[[str], None] | None = None,
-) -> tuple[WorkloadResult, GroundTruth]:  # fmt: skip
-    """Play the normal workload for ``seconds`` and the attack ``name`` from a seeded moment inside it.
-
-    The attack starts at a time drawn uniformly in the first half of the workload (same seed, same
-    moment); the workload goes on meanwhile. Returns the workload's result and the attack's truth.
-    """
-    from vims.collector.guest.workload import Workload, check_knobs
-
-    _check(guest, name)
-    check_knobs(rate, seconds)
-    workload = Workload(guest, seed=seed, rate=rate)
-    delay = random.Random(f"during:{name}:{seed}").uniform(0.1, 0.5) * seconds
-    box: dict[str, WorkloadResult] = {}
-    thread = threading.Thread(target=lambda: box.setdefault("result", workload.run(seconds)), daemon=True)
-    thread.start()
-    try:
-        time.sleep(delay)
-        truth = run_scenario(guest, name, seed, log)
-    finally:
-        thread.join()  # a failed attack still lets the workload end before the error goes up
-    truth.detail["workload_offset_s"] = round(delay, 2)
-    if "result" not in box:
-        raise VimsError("the workload did not finish")
-    return box["result"], truth

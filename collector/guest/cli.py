@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from vims.console import err, out, print_json, progress
+from vims.errors import VimsError
 
 guest_app = typer.Typer(
     help="The monitored guest (C-VM): a Debian kernel and a busybox workload under QEMU.",
@@ -183,12 +184,20 @@ def _attack(guest: Any, which: str, seed: int, during: float, rate: float, as_js
         return
     say = (lambda _msg: None) if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]"))
     if during > 0:
-        result, truth = attacks.run_during_workload(guest, which, seed, during, rate, log=say)
-        summary = result.as_dict()
+        from vims.collector.guest.recording import RunSpec, play_run, scenarios_from_attacks
+
+        attacks.check_scenario(guest, which)
+        spec = RunSpec("cli", "attack", seed, during, scenario=which)
+        played = play_run(guest, spec, rate, scenarios_from_attacks((which,))[which], log=say)
+        if played.attack_error or played.workload_error:
+            raise VimsError(played.attack_error or played.workload_error)
+        summary = played.workload.as_dict()
         if as_json:
-            print_json({"workload": summary, "truth": json.loads(truth.to_json())})
+            print_json({"workload": summary, "attack_at_s": played.attack_at_s, "truth": played.truth})
             return
         _workload_table(summary)
+        _show({"attack_at_s": played.attack_at_s, **(played.truth or {})}, False)
+        return
     else:
         truth = attacks.run_scenario(guest, which, seed, log=say)
         if as_json:

@@ -45,8 +45,8 @@ from vims.paths import cache_dir
 if TYPE_CHECKING:
     from vims.collector.guest.qemu import Guest
 
-__all__ = ["Knobs", "RecordingError", "RunSpec", "Scenario", "cached", "default_folder", "image_key", "record",
-           "recording", "running_guest", "scenarios_from_attacks"]
+__all__ = ["Knobs", "Play", "RecordingError", "RunSpec", "Scenario", "cached", "default_folder", "image_key",
+           "play_run", "record", "recording", "running_guest", "scenarios_from_attacks"]
 
 #: Bump when recordings change in a way the knobs do not show (the cache key holds it).
 RECORDING_VERSION = 1
@@ -184,8 +184,9 @@ def _truth_dict(truth: Any, vm_id: str) -> dict[str, Any]:
 
 
 @dataclass
-class _Play:
-    """What the threads of one run produced."""
+class Play:
+    """What the threads of one run produced: the workload's result, the attack's truth (as the JSON
+    object of ``truth.json``), the attack's moment and each side's error."""
 
     workload: Any = None
     workload_error: str = ""
@@ -218,7 +219,7 @@ def _workload(guest: Guest, spec: RunSpec, rate: float, stop: threading.Event) -
     return total
 
 
-def _play(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, play: _Play,
+def _play(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, play: Play,
           stop: threading.Event, log: Callable[[str], None] | None) -> None:
     """The run's life: the workload, the attack at its moment, then the tail; sets ``stop`` at the end."""
     def attack() -> None:
@@ -252,6 +253,15 @@ def _play(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, p
         stop.set()
 
 
+def play_run(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None = None,
+             log: Callable[[str], None] | None = None) -> Play:
+    """Play one run on ``guest`` without tracing it: the workload for ``spec.seconds`` at ``rate``, and
+    ``scenario`` (if given) from its seeded moment (``vims guest scenario --during-workload``)."""
+    play = Play()
+    _play(guest, spec, rate, scenario, play, threading.Event(), log)
+    return play
+
+
 @contextlib.contextmanager
 def _gate_service(guest: Guest) -> Iterator[bool]:
     """The protected service on the guest's gate port while recording (the workload's client talks to
@@ -279,12 +289,12 @@ def _gate_service(guest: Guest) -> Iterator[bool]:
 
 def _trace_run(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, interrupted: threading.Event,
                progress: Callable[[dict[str, Any]], Any] | None,
-               log: Callable[[str], None] | None) -> tuple[Any, _Play, float]:
+               log: Callable[[str], None] | None) -> tuple[Any, Play, float]:
     """Trace one run from start to end: (the tracer's result, what the run's threads produced, start)."""
     from vims.collector.backends.qemu import QemuBackend
     from vims.collector.tracer import SyscallTracer
 
-    play, stop = _Play(), threading.Event()
+    play, stop = Play(), threading.Event()
     started = time.time()
     backend = QemuBackend.from_guest(guest)
     with backend:
@@ -308,7 +318,7 @@ def _trace_run(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | No
     return result, play, started
 
 
-def _status(guest: Guest, spec: RunSpec, result: Any, play: _Play, interrupted: bool) -> tuple[str, str | None]:
+def _status(guest: Guest, spec: RunSpec, result: Any, play: Play, interrupted: bool) -> tuple[str, str | None]:
     """``(ok|failed, reason)`` of a traced run."""
     from vims.datasets.truth import Truth, attack_marks
 
@@ -333,7 +343,7 @@ def _status(guest: Guest, spec: RunSpec, result: Any, play: _Play, interrupted: 
     return "ok", None
 
 
-def _run_info(guest: Guest, spec: RunSpec, rate: float, result: Any, play: _Play, started: float,
+def _run_info(guest: Guest, spec: RunSpec, rate: float, result: Any, play: Play, started: float,
               status: tuple[str, str | None]) -> dict[str, Any]:
     """What ``run.json`` says of a run (``docs/datasets.md`` lists the fields)."""
     return {

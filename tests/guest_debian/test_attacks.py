@@ -10,8 +10,9 @@ import re
 import pytest
 
 from vims.collector.guest import Guest
-from vims.collector.guest.attacks import SCENARIOS, GroundTruth, reset, run_during_workload, run_scenario
+from vims.collector.guest.attacks import SCENARIOS, GroundTruth, reset, run_scenario
 from vims.collector.guest.debian import DB_PASSWORD, UPLOAD_DIR, WEAK_USER
+from vims.collector.guest.recording import RunSpec, play_run, scenarios_from_attacks
 from vims.errors import InputError
 
 
@@ -144,9 +145,12 @@ def test_hidden_payload_hides_as_a_kernel_thread_and_beacons(guest: Guest) -> No
 
 def test_an_attack_inside_the_normal_workload(guest: Guest) -> None:
     seconds = 20.0
-    result, truth = run_during_workload(guest, "webshell-upload", seed=8, seconds=seconds, rate=1.0)
+    spec = RunSpec("test", "attack", 8, seconds, scenario="webshell-upload")
+    played = play_run(guest, spec, 1.0, scenarios_from_attacks(("webshell-upload",))["webshell-upload"])
+    assert (played.attack_error, played.workload_error) == ("", "")
+    truth, result = GroundTruth.from_json(json.dumps(played.truth)), played.workload
     _check_window(truth, "webshell-upload")
-    assert 0.1 * seconds <= truth.detail["workload_offset_s"] <= 0.5 * seconds
+    assert played.attack_at_s is not None and 0.1 * seconds <= played.attack_at_s <= 0.5 * seconds
     assert "uid=33(www-data)" in truth.detail["id"]
     assert result.results and result.duration == seconds
     # the site and the logins keep working beside the attack (nothing listens on the gate port here, and a
