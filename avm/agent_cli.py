@@ -45,6 +45,8 @@ def _run(
     duration: float = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
     guest: str = typer.Option("vims-guest", "--name", help="Trace this guest (started by `vims guest up`) "
                               "in the agent itself."),
+    qmp: Path = typer.Option(None, "--qmp", help="Instead of --name: trace a VM that VIMS did not start, by its "
+                             "QMP monitor socket (see `vims attach`); detached, as it was, when the agent stops."),
     pull: str = typer.Option(None, "--pull", help="Instead of tracing the guest here, receive events and check "
                              "results from a collector in another process at this ZeroMQ endpoint "
                              "(`vims collect --push` to it), e.g. tcp://127.0.0.1:5600."),
@@ -81,6 +83,7 @@ def _run(
                   queue_size=queue_size)
     run = AvmRun(agent, client, sinks=[_printer(as_json, output)])
     err.print(f"starting {workers} scorer worker(s)...", highlight=False)
+    attached = None
     try:
         if pull is not None:
             run.start()
@@ -88,12 +91,18 @@ def _run(
             where = f"listening at {pull}"
         else:
             policy = _tracing_policy(policy_file, run)
-            run.trace(guest, policy, vm_id, checks_every)
-            where = f"tracing guest {guest!r}"
+            if qmp is not None:
+                from vims.collector.attach import AttachedVm
+
+                attached = AttachedVm(qmp)
+            run.trace(attached or guest, policy, vm_id, checks_every)
+            where = f"tracing VM {attached.name!r} (attached)" if attached else f"tracing guest {guest!r}"
         err.print(f"A-VM agent {where}; a report every {interval:g} s (Ctrl-C stops)", highlight=False)
         run.run(duration)
     finally:
         run.close(join_s=5)
+        if attached is not None:
+            attached.detach()
     run.raise_failure()
 
 

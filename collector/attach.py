@@ -11,8 +11,9 @@ the monitor (:mod:`vims.collector.qmp`), :class:`AttachedVm` finds
   tracer first needs it, and stopped by :meth:`AttachedVm.detach`, leaving the VM as it was. QEMU keeps
   one stub: if the VM was started with one (``-gdb``/``-s``), it is its owner's, a second is refused
   and the error says so; a stub started at run time and left behind (an A-VM killed before it
-  detached) is stopped and replaced. A killed A-VM leaves the VM running: QEMU resumes a VM whose
-  debugger went away and drops its traps;
+  detached) is stopped and replaced. QEMU does not resume a VM whose debugger went away mid-stop, nor
+  drop its traps: a guardian process started with the stub waits for the attaching process to end and,
+  if it ended without detaching (killed), detaches in its place, so a killed A-VM leaves the VM running;
 - **the kernel profile**: from the kernel image QEMU was given (``-kernel``), or one the operator
   names; built from the image's own kallsyms tables and BTF (:func:`vims.collector.kallsyms.build_profile`),
   cached by the image's SHA-256, and relocated to where KASLR put the kernel in this boot.
@@ -30,8 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import struct
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -164,13 +168,18 @@ class AttachedVm:
 
     def __init__(self, qmp: str | Path | tuple[str, int], kernel: str | Path | None = None,
                  rootfs: str | Path | None = None) -> None:
-        self.qmp = Qmp(qmp)
+        self.qmp_address = qmp
         #: What the attachment did that the operator should know.
         self.notes: list[str] = []
         self.rootfs = None if rootfs is None else Path(rootfs)
         self._stub_started = False
+        self._guardian: subprocess.Popen[bytes] | None = None
         self.gdb_address: tuple[str, int] | None = None
+        # One monitor session per step, not one for the whole attachment: a QMP socket serves one client
+        # at a time, and the operator's tools need theirs.
+        self.qmp = Qmp(qmp)
         try:
+            self.was_running = self.qmp.execute("query-status").get("status") == "running"
             self.pid = self._qemu_pid()
             argv = [a.decode(errors="replace") for a in Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
                     if a]
@@ -181,9 +190,8 @@ class AttachedVm:
                 raise InputError(f"VM {self.name!r} was not started with -kernel: give its kernel image "
                                  "(--kernel PATH, e.g. the guest's /boot/vmlinuz-RELEASE copied out)")
             self.memory = self._open_memory()
-        except BaseException:
+        finally:
             self.qmp.close()
-            raise
         self._profile: Any = None
 
     # -- what it is ------------------------------------------------------------------------------
@@ -274,22 +282,30 @@ class AttachedVm:
 
     # -- the vCPUs -------------------------------------------------------------------------------
     def start_gdb(self) -> tuple[str, int]:
-        """Start QEMU's GDB stub on a free loopback port (once); its address."""
+        """Start QEMU's GDB stub on a free loopback port (once), with a guardian process that undoes it
+        if this process ends without detaching; the stub's address."""
         if self.gdb_address is not None:
             return self.gdb_address
         port = free_port()
-        answer = self.qmp.hmp(f"gdbserver tcp:127.0.0.1:{port}")
-        if "Waiting for gdb connection" not in answer and not self.info.gdb:
-            # A stub started at run time and left (an A-VM killed before it detached): QEMU keeps one
-            # stub only, so it is stopped and ours started. A stub from the command line is the owner's.
-            self.qmp.hmp("gdbserver none")
-            answer = self.qmp.hmp(f"gdbserver tcp:127.0.0.1:{port}")
-            self.notes.append("stopped a GDB stub left from an earlier attachment")
+        with Qmp(self.qmp_address) as monitor:
+            answer = monitor.hmp(f"gdbserver tcp:127.0.0.1:{port}")
+            if "Waiting for gdb connection" not in answer and not self.info.gdb:
+                # A stub started at run time and left (an A-VM killed before it detached): QEMU keeps one
+                # stub only, so it is stopped and ours started. A stub from the command line is the owner's.
+                monitor.hmp("gdbserver none")
+                answer = monitor.hmp(f"gdbserver tcp:127.0.0.1:{port}")
+                self.notes.append("stopped a GDB stub left from an earlier attachment")
         if "Waiting for gdb connection" not in answer:
             held = " (it was started with -gdb/-s: that stub is its owner's)" if self.info.gdb else ""
             raise VimsError(f"QEMU would not start a GDB stub for {self.name!r}: {answer.strip()}{held}")
         self._stub_started = True
         self.gdb_address = ("127.0.0.1", port)
+        self._guardian = subprocess.Popen(
+            [sys.executable, "-m", "vims.collector.attach", "guard",
+             json.dumps([self.qmp_address if isinstance(self.qmp_address, tuple) else str(self.qmp_address),
+                         port, self.was_running])],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
         return self.gdb_address
 
     def backend(self, stub: bool = True, detach_on_close: bool = False) -> Any:
@@ -309,14 +325,43 @@ class AttachedVm:
             if self._stub_started:
                 self._stub_started = False
                 self.gdb_address = None
-                with contextlib.suppress(QmpError):  # QEMU is gone: nothing to leave behind
-                    self.qmp.hmp("gdbserver none")
+                with contextlib.suppress(QmpError), Qmp(self.qmp_address) as monitor:  # QEMU gone: nothing left
+                    monitor.hmp("gdbserver none")
         finally:
             self.memory.close()
-            self.qmp.close()
+            guardian, self._guardian = self._guardian, None
+            if guardian is not None and guardian.stdin is not None:
+                with contextlib.suppress(OSError):
+                    guardian.stdin.write(b"detached\n")
+                    guardian.stdin.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    guardian.wait(10)
 
     def __enter__(self) -> AttachedVm:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+def _guard(qmp: str | list[Any], port: int, resume: bool) -> None:
+    """The guardian of an attachment (its own process, started with the stub): it waits until the
+    attaching process ends, however it ends (its end of the pipe closes). Unless that process said it
+    detached, it does what :meth:`AttachedVm.detach` would have: a debugger's detach on the stub (QEMU
+    drops every trap and lets the vCPUs go), the stub stopped, and the VM resumed if it was running
+    before the attachment."""
+    if sys.stdin.read().strip() == "detached":
+        return
+    from vims.collector.gdbstub import GdbStub
+
+    with contextlib.suppress(VimsError, OSError):
+        GdbStub("127.0.0.1", port).close()
+    address = tuple(qmp) if isinstance(qmp, list) else qmp
+    with contextlib.suppress(VimsError, OSError), Qmp(address) as monitor:
+        monitor.hmp("gdbserver none")
+        if resume and monitor.execute("query-status").get("status") != "running":
+            monitor.execute("cont")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["guard"]:
+    _guard(*json.loads(sys.argv[2]))

@@ -63,13 +63,15 @@ class QemuBackend(Backend):
 
     @classmethod
     def from_guest(cls, guest: Any) -> QemuBackend:
-        """The backend of a running guest: a :class:`vims.collector.guest.Guest`, or the name of one
-        started by ``vims guest up``.
+        """The backend of a running guest: a :class:`vims.collector.guest.Guest`, the name of one
+        started by ``vims guest up``, or an :class:`~vims.collector.attach.AttachedVm`.
 
         Maps its memory at once; connects to its GDB stub only when registers, pause/resume or
         :attr:`gdb` are first used (the stub serves one client at a time: memory-only users such as
         the checks never hold it). A guest that is not running is a :class:`~vims.errors.VimsError`.
         """
+        if getattr(guest, "kind", None) == "attached":  # a VM VIMS did not start (vims.collector.attach)
+            return guest.backend()
         if isinstance(guest, str):
             from vims.collector.guest import Guest
 

@@ -12,7 +12,8 @@ from vims.console import err, out, print_json, progress
 from vims.errors import VimsError
 
 guest_app = typer.Typer(
-    help="The monitored guest (C-VM): a Debian kernel and a busybox workload under QEMU.",
+    help="The monitored guest (C-VM) under QEMU: a Debian 12 server by default (KASLR, 2 vCPUs, network; its "
+         "workload and real attacks), or the quick busybox guest (--image mini).",
     no_args_is_help=True,
 )
 

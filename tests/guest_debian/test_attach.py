@@ -2,7 +2,8 @@
 no GDB stub, only a QMP socket; ssh forwarded so the test can look inside. The A-VM finds the VM by its
 monitor, reads its RAM from QEMU's process, starts the GDB stub at run time, lists processes, traces
 both vCPUs, runs every check and detaches, leaving the VM running without a stub; an attachment
-killed mid-trace leaves it running too, and the next one attaches.
+killed mid-trace leaves it running too (its guardian detaches in its place), and the next one attaches;
+the A-VM's own source traces and checks such a VM.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def test_attach_lists_traces_checks_and_detaches(plain: PlainVm, debian_image: D
             tasks = {t.pid: t.comm for t in backend.kernel.tasks()}
             later = {int(line.split()[0]) for line in plain.ssh("ps -e -o pid=").splitlines()}
             for pid, name in ps.items():
-                if pid in later:  # alive before and after the walk
-                    assert tasks.get(pid) == name[:15], (pid, name, tasks.get(pid))
+                if pid in later:  # alive before and after the walk; ps adds a kernel worker's work queue
+                    assert pid in tasks and (name[:15] == tasks[pid] or name.startswith(tasks[pid] + "-")), \
+                        (pid, name, tasks.get(pid))
             rows = run_checks(Context.of_guest(backend), [cls() for cls in registry().values()])
             assert {r.check for r in rows} == set(registry())
             assert [(r.check, r.target, r.detail) for r in rows if r.status != "pass"] == []
@@ -137,12 +139,64 @@ def test_a_killed_attachment_leaves_the_vm_running(plain: PlainVm) -> None:
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
+    # Its guardian detached in its place: traps gone, the VM running, the stub stopped.
+    deadline = time.monotonic() + 60
+    while plain.status() != "running":
+        assert time.monotonic() < deadline, plain.status()
+        time.sleep(0.5)
     assert plain.ssh("echo alive", timeout=120).strip() == "alive"
-    assert plain.status() == "running"
-    with AttachedVm(plain.qmp) as vm:  # the stub the killed one left is replaced, and it is said
+    with AttachedVm(plain.qmp) as vm:  # and the next attachment starts a stub of its own
         backend = vm.backend()
         try:
             assert backend.get_vcpureg("rip") != 0
         finally:
             backend.close()
-        assert vm.notes == ["stopped a GDB stub left from an earlier attachment"]
+        assert vm.notes == []
+
+
+def test_the_avm_traces_and_checks_an_attached_vm(plain: PlainVm, debian_image: DebianImage) -> None:
+    """The A-VM's own source (what `vims avm run --qmp` runs) on the attached VM: its reports say the
+    collector is alive and every check passes; stopping it leaves the VM running without a stub."""
+    import threading
+
+    import numpy as np
+
+    from vims.avm.agent import Agent
+    from vims.avm.guest_source import trace_guest
+    from vims.models.stide import Stide
+
+    rng = np.random.default_rng(0)
+    model = Stide(k=3).fit([rng.integers(0, 300, size=200).tolist() for _ in range(10)])
+    stop, ready = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+    with AttachedVm(plain.qmp, rootfs=debian_image.disk) as vm, \
+            Agent(model, vm_id="vm-attached", workers=1, interval_s=2.0) as agent:
+
+        def tracing() -> None:
+            try:
+                trace_guest(agent, vm, stop, checks_every=3.0, on_ready=ready.set)
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+
+        thread = threading.Thread(target=tracing)
+        thread.start()
+        try:
+            assert ready.wait(120) and not failure, failure
+            deadline = time.monotonic() + 120
+            while True:
+                agent.report()
+                content = agent.last_content
+                checks = content["checks"]
+                if content["collector"]["alive"] and checks and all(c["status"] == "pass" for c in checks):
+                    break
+                assert time.monotonic() < deadline, (content["collector"], checks)
+                time.sleep(1.0)
+            assert {c["check"] for c in checks} >= {"kernel-text", "syscall-table"}
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        stub = vm.gdb_address
+    assert failure == []
+    assert stub is not None and not _stub_listens(stub)
+    assert plain.status() == "running"

@@ -1,8 +1,8 @@
 """``vims datasets record`` on the real Debian guest: a normal run and an attack run, imported with labels.
 
-The attack here is a scenario of the test's own (an odd command tree run over ``guest.execute``,
+The first attack is a scenario of the test's own (an odd command tree run over ``guest.execute``,
 its ground truth built from the same fields the attack scenarios give), so the recorder is tested
-with the scenario as a parameter, not with one attack hard-wired.
+with the scenario as a parameter, not with one attack hard-wired; the last is a real one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from vims.collector.guest import Guest
-from vims.collector.guest.recording import Knobs, RecordingError, cached, record
+from vims.collector.guest.attacks import reset
+from vims.collector.guest.recording import Knobs, RecordingError, cached, record, scenarios_from_attacks
 from vims.datasets.recorded import read_recording
 from vims.errors import VimsError
 from vims.schemas import EVENT_SCHEMA
@@ -102,3 +103,17 @@ def test_a_failed_attack_marks_its_run_and_keeps_its_events(debian: Guest, tmp_p
     assert [r["status"] for r in manifest["runs"]] == ["failed"] and not manifest["complete"]
     assert read_table(tmp_path / "rec" / "attack-broken" / "events.parquet", EVENT_SCHEMA).num_rows > 0
     assert cached(tmp_path / "rec", debian, knobs) is None
+
+
+def test_a_real_attack_recorded_inside_the_workload_is_labelled_by_its_truth(debian: Guest, tmp_path: Path) -> None:
+    """A real scenario (the reverse shell of :mod:`vims.collector.guest.attacks`) through the recorder: its
+    shell's processes are the attack's traces, and the web server that served it stays normal."""
+    knobs = Knobs(normal_runs=0, seconds=30.0, scenarios=("reverse-shell",))
+    manifest = record(debian, tmp_path / "rec", knobs, scenarios_from_attacks(knobs.scenarios))
+    assert [(r["run_id"], r["status"]) for r in manifest["runs"]] == [("attack-reverse-shell", "ok")]
+    table, _read = read_recording(tmp_path / "rec")
+    rows = table.to_pylist()
+    attack = {r["program"] for r in rows if r["label"] == "attack"}
+    assert "bash" in attack and attack <= {"bash", "sh", "setsid", "id", "hostname", "uname", "ls", "ps"}, attack
+    assert {"nginx", "php-fpm8.2"} & {r["program"] for r in rows if r["label"] == "normal"}
+    reset(debian)
