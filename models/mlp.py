@@ -192,7 +192,12 @@ class MLPNextCall(CallDetector):
         # calls on ADFA-LD). Windows are grouped by a hash, then compared in full, so a collision
         # only costs a second forward pass, never a wrong score.
         h = ngram_codes(seq, at, c + 1, BASE)
-        _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+        order = np.argsort(h)  # any member of a group of equal hashes stands for it
+        hs = h[order]
+        new = np.r_[True, hs[1:] != hs[:-1]]
+        first = order[new]
+        inv = np.empty(len(h), dtype=np.int64)
+        inv[order] = np.cumsum(new) - 1
         clash = np.flatnonzero((windows != windows[first[inv]]).any(axis=1))
         return DistinctWindows(windows[first], inv, windows[clash], clash)
 
@@ -225,8 +230,11 @@ class MLPNextCall(CallDetector):
             h = h32.astype(np.float64)
             h += self.b1_
             np.maximum(h, 0, out=h)
-            z = h @ self.w2_ + self.b2_
+            z = h @ self.w2_
+            z += self.b2_
+            target = z[np.arange(len(w)), w[:, c]]
             zmax = z.max(axis=1)
-            lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
-            out[s:s + _CHUNK] = lse - z[np.arange(len(w)), w[:, c]]
+            z -= zmax[:, None]
+            np.exp(z, out=z)
+            out[s:s + _CHUNK] = zmax + np.log(z.sum(axis=1)) - target
         return out
