@@ -4,7 +4,8 @@ An event table (EVENT_SCHEMA, what ``vims collect -o`` writes) is replayed as re
 (TRACE_SCHEMA: public data sets, ``vims datasets import``) is turned into events first
 (:func:`traces_to_events`): each trace becomes one process (``pid`` = ``base_pid`` + row number, ``comm``
 = its program or ``trace``), one call after another. Replay runs at full speed or at the recorded pace
-(``pace``, scaled by ``speed``); event times are shifted to the replay's clock so event-to-score
+(``pace``, scaled by ``speed``), with a report at the end of every reporting interval of recorded time
+(``ts_ns``), paced or not; event times are shifted to the replay's clock so event-to-score
 latency means what it means live. By default a replay waits for room in the scorers' queues instead
 of dropping (an analyst wants every event scored); ``lossless=False`` behaves like the live collector.
 
@@ -82,43 +83,86 @@ def batches(events: pa.Table, batch_size: int) -> Iterator[pa.Table]:
         yield events.slice(lo, batch_size)
 
 
+def interval_bounds(ts_ns: np.ndarray, interval_ns: int) -> np.ndarray:
+    """Row bounds of the recorded reporting intervals: interval ``k`` is rows ``bounds[k]:bounds[k + 1]``.
+
+    Interval ``k`` holds the events recorded in ``[t0 + k * interval_ns, t0 + (k + 1) * interval_ns)``
+    (``t0``: the first event's time); an event recorded before an earlier one (another vCPU's clock)
+    counts in the interval of the latest time seen so far. Intervals without events are kept (empty).
+
+    >>> interval_bounds(np.array([0, 5, 10, 35, 41]), 10).tolist()
+    [0, 2, 3, 3, 4, 5]
+    """
+    if interval_ns < 1:
+        raise InputError(f"the reporting interval must be at least 1 ns, not {interval_ns}")
+    if len(ts_ns) == 0:
+        return np.zeros(1, dtype=np.int64)
+    ts = np.maximum.accumulate(np.asarray(ts_ns, dtype=np.int64))
+    k = (ts - ts[0]) // interval_ns
+    return np.searchsorted(k, np.arange(int(k[-1]) + 2), side="left").astype(np.int64)
+
+
 def replay(agent: Any, events: pa.Table, batch_size: int = 4096, pace: bool = False, speed: float = 1.0,
            lossless: bool = True, drain: float = 60.0,
            on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Feed ``events`` through a started :class:`~vims.avm.agent.Agent`, reporting on its interval.
 
-    Returns the run's counts: events sent, seconds, events per second, and whether everything
-    sent was scored (or counted lost) within ``drain`` seconds.
+    Reports are cut by the recorded time (``ts_ns``), as a live run cuts them by the clock: a report
+    at the end of every ``agent.interval_s`` seconds of recorded time (at that moment of the replay's
+    clock with ``pace``, as soon as its events are in without), each holding the events recorded in
+    its interval (``lossless`` waits for them to be scored first). The last, unfinished interval is
+    left for the caller's final ``agent.report()``. Returns the run's counts: events sent, seconds,
+    events per second, reports made, and whether everything sent was scored (or counted lost)
+    within ``drain`` seconds.
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, not {batch_size}")
     if speed <= 0:
         raise InputError(f"speed must be positive, not {speed}")
     ts = events.column("ts_ns").to_numpy().astype(np.int64) if events.num_rows else np.zeros(0, np.int64)
+    bounds = interval_bounds(ts, max(1, round(float(agent.interval_s) * 1e9)))
     t0_wall = time.time_ns()
     t0 = time.monotonic()
     ts0 = int(ts[0]) if len(ts) else 0
-    sent = 0
-    for batch in batches(events, batch_size):
+    sent = reports = 0
+    for k in range(len(bounds) - 1):
+        for batch in batches(events.slice(bounds[k], bounds[k + 1] - bounds[k]), batch_size):
+            sent += _send(agent, batch, ts0, t0, t0_wall, pace, speed, lossless)
+            if on_batch is not None:
+                on_batch(batch.num_rows)
+        if k == len(bounds) - 2:
+            break  # the interval the recording ends in: the caller's final report closes it
         if pace:
-            lag = (int(batch.column("ts_ns")[0].as_py()) - ts0) / 1e9 / speed - (time.monotonic() - t0)
-            if lag > 0:
-                time.sleep(lag)
-            shifted = t0_wall + ((batch.column("ts_ns").to_numpy().astype(np.int64) - ts0) / speed).astype(np.int64)
-        else:
-            shifted = np.full(batch.num_rows, time.time_ns(), dtype=np.int64)
-        batch = batch.set_column(batch.schema.get_field_index("ts_ns"), "ts_ns",
-                                 pa.array(shifted.astype(np.uint64)))
-        agent.send(batch, wait=3600.0 if lossless else 0.0)
-        sent += batch.num_rows
-        if on_batch is not None:
-            on_batch(batch.num_rows)
-        agent.tick()
+            _sleep_until(t0 + (k + 1) * float(agent.interval_s) / speed)
+        if lossless:
+            agent.pipeline.drain(drain)
+        agent.report()
+        reports += 1
     sending = time.monotonic() - t0
     drained = agent.pipeline.drain(drain)
     seconds = time.monotonic() - t0
     return {"events": sent, "send_seconds": round(sending, 3), "seconds": round(seconds, 3),
-            "events_per_s": round(sent / seconds, 1) if seconds > 0 else None, "drained": drained}
+            "events_per_s": round(sent / seconds, 1) if seconds > 0 else None, "reports": reports,
+            "drained": drained}
+
+
+def _sleep_until(deadline: float) -> None:
+    lag = deadline - time.monotonic()
+    if lag > 0:
+        time.sleep(lag)
+
+
+def _send(agent: Any, batch: pa.Table, ts0: int, t0: float, t0_wall: int, pace: bool, speed: float,
+          lossless: bool) -> int:
+    """Send one batch with its times moved to the replay's clock (at its recorded moment with ``pace``)."""
+    if pace:
+        _sleep_until(t0 + (int(batch.column("ts_ns")[0].as_py()) - ts0) / 1e9 / speed)
+        shifted = t0_wall + ((batch.column("ts_ns").to_numpy().astype(np.int64) - ts0) / speed).astype(np.int64)
+    else:
+        shifted = np.full(batch.num_rows, time.time_ns(), dtype=np.int64)
+    batch = batch.set_column(batch.schema.get_field_index("ts_ns"), "ts_ns", pa.array(shifted.astype(np.uint64)))
+    agent.send(batch, wait=3600.0 if lossless else 0.0)
+    return batch.num_rows
 
 
 def score_table(agent: Any, traces: pa.Table | None, base_pid: int = 1000) -> pa.Table:

@@ -12,6 +12,12 @@ traces (three random halves), test on the other half and the intrusions; mean ov
 ``--quick`` leaves out the MLP and the ensemble (the slow fits) and the UNM repeats. Fit times are
 given as wall clock and as CPU seconds (the machine is shared; BLAS is kept to one thread).
 
+End to end (``score_speed`` in ``--json``): ``vims score`` as a user runs it, a new process with its
+start-up, model loading and Parquet reading included, on ADFA-LD Validation, for the default detector
+and for stide (the baseline, the fastest detector), each fitted on Training above: median of 3 runs,
+calls per wall-clock second and per CPU second (``calls_per_s``, ``calls_per_cpu_s``), and
+``vs_baseline``: the default's wall time over stide's in the same run. ``--quick`` runs stide only.
+
 ``--select`` instead runs the selection of the default detector's settings (about 5 minutes), which
 never looks at Validation: 3-fold out-of-fold scores of the Training traces (normal) against the attack
 traces (each scored by the three fold models), criterion ROC AUC + detection at 5% false alarms. The
@@ -29,6 +35,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +57,9 @@ from vims.paths import datasets_dir
 from vims.training.core import select
 from vims.training.metrics import auc, dr_at_far, jsonable
 
+#: `vims score` end to end runs as a user runs it: without this benchmark's one-thread BLAS setting.
+USER_ENV = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
 ADFA_ROWS: list[tuple[str, str, list[str]]] = [
     ("stide k=6 (baseline)", "stide", []),
     ("stide k=6 lfc20", "stide", ["aggregate=window"]),
@@ -64,7 +77,9 @@ def _metrics(normal: np.ndarray, attack: np.ndarray) -> dict[str, float]:
             "dr5": dr_at_far(normal, attack, 0.05), "dr10": dr_at_far(normal, attack, 0.10)}
 
 
-def adfa(quick: bool, only: set[str] | None = None) -> list[dict[str, Any]]:
+def adfa(quick: bool, only: set[str] | None = None,
+         fitted: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The standard-protocol rows; the default detector and the stide baseline go to ``fitted`` too."""
     from vims.datasets.adfa import read_adfa_ld
 
     table = read_adfa_ld(datasets_dir() / "adfa-ld" / "ADFA-LD-dev.zip")
@@ -80,6 +95,8 @@ def adfa(quick: bool, only: set[str] | None = None) -> list[dict[str, Any]]:
         t0, c0 = time.perf_counter(), time.process_time()
         det.fit(train)
         fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
+        if fitted is not None and (params, name) in (([], "stide"), ([], DEFAULT_DETECTOR)):
+            fitted[name] = det
         # CPU seconds of this process: the machine is shared, and the target is per core
         t0 = time.process_time()
         sn, sa = det.anomaly_score(val), det.anomaly_score(att)
@@ -109,6 +126,42 @@ def adfa(quick: bool, only: set[str] | None = None) -> list[dict[str, Any]]:
         rows.append({"detector": label, **_metrics(sn, sa), "fit_s": upd_s, "fit_cpu_s": float("nan"),
                      "calls_per_s": float("nan")})
         out.print(f"  {label}: AUC {rows[-1]['auc']:.4f} DR@5% {rows[-1]['dr5']:.3f}", highlight=False)
+    return rows
+
+
+def score_speed(fitted: dict[str, Any], runs: int = 3) -> list[dict[str, Any]]:
+    """``vims score`` end to end on ADFA-LD Validation for each fitted model (see the module docstring)."""
+    from vims.datasets.adfa import read_adfa_ld
+    from vims.models.persist import save_model
+    from vims.tables import write_table
+
+    val = select(read_adfa_ld(datasets_dir() / "adfa-ld" / "ADFA-LD-dev.zip"), ["validation"])
+    n_calls = len(as_flat(val).values)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_table(val, Path(tmp) / "validation.parquet")
+        for name in sorted(fitted, key=lambda k: k != "stide"):
+            save_model(fitted[name], Path(tmp) / f"{name}.skops", {})
+            cmd = [sys.executable, "-c", "import sys; from vims.cli import main; sys.argv[0] = 'vims'; main()",
+                   "score", "--model", str(Path(tmp) / f"{name}.skops"), "--data",
+                   str(Path(tmp) / "validation.parquet"), "-o", str(Path(tmp) / f"{name}.scores.parquet")]
+            walls, cpus = [], []
+            for _ in range(runs):
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, env=USER_ENV, capture_output=True)
+                walls.append(time.perf_counter() - t0)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+            wall, cpu = float(np.median(walls)), float(np.median(cpus))
+            label = "stide k=6 (baseline)" if name == "stide" else f"{name} (default)"
+            rows.append({"detector": label, "calls": n_calls, "runs": runs, "wall_s": wall, "cpu_s": cpu,
+                         "calls_per_s": n_calls / wall, "calls_per_cpu_s": n_calls / cpu,
+                         "vs_baseline": wall / rows[0]["wall_s"] if rows else 1.0})
+            r = rows[-1]
+            out.print(f"  vims score {label}: {wall:.2f} s wall ({cpu:.2f} s CPU) for {n_calls:,} calls: "
+                      f"{r['calls_per_s']:,.0f} calls/s end to end, {r['vs_baseline']:.2f}x the baseline's time",
+                      highlight=False)
     return rows
 
 
@@ -281,6 +334,19 @@ def _print(title: str, rows: list[dict[str, Any]], group: str | None = None) -> 
     Console(width=160).print(table)  # wide even when piped to a file
 
 
+def _print_speed(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="`vims score` end to end on ADFA-LD Validation (start-up included; median of runs)")
+    for c in ("detector", "calls", "wall s", "CPU s", "calls/s", "calls/CPU s", "x baseline time"):
+        table.add_column(c, justify="left" if c == "detector" else "right")
+    for r in rows:
+        table.add_row(r["detector"], f"{r['calls']:,}", f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+                      f"{r['calls_per_s']:,.0f}", f"{r['calls_per_cpu_s']:,.0f}", f"{r['vs_baseline']:.2f}")
+    Console(width=160).print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="leave out the slow detectors and repeats")
@@ -298,13 +364,16 @@ def main() -> None:
             print_json(selection)
         return
     only = set(args.only.split(",")) if args.only else None
-    results = jsonable({"adfa": adfa(args.quick, only), "unm": unm(args.quick, only)})
+    fitted: dict[str, Any] = {}
+    results = jsonable({"adfa": adfa(args.quick, only, fitted), "unm": unm(args.quick, only),
+                        "score_speed": score_speed(fitted)})
     if args.json_out:
         args.json_out.write_text(to_json(results) + "\n")
     if args.json:
         print_json(results)
         return
     _print("ADFA-LD, standard protocol (fit Training; Validation vs all Attack)", results["adfa"])
+    _print_speed(results["score_speed"])
     if results["unm"]:
         _print("UNM: fit on half the normal traces, test the other half + intrusions", results["unm"], "program")
 

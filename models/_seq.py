@@ -220,6 +220,39 @@ def ngram_codes(seq: np.ndarray, at: np.ndarray, n: int, base: int) -> np.ndarra
     return code
 
 
+def unique_traces(flat: Flat) -> tuple[Flat, np.ndarray]:
+    """The distinct traces of ``flat`` (first occurrences, in order) and where each trace went.
+
+    ``distinct.take(inverse)`` gives ``flat`` back. Traces are grouped by length and a 64-bit hash of
+    their calls, then compared call by call, so a hash collision only costs a trace kept twice, never a
+    trace taken for another. A per-trace score computed on ``distinct`` and indexed by ``inverse`` is
+    the score of every trace.
+
+    >>> d, inv = unique_traces(as_flat([[1, 2], [3], [1, 2], [], [3], []]))
+    >>> d.n_traces, inv.tolist(), d.take(inv).values.tolist()
+    (3, [0, 1, 0, 2, 1, 2], [1, 2, 3, 1, 2, 3])
+    """
+    n, lengths = flat.n_traces, flat.lengths
+    tr = flat.trace_index()
+    pos = np.arange(len(flat.values), dtype=np.int64) - flat.offsets[tr]
+    with np.errstate(over="ignore"):
+        x = (flat.values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ pos.astype(np.uint64)
+        x ^= x >> np.uint64(31)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(29)
+        csum = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum(x, dtype=np.uint64)])
+        h = csum[flat.offsets[1:]] - csum[flat.offsets[:-1]]
+    order = np.lexsort((np.arange(n), h, lengths))  # groups of equal (length, hash), first trace first
+    new = np.r_[True, (lengths[order][1:] != lengths[order][:-1]) | (h[order][1:] != h[order][:-1])]
+    rep = np.empty(n, dtype=np.int64)
+    rep[order] = order[np.flatnonzero(new)[np.cumsum(new) - 1]]
+    # check every call against its representative's: a collision keeps the trace as its own
+    differs = flat.values != flat.values[flat.offsets[rep[tr]] + pos]
+    rep[np.unique(tr[differs])] = np.unique(tr[differs])
+    kept, inverse = np.unique(rep, return_inverse=True)
+    return flat.take(kept), inverse.astype(np.int64)
+
+
 def lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, default: float | int = 0) -> np.ndarray:
     """``values[i]`` where ``keys[i] == query`` (``keys`` sorted), else ``default``.
 

@@ -13,10 +13,12 @@ threshold for free.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from vims.errors import InputError
-from vims.models._seq import Flat
+from vims.models._seq import Flat, unique_traces
 from vims.models.base import Detector
 from vims.models.calibration import oof_scores
 
@@ -119,7 +121,28 @@ class Ensemble(Detector):
         return np.asarray(z @ self.weights_)
 
     def _score(self, flat: Flat) -> np.ndarray:
-        return self.combine(np.stack([det.anomaly_score(flat) for _, det in self.members_], axis=1))
+        distinct, inverse = unique_traces(flat)  # every distinct trace scored once
+        return self.combine(self.member_scores(distinct))[inverse]
+
+    def member_scores(self, flat: Flat) -> np.ndarray:
+        """Each member's anomaly score of every trace: a (traces x members) array.
+
+        MLP members that read the same input (:meth:`~vims.models.mlp.MLPNextCall.input_key`, as the
+        default's two seeds do) share its distinct windows instead of finding them twice.
+        """
+        from vims.models.mlp import MLPNextCall
+
+        shared: dict[tuple[int, int, bytes], Any] = {}
+        cols = []
+        for _, det in self.members_:
+            if isinstance(det, MLPNextCall):
+                key = det.input_key()
+                if key not in shared:
+                    shared[key] = det.distinct_windows(flat)
+                cols.append(det.aggregate_calls(det.scores_of(shared[key]), flat.offsets))
+            else:
+                cols.append(det.anomaly_score(flat))
+        return np.stack(cols, axis=1)
 
     def _update(self, flat: Flat) -> None:
         for _, det in self.members_:

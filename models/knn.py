@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from vims.errors import InputError
-from vims.models._seq import BASE, BOS, Flat, Vocab, ngram_codes, pad
+from vims.models._seq import BASE, BOS, Flat, Vocab, pad
 from vims.models.base import Detector
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -56,22 +56,29 @@ class KNN(Detector):
             raise InputError("k and max_n must be at least 1 and bits between 4 and 26")
 
     def _counts(self, flat: Flat) -> sp.csr_matrix:
-        n = int(self.max_n)
+        n, bits = int(self.max_n), int(self.bits)
         seq, at = pad(self.vocab_.encode(flat.values), flat.offsets, n - 1, BOS)
         rows = flat.trace_index()
-        shift = np.uint64(64 - int(self.bits))
-        cols = []
+        shift = np.uint64(64 - bits)
+        # one key per (trace, bucket) occurrence, trace in the high bits: sorted, equal keys are counts
+        keys = np.empty(len(at) * n, dtype=np.int64)
+        code, power = np.zeros(len(at), dtype=np.uint64), np.uint64(1)
         with np.errstate(over="ignore"):
             for m in range(1, n + 1):
+                # the m-gram code from the (m - 1)-gram's: ngram_codes(seq, at, m, BASE), one pass
+                code += seq[at - (m - 1)].astype(np.uint64) * power
+                power *= np.uint64(BASE)
                 # the order in the high bits keeps orders apart; the top bits of the product are the bucket
-                h = (ngram_codes(seq, at, m, BASE) ^ (np.uint64(m) << np.uint64(59))) * _GOLDEN
-                cols.append((h >> shift).astype(np.int64))
-        counts = sp.csr_matrix(
-            (np.ones(len(rows) * n, dtype=np.float64), (np.tile(rows, n), np.concatenate(cols))),
-            shape=(flat.n_traces, 1 << int(self.bits)),
-        )
-        counts.sum_duplicates()
-        return counts
+                h = (code ^ (np.uint64(m) << np.uint64(59))) * _GOLDEN
+                keys[(m - 1) * len(at):m * len(at)] = (rows << bits) | (h >> shift).astype(np.int64)
+        keys.sort()
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+        counts = np.diff(np.r_[starts, len(keys)]).astype(np.float64)
+        unique = keys[starts]
+        indptr = np.searchsorted(unique >> bits, np.arange(flat.n_traces + 1))
+        index = np.int32 if len(unique) < 2**31 else np.int64
+        return sp.csr_matrix((counts, (unique & ((1 << bits) - 1)).astype(index), indptr.astype(index)),
+                             shape=(flat.n_traces, 1 << bits))
 
     def _tfidf(self, counts: sp.csr_matrix) -> sp.csr_matrix:
         x = counts.copy()

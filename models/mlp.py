@@ -12,14 +12,55 @@ scorer relies on it).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import scipy.sparse as sp
 
 from vims.errors import InputError
-from vims.models._seq import BASE, BOS, Flat, Vocab, ngram_codes, pad
+from vims.models._seq import BASE, BOS, Flat, Vocab, ngram_codes, pad, unique_traces
 from vims.models.base import CallDetector
 
 _CHUNK = 2048  # rows per forward step: the hidden block stays in cache
+_BLAS: list[Any] = []  # threadpoolctl's controller, made on first use (after numpy loaded its BLAS)
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run the forward pass's small matrix products on one BLAS thread.
+
+    Blocks of 2,048 x 96 x ~128 are too small to gain from threads: with two threads OpenBLAS spent
+    about four times the CPU on them (spinning), for the same results, on a shared two-core machine.
+    """
+    if not _BLAS:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS.append(ThreadpoolController())
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield
+
+
+@dataclass
+class DistinctWindows:
+    """The distinct input windows of a batch of calls (:meth:`MLPNextCall.distinct_windows`).
+
+    Attributes
+    ----------
+    windows : numpy.ndarray
+        The distinct windows (int16, ``context_ + 1`` codes: the calls before, then the call).
+    inverse : numpy.ndarray
+        For every call, the row of its window in ``windows``.
+    clash_windows, clash : numpy.ndarray
+        The windows of calls whose hash matched another window's, and their positions.
+    """
+
+    windows: np.ndarray
+    inverse: np.ndarray
+    clash_windows: np.ndarray
+    clash: np.ndarray
 
 
 class MLPNextCall(CallDetector):
@@ -134,21 +175,46 @@ class MLPNextCall(CallDetector):
         self.w1_ = w1.astype(np.float32).reshape(self.context_, self.n_codes_, -1)
         self.b1_, self.w2_, self.b2_ = b1.astype(np.float64), w2.astype(np.float64), b2.astype(np.float64)
 
-    def _call_scores(self, seq: np.ndarray, at: np.ndarray) -> np.ndarray:
+    def input_key(self) -> tuple[int, int, bytes]:
+        """What the network's input depends on: two models with the same key share :meth:`distinct_windows`."""
+        return self.context_, self.n_codes_, self.vocab_.known.tobytes()
+
+    def distinct_windows(self, flat: Flat) -> DistinctWindows:
+        """The distinct windows (each call with its ``context_`` calls before it) of every trace of ``flat``."""
+        seq, at = pad(self.vocab_.encode(flat.values), flat.offsets, self.context_, BOS)
+        return self._distinct(seq, at)
+
+    def _distinct(self, seq: np.ndarray, at: np.ndarray) -> DistinctWindows:
         c = self.context_
         seq = np.where(seq >= self.n_codes_, 0, seq)  # a code admitted after fit is pooled
         windows = np.lib.stride_tricks.sliding_window_view(seq.astype(np.int16), c + 1)[at - c]
-        # traces repeat themselves: run the network once per distinct window (about a quarter of the
+        # traces repeat themselves: run the network once per distinct window (about a fifth of the
         # calls on ADFA-LD). Windows are grouped by a hash, then compared in full, so a collision
         # only costs a second forward pass, never a wrong score.
         h = ngram_codes(seq, at, c + 1, BASE)
-        _, first, inv = np.unique(h, return_index=True, return_inverse=True)
-        rep = first[inv]
-        out = self._forward(windows[first])[inv]
-        clash = np.flatnonzero((windows != windows[rep]).any(axis=1))
-        if len(clash):
-            out[clash] = self._forward(windows[clash])
+        order = np.argsort(h)  # any member of a group of equal hashes stands for it
+        hs = h[order]
+        new = np.r_[True, hs[1:] != hs[:-1]]
+        first = order[new]
+        inv = np.empty(len(h), dtype=np.int64)
+        inv[order] = np.cumsum(new) - 1
+        clash = np.flatnonzero((windows != windows[first[inv]]).any(axis=1))
+        return DistinctWindows(windows[first], inv, windows[clash], clash)
+
+    def scores_of(self, d: DistinctWindows) -> np.ndarray:
+        """The surprise of every call of :meth:`distinct_windows` (in the calls' order)."""
+        with _one_blas_thread():
+            out = self._forward(d.windows)[d.inverse]
+            if len(d.clash):
+                out[d.clash] = self._forward(d.clash_windows)
         return out
+
+    def _call_scores(self, seq: np.ndarray, at: np.ndarray) -> np.ndarray:
+        return self.scores_of(self._distinct(seq, at))
+
+    def _score(self, flat: Flat) -> np.ndarray:
+        distinct, inverse = unique_traces(flat)  # every trace scored once
+        return self.aggregate_calls(self.scores_of(self.distinct_windows(distinct)), distinct.offsets)[inverse]
 
     def _forward(self, windows: np.ndarray) -> np.ndarray:
         """Negative log-likelihood of each window's last call given the calls before it."""
@@ -164,8 +230,11 @@ class MLPNextCall(CallDetector):
             h = h32.astype(np.float64)
             h += self.b1_
             np.maximum(h, 0, out=h)
-            z = h @ self.w2_ + self.b2_
+            z = h @ self.w2_
+            z += self.b2_
+            target = z[np.arange(len(w)), w[:, c]]
             zmax = z.max(axis=1)
-            lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
-            out[s:s + _CHUNK] = lse - z[np.arange(len(w)), w[:, c]]
+            z -= zmax[:, None]
+            np.exp(z, out=z)
+            out[s:s + _CHUNK] = zmax + np.log(z.sum(axis=1)) - target
         return out

@@ -30,6 +30,8 @@ from vims.errors import InputError, VimsError
 from vims.models._seq import as_flat
 
 FALLBACK = "*"
+#: Key prefix of a program the fallback scores with a window threshold of its own (``"*:sleep"``).
+FALLBACK_PREFIX = "*:"
 #: Linux keeps at most this many characters of a program name in ``comm``.
 COMM_LEN = 15
 
@@ -44,7 +46,8 @@ class ModelSet(BaseEstimator):
     fallback : Detector
         Fitted detector for any other program (key ``"*"``).
     window_thresholds : dict of str to float, optional
-        Calibrated window thresholds by program key (``"*"`` for the fallback).
+        Calibrated window thresholds by program key (``"*"`` for the fallback; ``"*:NAME"`` for a program
+        NAME without a model of its own that the fallback scores with a threshold of its own).
     """
 
     def __init__(self, models: dict[str, Any] | None = None, fallback: Any = None,
@@ -66,18 +69,20 @@ class ModelSet(BaseEstimator):
     def programs(self) -> dict[str, Any]:
         """Every program key and its detector, the fallback as ``"*"``."""
         self._check()
-        return {**(self.models or {}), FALLBACK: self.fallback}
+        own = {k: self.fallback for k in (self.window_thresholds or {}) if k.startswith(FALLBACK_PREFIX)}
+        return {**(self.models or {}), FALLBACK: self.fallback, **own}
 
     def for_program(self, name: str | None) -> tuple[str, Any]:
         """``(key, detector)`` that scores program ``name``."""
         self._check()
-        models = self.models or {}
+        every = {**(self.models or {}), **{k[len(FALLBACK_PREFIX):]: self.fallback
+                                           for k in (self.window_thresholds or {}) if k.startswith(FALLBACK_PREFIX)}}
         if name is not None:
-            if name in models:
-                return name, models[name]
-            for key, det in models.items():  # comm is the name cut to 15 characters
-                if len(key) > COMM_LEN and key[:COMM_LEN] == name:
-                    return key, det
+            hits = [key for key in every if key == name] or \
+                [key for key in every if len(key) > COMM_LEN and key[:COMM_LEN] == name]  # comm: 15 characters
+            if hits:
+                key = hits[0]
+                return (key if key in (self.models or {}) else FALLBACK_PREFIX + key), every[key]
         return FALLBACK, self.fallback
 
     def window_threshold(self, key: str) -> float | None:

@@ -181,15 +181,15 @@ def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     if digest != card["sha256"]:
         raise VimsError(f"SHA-256 {digest[:12]}... does not match its card ({str(card['sha256'])[:12]}...): "
                         "the model file was changed or replaced; refusing to load", where=path)
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    # one pass over the file: skops refuses any type beyond its defaults and TRUSTED while it loads
     try:
-        untrusted = sio.get_untrusted_types(file=path)
+        model = sio.load(path, trusted=TRUSTED)
+    except UntrustedTypesFoundException:
+        refused = sorted(set(sio.get_untrusted_types(file=path)) - set(TRUSTED))
+        raise VimsError(f"model file holds untrusted types: {', '.join(refused)}; refusing to load",
+                        where=path) from None
     except Exception as exc:  # skops raises zipfile/JSON/key errors for a damaged file
         raise InputError(f"not a skops model file: {exc}", where=path) from exc
-    refused = sorted(set(untrusted) - set(TRUSTED))
-    if refused:
-        raise VimsError(f"model file holds untrusted types: {', '.join(refused)}; refusing to load", where=path)
-    try:
-        model = sio.load(path, trusted=list(untrusted))
-    except Exception as exc:
-        raise InputError(f"cannot load the model: {exc}", where=path) from exc
     return model, card

@@ -276,3 +276,31 @@ def test_replay_command(tmp_path, normal) -> None:
     from vims.errors import InputError
 
     assert isinstance(bad.exception, InputError) and "m.skops" in str(bad.exception)  # `vims` exits 2 on it
+
+
+@pytest.mark.parametrize("pace", [False, True], ids=["full-speed", "paced"])
+def test_replay_cuts_reports_by_recorded_time(tmp_path, normal, pace) -> None:
+    """10 s of recorded events, interval 2 s: five reports, each with the events of its 2 s."""
+    from typer.testing import CliRunner
+
+    from vims.cli import app
+    from vims.models.persist import save_model
+    from vims.tables import write_table
+
+    save_model(Stide(k=4).fit(normal[:40]), tmp_path / "m.skops")
+    events = example_events({100 + i: t[:250] for i, t in enumerate(normal[40:44])}, interleave=50)
+    n = events.num_rows  # 1,000 events, recorded evenly over 10 s (a batch of 4,096 would hold them all)
+    ts = np.uint64(5 * 10**9) + (np.arange(n, dtype=np.uint64) * np.uint64(10**10 // n))
+    events = events.set_column(events.schema.get_field_index("ts_ns"), "ts_ns", pa.array(ts))
+    write_table(events, tmp_path / "e.parquet")
+    args = ["avm", "replay", str(tmp_path / "e.parquet"), "-m", str(tmp_path / "m.skops"), "--workers", "1",
+            "--interval", "2", "--json"] + (["--pace", "--speed", "5"] if pace else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = [line for line in lines if "behaviour" in line]
+    expected = np.bincount((ts - ts[0]).astype(np.int64) // (2 * 10**9)).tolist()
+    assert expected == [n // 5] * 5
+    assert [r["events"]["interval"]["seen"] for r in reports] == expected
+    assert [r["events"]["interval"]["scored"] for r in reports] == expected
+    assert lines[-1]["summary"]["reports"] == 4  # the fifth is the final report, after the replay

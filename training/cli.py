@@ -62,7 +62,7 @@ def _train(
                 table, detector, param, split=split, far=far, cv=cv, min_traces=min_traces, data_path=str(data),
                 on_program=lambda p: bar.update(task, description=f"fitting {p}"))
         set_card = save_model(model_set, output, set_card)
-        programs = sorted(set_card["programs"])
+        programs = sorted(p for p, entry in set_card["programs"].items() if entry.get("model") != "*" or p == "*")
         if as_json:
             print_json({"model": str(output), "kind": "model-set", "detector": detector or SET_DETECTOR,
                         "programs": set_card["programs"], "training": set_card["training"]})
