@@ -259,7 +259,7 @@ class AttachedVm:
         if self._profile is not None and is_live(self.memory, self._profile):
             return self._profile
         raw = KernelProfile.load(self._profile_file())
-        self._profile = relocate(self.memory, raw)
+        self._profile = relocate(self.memory, raw, require_live=self.was_running)
         return self._profile
 
     def _profile_file(self) -> Path:

@@ -187,12 +187,15 @@ def _advancing(read_clocks: list[Any], settle: float, after: float = 0.25) -> li
 
 
 def _live_copy(memory: PhysicalMemory, profile: Any, found: list[KaslrOffsets], settle: float) -> KaslrOffsets:
-    """The one of several self-consistent kernel copies that runs: the one whose ``jiffies_64`` moves."""
+    """The one of the self-consistent kernel copies that runs: the one whose ``jiffies_64`` moves."""
     link_text = profile.symbol("_text")
     at = [f.text_paddr + profile.symbol("jiffies_64") - link_text for f in found]
     moved = _advancing([lambda a=a: memory.u64(a) for a in at], settle)
     live = [f for f, m in zip(found, moved, strict=True) if m]
     places = ", ".join(f"{f.text_paddr:#x}" for f in found)
+    if len(found) == 1 and not live:
+        raise KaslrError(f"the kernel in guest RAM (_text at {places}) does not run: its clock stood still for "
+                         f"{settle:g} s (a previous boot's copy while the guest reboots, or a paused guest)")
     if len(live) != 1:
         raise KaslrError(f"{len(found)} copies of the kernel in guest RAM (_text at {places}; a reboot in "
                          f"place leaves the previous boot's) and {len(live) or 'none'} of their clocks moved "
@@ -202,7 +205,7 @@ def _live_copy(memory: PhysicalMemory, profile: Any, found: list[KaslrOffsets], 
 
 
 def find_kaslr_in(memory: PhysicalMemory, profile: Any, cr3: int | None = None,
-                  settle: float = SETTLE_S) -> KaslrOffsets:
+                  settle: float = SETTLE_S, require_live: bool = False) -> KaslrOffsets:
     """The load offsets of the running kernel of ``profile`` (link-time symbols) in ``memory``.
 
     Parameters
@@ -215,6 +218,9 @@ def find_kaslr_in(memory: PhysicalMemory, profile: Any, cr3: int | None = None,
     settle : float
         When RAM holds more than one consistent copy of the kernel and no ``cr3`` tells them apart,
         the seconds to watch their clocks for the one that runs.
+    require_live : bool
+        Watch the clock of a single copy too (a running guest's RAM, not a saved image): right after
+        a reboot in place, before the new kernel is unpacked, the old copy is the only one there.
     """
     found: list[KaslrOffsets] = []
     refused: list[str] = []
@@ -225,7 +231,9 @@ def find_kaslr_in(memory: PhysicalMemory, profile: Any, cr3: int | None = None,
             refused.append(f"{text_pa:#x}: {exc}")
     if not found:
         raise KaslrError("no copy of the kernel in guest RAM holds together: " + "; ".join(refused))
-    return found[0] if len(found) == 1 else _live_copy(memory, profile, found, settle)
+    if len(found) == 1 and (cr3 is not None or not require_live):
+        return found[0]
+    return _live_copy(memory, profile, found, settle)
 
 
 def is_live(memory: PhysicalMemory, profile: Any, settle: float = SETTLE_S) -> bool:
@@ -266,9 +274,10 @@ def find_kaslr(
         return find_kaslr_in(memory, profile, cr3)
 
 
-def relocate(memory: PhysicalMemory, profile: Any) -> Any:
-    """``profile`` relocated to where the kernel in ``memory`` runs (unchanged if not relocatable)."""
+def relocate(memory: PhysicalMemory, profile: Any, require_live: bool = False) -> Any:
+    """``profile`` relocated to where the kernel in ``memory`` runs (unchanged if not relocatable);
+    ``require_live``: see :func:`find_kaslr_in`."""
     if not getattr(profile, "relocatable", False):
         return profile
-    found = find_kaslr_in(memory, profile)
+    found = find_kaslr_in(memory, profile, require_live=require_live)
     return profile.relocated(found.virtual_offset, found.phys_base)

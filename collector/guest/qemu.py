@@ -471,7 +471,7 @@ class Guest:
                 from vims.collector.memory import PhysicalMemory
 
                 with PhysicalMemory.open(self.memory_path) as memory:
-                    profile = relocate(memory, profile)
+                    profile = relocate(memory, profile, require_live=True)
             self._profile = profile
         return self._profile
 
