@@ -9,7 +9,6 @@ run id), labels them with the run's truths and gives them splits by run (:func:`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from vims.datasets.capture import traces_from_events
 from vims.datasets.traces import trace_table
 from vims.datasets.truth import read_truths
 from vims.errors import InputError
+from vims.jsonfile import read_json
 
 __all__ = ["EVENTS", "FORMAT", "MANIFEST", "RUN", "TRUTH", "is_recording", "read_manifest", "read_recording",
            "run_splits"]
@@ -36,12 +36,7 @@ def is_recording(path: Path) -> bool:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """``folder``'s manifest, checked for the fields the importer uses."""
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read the manifest: {exc.strerror or exc}", where=path) from None
-    except ValueError as exc:
-        raise InputError(f"not JSON: {exc}", where=path) from None
+    manifest = read_json(path, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"not a VIMS recording (its 'format' is not {FORMAT!r})", where=path)
     runs = manifest.get("runs")

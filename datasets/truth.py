@@ -26,7 +26,6 @@ otherwise give a data set with silently no attack in it.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vims.errors import InputError
+from vims.jsonfile import read_json
 
 __all__ = ["GRACE_NS", "Truth", "attack_marks", "read_truths", "truths_from"]
 
@@ -111,13 +111,7 @@ def read_truths(paths: Iterable[str | Path]) -> list[Truth]:
     """The truths of every file in ``paths`` (each a JSON object or list); unreadable JSON is an error."""
     truths: list[Truth] = []
     for path in map(Path, paths):
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise InputError(f"cannot read the ground truth: {exc.strerror or exc}", where=path) from None
-        except ValueError as exc:
-            raise InputError(f"not JSON: {exc}", where=path) from None
-        truths.extend(truths_from(data, where=str(path)))
+        truths.extend(truths_from(read_json(path, "ground truth"), where=str(path)))
     return truths
 
 

@@ -49,14 +49,9 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def _read_policy(path: Path) -> dict[str, Any]:
-    import json
+    from vims.jsonfile import read_json
 
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VimsError(f"{path}: no such policy file") from None
-    except ValueError as exc:
-        raise InputError(f"not JSON: {exc}", where=path) from exc
+    obj = read_json(path, "policy file")
     if not isinstance(obj, dict):
         raise InputError("a policy is a JSON object", where=path)
     return obj

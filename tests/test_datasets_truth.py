@@ -141,7 +141,7 @@ def test_malformed_truths_name_the_file_and_the_field(tmp_path: Path, change: di
 
 def test_unreadable_truth_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(InputError, match=r"bad.json: not JSON"):
+    with pytest.raises(InputError, match=r"bad.json:1: not JSON"):
         read_truths([tmp_path / "bad.json"])
     with pytest.raises(InputError, match=r"missing.json: cannot read the ground truth"):
         read_truths([tmp_path / "missing.json"])

@@ -88,24 +88,6 @@ def test_policy_validation_names_the_field():
         normalise_policy({"tracing": {"window_ms": 2000, "period_ms": 1000}})
 
 
-def test_store_enrolment_conflicts_and_revocation(tmp_path):
-    store = Store(tmp_path / "r.sqlite")
-    a, b = AvmIdentity.generate("a"), AvmIdentity.generate("b")
-    store.enroll(a.public, "vm-1", 40001)
-    with pytest.raises(VimsError, match="already enrolled"):
-        store.enroll(a.public, "vm-2", 40002)
-    with pytest.raises(VimsError, match="already watched"):
-        store.enroll(b.public, "vm-1", 40002)
-    with pytest.raises(VimsError, match="gate port 40001"):
-        store.enroll(b.public, "vm-2", 40001)
-    store.revoke("a")
-    with pytest.raises(VimsError, match="no enrolled"):
-        store.revoke("a")
-    store.enroll(b.public, "vm-1", 40001)  # the VM and port are free again
-    assert [r["revoked"] for r in store.status()] == [True, False]
-    store.close()
-
-
 def test_not_a_database_is_a_user_error(tmp_path):
     path = tmp_path / "r.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)
