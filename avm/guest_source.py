@@ -14,6 +14,8 @@ from vims.errors import VimsError
 
 #: Seconds between two looks at whether the guest's kernel is still the one traced.
 REBOOT_WATCH_S = 2.0
+#: The fastest a kernel's clock ticks (CONFIG_HZ is at most 1000).
+MAX_HZ = 1000
 
 
 def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = None, vm_id: str | None = None,
@@ -113,19 +115,38 @@ def _trace_one_boot(agent: Agent, backend: Any, stop: threading.Event, current: 
 def _watch_boot(backend: Any, stop: threading.Event, ended: threading.Event, reboot: threading.Event,
                 every: float) -> None:
     """Set ``ended`` when ``stop`` is set, or (and ``reboot``) when the guest's kernel is no longer the
-    one ``backend`` traces: it rebooted, or is rebooting (no running kernel found)."""
+    one ``backend`` traces: it rebooted, or is rebooting (no running kernel found).
+
+    Two signs, at each look: the traced kernel's clock (``jiffies_64``, read where the traced profile
+    says) went back or leapt (the next boot is writing over the old kernel's memory: a clock ticks at
+    most :data:`MAX_HZ` times a second), or the guest's profile, looked up again, places the kernel
+    elsewhere or finds none running.
+    """
     text = backend.profile.symbol("_text")
+    jiffies = backend.profile.symbol("jiffies_64")
+    last, then = _clock(backend, jiffies), time.monotonic()
     while not ended.is_set():
         if stop.wait(every):
             break
+        now, at = _clock(backend, jiffies), time.monotonic()
+        leapt = now is None or last is None or not 0 <= now - last <= MAX_HZ * (at - then + 1.0)
+        last, then = now, at
         try:
-            moved = backend.guest.profile.symbol("_text") != text
+            moved = leapt or backend.guest.profile.symbol("_text") != text
         except VimsError:  # no kernel runs right now: it is going down or coming up
             moved = True
         if moved:
             reboot.set()
             break
     ended.set()
+
+
+def _clock(backend: Any, jiffies: int) -> int | None:
+    """The traced kernel's ``jiffies_64`` (None when it cannot be read any more)."""
+    try:
+        return int(backend.kernel.u64(jiffies))
+    except VimsError:
+        return None
 
 
 def _attach_new_boot(guest: Any, stop: threading.Event, every: float) -> Any:

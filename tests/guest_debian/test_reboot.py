@@ -88,7 +88,7 @@ def test_the_avm_follows_the_guest_through_a_reboot(debian: Guest) -> None:
         def sample() -> None:
             while not stop.is_set():
                 states.append(agent.collector_health()["state"])
-                time.sleep(0.5)
+                time.sleep(0.2)
 
         try:
             assert ready.wait(120) and not failure, failure
