@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-QUICK_SCENARIOS = ("data-theft",)
+QUICK_SCENARIOS = ("reverse-shell",)
 
 
 def _knobs(args: argparse.Namespace) -> Any:
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", help="a running Debian guest (`vims guest up`); default: boot one")
     parser.add_argument("--hours", type=float, default=None, help="add one long normal run of this many hours")
-    parser.add_argument("--quick", action="store_true", help="a smoke run on a small recording (2 normal runs of 25 s, 1 attack)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run on a small recording (2 normal runs of 25 s, 1 attack)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
 

