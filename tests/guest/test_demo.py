@@ -19,7 +19,8 @@ def test_demo_story_holds(tmp_path: Path) -> None:
     assert summary["cut_within_two_intervals"] is True, summary
     assert summary["refused_after_kernel_patch"] is True, summary
     assert "kernel-text" in summary["refusal_reason"]
-    assert {"sh", "httpd"} & set(summary["blamed"]), summary["blamed"]
+    # the web server, the shell it ran or what the shell started (timeout nc -l: the listener)
+    assert {"sh", "httpd", "exec.cgi", "cat", "timeout", "nc"} & set(summary["blamed"]), summary["blamed"]
     for name in ("index.html", "timeline.png", "summary.json", "reports.jsonl", "decisions.json"):
         assert (output / name).stat().st_size > 0, name
     assert json.loads((output / "summary.json").read_text())["ok"] is True
