@@ -75,7 +75,7 @@ def test_load_errors_name_file_and_line(tmp_path: Path) -> None:
     wrong.write_text('{"window_ms": -1}')
     with pytest.raises(InputError, match=r"wrong.json: field 'window_ms'"):
         Policy.load(wrong)
-    with pytest.raises(InputError, match="cannot read policy"):
+    with pytest.raises(InputError, match="cannot read the policy"):
         Policy.load(tmp_path / "absent.json")
     toml = tmp_path / "bad.toml"
     toml.write_text("mode = \n")

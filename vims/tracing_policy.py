@@ -32,7 +32,6 @@ vims.errors.InputError: policy: field 'mode': must be one of 'full', 'duty-cycle
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from vims.errors import InputError
+from vims.jsonfile import read_json
 
 POLICY_VERSION = 1
 MODES = ("full", "duty-cycle")
@@ -195,19 +195,14 @@ class Policy:
     def load(cls, path: str | Path) -> Policy:
         """Read a policy file: TOML if it ends in ``.toml``, JSON otherwise."""
         path = Path(path)
+        if path.suffix != ".toml":
+            return cls.from_dict(read_json(path, "policy"), where=str(path))
         try:
-            text = path.read_text()
+            data: Any = tomllib.loads(path.read_text())
         except OSError as exc:
-            raise InputError(f"cannot read policy: {exc.strerror or exc}", where=path) from exc
-        try:
-            if path.suffix == ".toml":
-                data: Any = tomllib.loads(text)
-            else:
-                data = json.loads(text)
+            raise InputError(f"cannot read the policy: {exc.strerror or exc}", where=path) from exc
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"not TOML: {exc}", where=path) from exc
-        except json.JSONDecodeError as exc:
-            raise InputError(f"not JSON: {exc.msg}", where=f"{path}:{exc.lineno}") from exc
         return cls.from_dict(data, where=str(path))
 
 
