@@ -2,8 +2,8 @@
 
 The agent traces the guest itself (the watchpoint tracer through QEMU's GDB stub), scores every call
 in a scorer worker process and reports every ``INTERVAL`` seconds. Within two reports of the webshell
-scenario's start the behaviour score must fall below the threshold, and the report must name the
-shell (``sh``) and the web server (``httpd``) it came from.
+scenario's start the behaviour score must fall below the threshold, and the report must name a process
+of the attack (the shell, or the listener it started) with its ancestry back to the web server (``httpd``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from vims.remote.protocol import check_report
 from vims.training.per_program import fit_model_set
 
 INTERVAL = 3.0
+#: The webshell's processes: the shell the CGI script runs and what the shell starts.
+ATTACK_PROGRAMS = {"sh", "cat", "timeout", "nc"}
 
 
 def _capture(guest: Guest, seconds: float, runs: int) -> pa.Table:
@@ -46,7 +48,6 @@ def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> No
     normal = pa.concat_tables([_capture(guest, 15, 4) for _ in range(3)])
     traces = traces_from_events(normal)
     model_set, _card = fit_model_set(traces, detector="ngram", params=["order=4"], min_traces=10, far=0.05, cv=3)
-    assert "httpd" in model_set.programs()
 
     reports: list[tuple[float, dict[str, Any]]] = []
     stop = threading.Event()
@@ -98,8 +99,10 @@ def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> No
     hit = next((r for r in after if r["behaviour"]["score"] < r["behaviour"]["threshold"]), None)
     assert hit is not None, [r["behaviour"] for r in after]
     top = hit["behaviour"]["top_processes"]
-    assert any(p["name"] == "sh" or (p.get("cmdline") or "").startswith("sh ") for p in top), top
-    # the shell's ancestry goes back to the web server: sh <- ... <- exec.cgi <- httpd
-    assert any("httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"]) for p in top), top
+    # the shell the web server ran, or what it started (its listener under timeout, nc), is named ...
+    attack = [p for p in top if p["name"] in ATTACK_PROGRAMS or (p.get("cmdline") or "").startswith("sh ")]
+    assert attack, top
+    # ... with its ancestry back to the web server: ... <- sh <- exec.cgi <- httpd
+    assert any("httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"]) for p in attack), attack
     assert hit["events"]["seen"] > 0 and hit["collector"]["state"] == "tracing"
     assert {c["check"] for c in hit["checks"]} >= {"kernel-text", "syscall-table"}
