@@ -10,12 +10,11 @@ from typing import Any
 from vims.avm.agent import Agent
 from vims.avm.checks_loop import check_loop
 from vims.avm.health import liveness
+from vims.collector.kaslr import MAX_HZ
 from vims.errors import VimsError
 
 #: Seconds between two looks at whether the guest's kernel is still the one traced.
 REBOOT_WATCH_S = 2.0
-#: The fastest a kernel's clock ticks (CONFIG_HZ is at most 1000).
-MAX_HZ = 1000
 
 
 def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = None, vm_id: str | None = None,
@@ -89,7 +88,7 @@ def _trace_one_boot(agent: Agent, backend: Any, stop: threading.Event, current: 
 
     ended = threading.Event()  # the tracer's own stop: the agent's stop, or a new boot
     reboot = threading.Event()
-    watcher = threading.Thread(target=_watch_boot, args=(backend, stop, ended, reboot, watch_every),
+    watcher = threading.Thread(target=_watch_boot, args=(backend, stop, ended, reboot, watch_every, state),
                                name="vims-boot-watch", daemon=True)
     tracer = SyscallTracer(backend, knobs["vm_id"] or agent.builder.vm_id, policy=knobs["policy"],
                            method=knobs["method"], batch_ms=knobs["batch_ms"], on_batch=deliver, keep=False)
@@ -107,15 +106,17 @@ def _trace_one_boot(agent: Agent, backend: Any, stop: threading.Event, current: 
         agent.tracer = None
         ended.set()
         watcher.join(timeout=30)
-    state["state"] = f"ended: {result.reason}"
+    if not reboot.is_set():
+        state["state"] = f"ended: {result.reason}"
     state["reason"] = result.reason
     return reboot.is_set()
 
 
 def _watch_boot(backend: Any, stop: threading.Event, ended: threading.Event, reboot: threading.Event,
-                every: float) -> None:
+                every: float, state: dict[str, Any]) -> None:
     """Set ``ended`` when ``stop`` is set, or (and ``reboot``) when the guest's kernel is no longer the
-    one ``backend`` traces: it rebooted, or is rebooting (no running kernel found).
+    one ``backend`` traces: it rebooted, or is rebooting (no running kernel found); the collector's
+    ``state`` then says ``rebooting`` (not alive) from that moment.
 
     Two signs, at each look: the traced kernel's clock (``jiffies_64``, read where the traced profile
     says) went back or leapt (the next boot is writing over the old kernel's memory: a clock ticks at
@@ -136,6 +137,7 @@ def _watch_boot(backend: Any, stop: threading.Event, ended: threading.Event, reb
         except VimsError:  # no kernel runs right now: it is going down or coming up
             moved = True
         if moved:
+            state["state"] = "rebooting"  # at once: the tracer may take a while to let go of the old boot
             reboot.set()
             break
     ended.set()

@@ -50,6 +50,8 @@ ALIGN = 0x200000
 #: Seconds to watch the kernels' clocks for the one that runs (a tickless idle guest may let ``jiffies``
 #: stand for a while; a busy one moves it every few milliseconds).
 SETTLE_S = 3.0
+#: The fastest a kernel's clock ticks (CONFIG_HZ is at most 1000).
+MAX_HZ = 1000
 
 
 class KaslrError(VimsError):

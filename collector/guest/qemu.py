@@ -199,6 +199,7 @@ class Guest:
         self.profile_path = Path(state["profile"])
         self._process = process
         self._profile: KernelProfile | None = None
+        self._clock: tuple[Any, int, float] | None = None  # (profile, jiffies, when): the last look at its clock
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -478,11 +479,17 @@ class Guest:
     def _profile_holds(self, profile: KernelProfile) -> bool:
         """Whether the relocated ``profile`` still fits this boot: the kernel it places runs
         (:func:`~vims.collector.kaslr.is_live`; a reboot leaves the old kernel's copy in RAM)."""
-        from vims.collector.kaslr import is_live
+        from vims.collector.kaslr import MAX_HZ, is_live
+        from vims.collector.kernel import KernelView
         from vims.collector.memory import PhysicalMemory
 
         try:
             with PhysicalMemory.open(self.memory_path) as memory:
+                # Its clock moved since the last look, at a clock's pace: live, without waiting for a tick.
+                now, at = KernelView(memory, profile).u64(profile.symbol("jiffies_64")), time.monotonic()
+                last, self._clock = self._clock, (profile, now, at)
+                if last is not None and last[0] is profile and 0 < now - last[1] <= MAX_HZ * (at - last[2] + 1.0):
+                    return True
                 return is_live(memory, profile)
         except (VimsError, OSError):
             return False

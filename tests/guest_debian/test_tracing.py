@@ -99,11 +99,11 @@ def _trace(guest: Guest) -> Traced:
     guest.run(f"rm -f {CRON_PIDS}; printf '%s\\n' '* * * * * root {CRON_JOB}' > {CRON_FILE}; "
               f"chmod 644 {CRON_FILE}", check=True)
     try:
-        _wait_for_second(guest, START_AT)
-        stop, http = threading.Event(), []
-        workers = _workload(guest, stop, http)
-        with QemuBackend.from_guest(guest) as backend:
+        with QemuBackend.from_guest(guest) as backend:  # opened first: the traps go in right at START_AT
             tracer = SyscallTracer(backend, "debian")
+            _wait_for_second(guest, START_AT)
+            stop, http = threading.Event(), []
+            workers = _workload(guest, stop, http)
             for w in workers:
                 threading.Timer(0.5, w.start).start()
             # At least 10 s, and until the cron job has run inside the window (a loaded host slows the
