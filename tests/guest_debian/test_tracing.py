@@ -102,6 +102,7 @@ def _trace(guest: Guest) -> Traced:
         with QemuBackend.from_guest(guest) as backend:  # opened first: the traps go in right at START_AT
             tracer = SyscallTracer(backend, "debian")
             _wait_for_second(guest, START_AT)
+            guest.run(f"rm -f {CRON_PIDS}")  # a run of the job during the wait (it may span a minute) is not ours
             stop, http = threading.Event(), []
             workers = _workload(guest, stop, http)
             for w in workers:
