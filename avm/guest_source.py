@@ -10,7 +10,7 @@ from typing import Any
 from vims.avm.agent import Agent
 from vims.avm.checks_loop import check_loop
 from vims.avm.health import liveness
-from vims.collector.kaslr import MAX_HZ
+from vims.collector.kaslr import at_clock_pace
 from vims.errors import VimsError
 
 #: Seconds between two looks at whether the guest's kernel is still the one traced.
@@ -119,9 +119,9 @@ def _watch_boot(backend: Any, stop: threading.Event, ended: threading.Event, reb
     ``state`` then says ``rebooting`` (not alive) from that moment.
 
     Two signs, at each look: the traced kernel's clock (``jiffies_64``, read where the traced profile
-    says) went back or leapt (the next boot is writing over the old kernel's memory: a clock ticks at
-    most :data:`MAX_HZ` times a second), or the guest's profile, looked up again, places the kernel
-    elsewhere or finds none running.
+    says) went back or leapt (the next boot is writing over the old kernel's memory:
+    :func:`~vims.collector.kaslr.at_clock_pace`), or the guest's profile, looked up again, places the
+    kernel elsewhere or finds none running.
     """
     text = backend.profile.symbol("_text")
     jiffies = backend.profile.symbol("jiffies_64")
@@ -130,7 +130,7 @@ def _watch_boot(backend: Any, stop: threading.Event, ended: threading.Event, reb
         if stop.wait(every):
             break
         now, at = _clock(backend, jiffies), time.monotonic()
-        leapt = now is None or last is None or not 0 <= now - last <= MAX_HZ * (at - then + 1.0)
+        leapt = now is None or last is None or not at_clock_pace(now - last, at - then)
         last, then = now, at
         try:
             moved = leapt or backend.guest.profile.symbol("_text") != text

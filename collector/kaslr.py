@@ -43,7 +43,7 @@ from vims.collector.memory import (
 )
 from vims.errors import VimsError
 
-__all__ = ["KaslrError", "KaslrOffsets", "find_kaslr", "find_kaslr_in", "is_live", "relocate"]
+__all__ = ["KaslrError", "KaslrOffsets", "at_clock_pace", "find_kaslr", "find_kaslr_in", "is_live", "relocate"]
 
 #: KASLR moves the kernel in steps of CONFIG_PHYSICAL_ALIGN (2 MiB on Debian's kernel).
 ALIGN = 0x200000
@@ -52,6 +52,16 @@ ALIGN = 0x200000
 SETTLE_S = 3.0
 #: The fastest a kernel's clock ticks (CONFIG_HZ is at most 1000).
 MAX_HZ = 1000
+
+
+def at_clock_pace(ticks: int, seconds: float) -> bool:
+    """Whether a kernel clock could have moved by ``ticks`` in ``seconds`` (not back, not faster than
+    :data:`MAX_HZ`, a second of slack): memory a new boot writes over moves any other way.
+
+    >>> at_clock_pace(250, 1.0), at_clock_pace(0, 5.0), at_clock_pace(-1, 1.0), at_clock_pace(10**6, 1.0)
+    (True, True, False, False)
+    """
+    return 0 <= ticks <= MAX_HZ * (seconds + 1.0)
 
 
 class KaslrError(VimsError):

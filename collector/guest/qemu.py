@@ -479,7 +479,7 @@ class Guest:
     def _profile_holds(self, profile: KernelProfile) -> bool:
         """Whether the relocated ``profile`` still fits this boot: the kernel it places runs
         (:func:`~vims.collector.kaslr.is_live`; a reboot leaves the old kernel's copy in RAM)."""
-        from vims.collector.kaslr import MAX_HZ, is_live
+        from vims.collector.kaslr import at_clock_pace, is_live
         from vims.collector.kernel import KernelView
         from vims.collector.memory import PhysicalMemory
 
@@ -488,7 +488,8 @@ class Guest:
                 # Its clock moved since the last look, at a clock's pace: live, without waiting for a tick.
                 now, at = KernelView(memory, profile).u64(profile.symbol("jiffies_64")), time.monotonic()
                 last, self._clock = self._clock, (profile, now, at)
-                if last is not None and last[0] is profile and 0 < now - last[1] <= MAX_HZ * (at - last[2] + 1.0):
+                moved = last is not None and last[0] is profile and now != last[1]
+                if moved and last is not None and at_clock_pace(now - last[1], at - last[2]):
                     return True
                 return is_live(memory, profile)
         except (VimsError, OSError):
