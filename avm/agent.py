@@ -81,6 +81,8 @@ class Agent:
         self.last_content: Report | None = None
         #: The running tracer, when the agent traces the guest itself (REM-S's tracing policy goes to it).
         self.tracer: Any = None
+        #: REM-S's static checks to run, ``[{"check", "every_s"}]`` (None: the A-VM's own default).
+        self.check_plan: list[dict[str, Any]] | None = None
         self._next = 0.0
         self._report_lock = threading.Lock()
 

@@ -13,12 +13,14 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
                 state: dict[str, Any]) -> None:
     """Run the static checks against ``guest`` every ``every`` seconds until ``stop``.
 
-    Each round first asks whether the guest's kernel is still where the checks look (a reboot in
-    place moves it: KASLR); if not, the checks move to the new kernel, and while none runs the
+    Every light check (and the deep ones with ``deep``) runs every ``every`` s; REM-S's policy, once
+    it came (:attr:`Agent.check_plan`), adds the checks it names and sets how often each runs. Each
+    round first asks whether the guest's kernel is still where the checks look (a reboot in place moves
+    it: KASLR); if not, the checks move to the new kernel, and while none runs the
     report carries an error row, never the last boot's rows.
     """
     from vims.collector.backends import QemuBackend
-    from vims.collector.checks.base import Context, run_checks, select
+    from vims.collector.checks.base import Context
 
     try:
         backend = QemuBackend.from_guest(guest)
@@ -27,7 +29,8 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
         state["checks"] = f"cannot run: {type(exc).__name__}: {exc}"
         return
     try:
-        checks = select(deep=deep)
+        latest: dict[str, list[dict[str, Any]]] = {}  # each check's last rows
+        ran: dict[str, float] = {}  # when each check last ran (monotonic)
         while not stop.is_set():
             start = time.monotonic()
             try:
@@ -35,13 +38,72 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
                     backend.close()
                     backend = QemuBackend.from_guest(backend.guest)  # the kernel of the new boot
                     ctx = Context.of_guest(backend)
-                rows = run_checks(ctx, checks)
-                agent.set_checks([r.as_dict() for r in rows])
-                state["checks"] = f"{len(rows)} rows in {time.monotonic() - start:.2f} s"
+                    ran.clear()
+                periods = _schedule(agent.check_plan, deep, every)
+                due, wait = _due(periods, ran, start)
+                for name, check in due:
+                    latest[name] = _run_one(ctx, name, check)
+                    ran[name] = start
+                agent.set_checks([row for name in periods for row in latest.get(name, [])])
+                state["checks"] = f"{len(due)} check(s) in {time.monotonic() - start:.2f} s"
             except Exception as exc:  # a check that breaks is an error row, and the loop goes on
-                agent.set_checks([{"check": "checks", "target": "guest", "status": "error",
-                                   "detail": f"{type(exc).__name__}: {exc}", "cost": "light",
-                                   "ts_ns": time.time_ns()}])
-            stop.wait(every)
+                agent.set_checks([_error_row("checks", f"{type(exc).__name__}: {exc}")])
+                wait = every
+            stop.wait(wait)
     finally:
         backend.close()
+
+
+def _schedule(plan: list[dict[str, Any]] | None, deep: bool, every: float) -> dict[str, float]:
+    """Each check to run and its period: the A-VM's own (every light check, and the deep ones with
+    ``deep``, every ``every`` s) with REM-S's plan on top (the checks it names, at its ``every_s``).
+    REM-S can add checks and set how often they run; it never takes evidence away.
+
+    >>> _schedule(None, False, 10.0)
+    {'kernel-text': 10.0, 'syscall-table': 10.0, 'hidden-processes': 10.0}
+    >>> _schedule([{"check": "syscall-table", "every_s": 5.0}, {"check": "process-binaries"}], False, 10.0)
+    {'kernel-text': 10.0, 'syscall-table': 5.0, 'hidden-processes': 10.0, 'process-binaries': 10.0}
+    """
+    from vims.collector.checks.base import select
+
+    periods = {c.name: every for c in select(deep=deep)}
+    for entry in plan or ():
+        periods[str(entry["check"])] = float(entry.get("every_s") or every)
+    return periods
+
+
+def _due(periods: dict[str, float], ran: dict[str, float], now: float) -> tuple[list[tuple[str, Any]], float]:
+    """The checks to run now, and how long to wait before the next look. A name this A-VM does not know
+    comes as ``None`` (an error row: REM-S asked for evidence it cannot have, and refuses).
+
+    >>> due, wait = _due({"syscall-table": 5.0, "nope": 2.0}, {"syscall-table": 100.0}, 103.0)
+    >>> [(name, check is None) for name, check in due], wait
+    ([('nope', True)], 2.0)
+    """
+    from vims.collector.checks.base import registry
+
+    known = registry()
+    due: list[tuple[str, Any]] = []
+    waits: list[float] = []
+    for name, period in periods.items():
+        left = ran.get(name, -float("inf")) + period - now
+        if left <= 0:
+            due.append((name, known[name]() if name in known else None))
+            left = period
+        waits.append(left)
+    return due, max(0.1, min(waits, default=1.0))
+
+
+def _run_one(ctx: Any, name: str, check: Any) -> list[dict[str, Any]]:
+    """One check's rows as dicts; a check unknown here, or one that breaks, is an error row."""
+    if check is None:
+        return [_error_row(name, f"check {name!r} is not one this A-VM has")]
+    try:
+        return [r.as_dict() for r in check(ctx)]
+    except Exception as exc:
+        return [_error_row(name, f"{type(exc).__name__}: {exc}")]
+
+
+def _error_row(check: str, detail: str) -> dict[str, Any]:
+    return {"check": check, "target": "guest", "status": "error", "detail": detail, "cost": "light",
+            "ts_ns": time.time_ns()}

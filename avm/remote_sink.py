@@ -35,6 +35,8 @@ class RemoteSink:
             policy = body.get("policy") or {}
             if isinstance(policy.get("interval_s"), int | float) and policy["interval_s"] > 0:
                 self.agent.set_interval(policy["interval_s"])
+            if isinstance(policy.get("checks"), list):
+                self.agent.check_plan = [c for c in policy["checks"] if isinstance(c, dict) and "check" in c]
             if isinstance(policy.get("threshold"), int | float):
                 self.agent.builder.threshold = float(policy["threshold"])
             if isinstance(policy.get("tracing"), dict) and self.agent.tracer is not None:

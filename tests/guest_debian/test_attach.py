@@ -8,6 +8,7 @@ the A-VM's own source traces and checks such a VM.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -200,3 +201,81 @@ def test_the_avm_traces_and_checks_an_attached_vm(plain: PlainVm, debian_image: 
     assert failure == []
     assert stub is not None and not _stub_listens(stub)
     assert plain.status() == "running"
+
+
+def _cli(env: dict[str, str], *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "vims.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_avm_run_qmp_attests_to_rems_and_its_death_cuts(plain: PlainVm, tmp_path: Path) -> None:
+    """`vims avm run --qmp` as an operator runs it, reporting to a real `vims remote serve`: a client
+    gets through the gate on the attached VM's fresh reports; killing the A-VM cuts the open connection
+    and refuses the next (fail closed), and its guardian leaves the VM running without a stub."""
+    import numpy as np
+
+    from vims.models.persist import save_model
+    from vims.models.stide import Stide
+    from vims.remote.testing import read_all, read_line, wait_until
+
+    env = {**os.environ, "VIMS_REMOTE_HOME": str(tmp_path / "rems"), "VIMS_AVM_HOME": str(tmp_path / "avm")}
+    rems = _cli(env, "remote", "init", "--json")
+    avm = _cli(env, "avm", "init", "--id", "avm-plain", "--json")
+    gate = free_port()
+    policy = tmp_path / "policy.json"  # the behaviour model is a stand-in: only the evidence is judged
+    policy.write_text(json.dumps({"interval_s": 2.0, "deadline_s": 15.0, "attest_timeout_s": 30.0,
+                                  "threshold": 0.0, "checks": [{"check": "syscall-table", "every_s": 5.0}]}))
+    _cli(env, "remote", "enroll", avm["public_key_file"], "--vm", "vm-plain", "--gate-port", str(gate),
+         "--policy", str(policy), "--json")
+    rng = np.random.default_rng(0)
+    model = tmp_path / "stide.skops"
+    save_model(Stide(k=3).fit([rng.integers(0, 300, size=200).tolist() for _ in range(10)]), model)
+    server = subprocess.Popen([sys.executable, "-m", "vims.cli", "remote", "serve", "--control",
+                               f"tcp://127.0.0.1:{free_port()}", "--demo-service", "--metrics-port", "0",
+                               "--seconds", "900", "--quiet", "--json"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    agent: subprocess.Popen[str] | None = None
+    reports = tmp_path / "reports.jsonl"
+    try:
+        assert server.stdout is not None
+        info = json.loads(server.stdout.readline())
+        agent = subprocess.Popen([sys.executable, "-m", "vims.cli", "avm", "run", "--qmp", str(plain.qmp),
+                                  "--model", str(model), "--workers", "1", "--remote", info["control"],
+                                  "--keys", str(tmp_path / "avm" / "avm.secret.json"),
+                                  "--server-key", rems["public_key_file"], "--vm-id", "vm-plain",
+                                  "--output", str(reports)],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+        def ready() -> bool:  # the A-VM's own reports: tracing, checked and scored
+            assert agent is not None and agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+            lines = reports.read_text().splitlines() if reports.exists() else []
+            last = json.loads(lines[-1]) if lines else {}
+            return bool(last) and last["collector"].get("alive") is True and last["behaviour"]["score"] is not None \
+                and any(c["check"] == "syscall-table" and c["status"] == "pass" for c in last["checks"])
+
+        wait_until(ready, timeout=600, what="the A-VM tracing, checking and scoring the attached VM")
+        hist = _cli(env, "remote", "history", "vm-plain", "--json")
+        assert any(r["status"] == "accepted" for r in hist["reports"]), hist["reports"]
+        conn = socket.create_connection(("127.0.0.1", gate), timeout=120)
+        conn.settimeout(120)
+        conn.sendall(b"over the gate\n")
+        assert read_line(conn) == b"data: over the gate\n"
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(30)
+        assert read_all(conn).startswith(b"\nVIMS CUT no fresh report")
+        with socket.create_connection(("127.0.0.1", gate), timeout=120) as again:
+            again.settimeout(120)
+            assert read_all(again).startswith(b"VIMS DENY")
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.wait(30)
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    kinds = [d["kind"] for d in _cli(env, "remote", "history", "vm-plain", "--json")["decisions"]][::-1]
+    assert kinds[:2] == ["allow", "cut"] and kinds[-1] == "deny", kinds
+    # The guardian detached in the killed agent's place.
+    wait_until(lambda: plain.status() == "running", timeout=60, what="the VM running again")
+    assert plain.ssh("echo alive", timeout=120).strip() == "alive"
