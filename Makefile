@@ -14,7 +14,7 @@ $(SYSTEM): scripts/system-packages.sh
 	bash scripts/system-packages.sh
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(SYSTEM)
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -46,7 +46,8 @@ def _run(
     guest: str = typer.Option("vims-guest", "--name", help="Trace this guest (started by `vims guest up`) "
                               "in the agent itself."),
     qmp: Path = typer.Option(None, "--qmp", help="Instead of --name: trace a VM that VIMS did not start, by its "
-                             "QMP monitor socket (see `vims attach`); detached, as it was, when the agent stops."),
+                             "QMP monitor socket or libvirt:DOMAIN (see `vims attach --list`); detached, as it was, "
+                             "when the agent stops."),
     pull: str = typer.Option(None, "--pull", help="Instead of tracing the guest here, receive events and check "
                              "results from a collector in another process at this ZeroMQ endpoint "
                              "(`vims collect --push` to it), e.g. tcp://127.0.0.1:5600."),

@@ -1,8 +1,9 @@
 """Attach to a QEMU VM that VIMS did not start: found by its monitor, with no special launch options.
 
 An operator's VM runs with the command line they gave it: RAM allocated inside the QEMU process, no
-GDB stub, only a QMP monitor socket (``-qmp unix:PATH,server=on,wait=off``, or libvirt's). Through
-the monitor (:mod:`vims.collector.qmp`), :class:`AttachedVm` finds
+GDB stub, only a QMP monitor: a socket (``-qmp unix:PATH,server=on,wait=off``), or, for a libvirt
+domain, libvirt's monitor pass-through (address ``libvirt:DOMAIN``). Through the monitor
+(:mod:`vims.collector.qmp`), :class:`AttachedVm` finds
 
 - **the RAM**: ``query-memdev`` names the memory backend; a shared file backend is mapped as for a
   guest of ours, otherwise the RAM is read from ``/proc/PID/mem`` at the host addresses ``gpa2hva``
@@ -19,7 +20,7 @@ the monitor (:mod:`vims.collector.qmp`), :class:`AttachedVm` finds
   cached by the image's SHA-256, and relocated to where KASLR put the kernel in this boot.
 
 :func:`find_qemus` lists the QEMU processes of this host with what their command lines say
-(``vims attach --list``).
+(``vims attach --list``); a libvirt domain among them is given its ``libvirt:DOMAIN`` monitor address.
 
 >>> vm = parse_qemu_cmdline(123, ["qemu-system-x86_64", "-name", "web1,debug-threads=on", "-m", "1G",
 ...     "-smp", "2", "-kernel", "/boot/vmlinuz", "-qmp", "unix:/run/web1.qmp,server=on,wait=off"])
@@ -36,12 +37,12 @@ import os
 import struct
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from vims.collector.memory import PhysicalMemory, ReaderMemory, Region, qemu_x86_regions
-from vims.collector.qmp import Qmp, QmpError
+from vims.collector.qmp import LIBVIRT_URI, QmpError, open_monitor
 from vims.errors import InputError, VimsError
 from vims.net import free_port
 
@@ -133,7 +134,27 @@ def find_qemus() -> list[RunningQemu]:
             continue
         if argv and Path(argv[0].decode(errors="replace")).name.startswith("qemu-system-"):
             found.append(parse_qemu_cmdline(int(entry.name), [a.decode(errors="replace") for a in argv if a]))
+    domains = _libvirt_domains() if any(q.qmp is None for q in found) else set()
+    found = [replace(q, qmp=f"libvirt:{q.name}") if q.qmp is None and q.name in domains else q for q in found]
     return sorted(found, key=lambda q: q.pid)
+
+
+def _libvirt_domains(uri: str = LIBVIRT_URI) -> set[str]:
+    """The running domains of the local libvirt (none when libvirt or its binding is not there)."""
+    if not Path("/var/run/libvirt/libvirt-sock").exists():
+        return set()
+    try:
+        import libvirt
+    except ImportError:
+        return set()
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return set()
+    try:
+        return {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+    finally:
+        conn.close()
 
 
 def kernel_release(vmlinuz: str | Path) -> str:
@@ -154,7 +175,7 @@ class AttachedVm:
     Parameters
     ----------
     qmp : str, Path or (host, port)
-        The VM's QMP monitor.
+        The VM's QMP monitor: its socket, or ``libvirt:DOMAIN[@URI]`` for a libvirt domain.
     kernel : str or Path, optional
         The kernel image the VM boots (default: QEMU's ``-kernel``).
     rootfs : str or Path, optional
@@ -177,7 +198,7 @@ class AttachedVm:
         self.gdb_address: tuple[str, int] | None = None
         # One monitor session per step, not one for the whole attachment: a QMP socket serves one client
         # at a time, and the operator's tools need theirs.
-        self.qmp = Qmp(qmp)
+        self.qmp = open_monitor(qmp)
         try:
             self.was_running = self.qmp.execute("query-status").get("status") == "running"
             self.pid = self._qemu_pid()
@@ -287,7 +308,7 @@ class AttachedVm:
         if self.gdb_address is not None:
             return self.gdb_address
         port = free_port()
-        with Qmp(self.qmp_address) as monitor:
+        with open_monitor(self.qmp_address) as monitor:
             answer = monitor.hmp(f"gdbserver tcp:127.0.0.1:{port}")
             if "Waiting for gdb connection" not in answer and not self.info.gdb:
                 # A stub started at run time and left (an A-VM killed before it detached): QEMU keeps one
@@ -325,7 +346,8 @@ class AttachedVm:
             if self._stub_started:
                 self._stub_started = False
                 self.gdb_address = None
-                with contextlib.suppress(QmpError), Qmp(self.qmp_address) as monitor:  # QEMU gone: nothing left
+                # QEMU gone: nothing left to stop
+                with contextlib.suppress(QmpError), open_monitor(self.qmp_address) as monitor:
                     monitor.hmp("gdbserver none")
         finally:
             self.memory.close()
@@ -357,7 +379,7 @@ def _guard(qmp: str | list[Any], port: int, resume: bool) -> None:
     with contextlib.suppress(VimsError, OSError):
         GdbStub("127.0.0.1", port).close()
     address = tuple(qmp) if isinstance(qmp, list) else qmp
-    with contextlib.suppress(VimsError, OSError), Qmp(address) as monitor:
+    with contextlib.suppress(VimsError, OSError), open_monitor(address) as monitor:
         monitor.hmp("gdbserver none")
         if resume and monitor.execute("query-status").get("status") != "running":
             monitor.execute("cont")

@@ -16,13 +16,14 @@ def register(app: typer.Typer) -> None:
 
 
 def attach(
-    qmp: Path = typer.Argument(None, help="The VM's QMP monitor socket (-qmp unix:PATH,server=on,wait=off)."),
+    qmp: Path = typer.Argument(None, help="The VM's QMP monitor socket (-qmp unix:PATH,server=on,wait=off), "
+                             "or libvirt:DOMAIN[@URI] for a libvirt domain (default URI qemu:///system)."),
     list_vms: bool = typer.Option(False, "--list", help="List the QEMU processes of this host and their monitors."),
     kernel: Path = typer.Option(None, "--kernel", help="The kernel image the VM boots (default: QEMU's -kernel)."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON."),
 ) -> None:
-    """Attach to a VM that VIMS did not start (plain QEMU with a QMP socket): read its RAM from the QEMU
-    process, find its kernel (KASLR) and processes, then detach, leaving it as it was. `vims check
+    """Attach to a VM that VIMS did not start (plain QEMU with a QMP socket, or a libvirt domain): read
+    its RAM from the QEMU process, find its kernel (KASLR) and processes, then detach, leaving it as it was. `vims check
     --qmp PATH` runs the integrity checks on such a VM."""
     from vims.collector.attach import AttachedVm, find_qemus
 
@@ -32,7 +33,7 @@ def attach(
             print_json(found)
             return
         for q in found:
-            monitor = q["qmp"] or "no QMP socket on its command line"
+            monitor = q["qmp"] or "no QMP socket on its command line (and no libvirt domain of that name)"
             out.print(f"{q['pid']:>8}  {q['name'] or '-':<24} {monitor}  (stub: {'yes' if q['gdb'] else 'no'})")
         if not found:
             out.print("no QEMU process runs on this host")

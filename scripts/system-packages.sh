@@ -3,9 +3,12 @@
 # QEMU runs the bundled guest; the guest image itself is built from Debian packages fetched with
 # `apt-get download` (see collector/guest), so apt's package lists must be current; the Debian guest
 # (`vims guest build --image debian`) with mmdebstrap and mke2fs, and is reached with ssh. The attack
-# scenarios use real tools (hydra, socat); REM-S's fleet store and its tests use PostgreSQL.
+# scenarios use real tools (hydra, socat); REM-S's fleet store and its tests use PostgreSQL. `vims attach
+# libvirt:DOMAIN` is tested on libvirtd (scripts/libvirt-up.sh starts it); its Python binding builds
+# against libvirt-dev with pkg-config.
 set -euo pipefail
-packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs hydra socat postgresql)
+packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs hydra socat postgresql
+          libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
                                   "code page of every process)."),
         guest: str = typer.Option("vims-guest", "--name", help="The guest started by `vims guest up`."),
         qmp: Path = typer.Option(None, "--qmp", help="Instead: a VM VIMS did not start, by its QMP monitor "
-                                 "socket (see `vims attach`)."),
+                                 "socket, or libvirt:DOMAIN (see `vims attach --list`)."),
         reference: Path = typer.Option(None, "--reference", help="The reference files for process-binaries: "
                                        "a root directory or an ext2/3/4 disk image (its dpkg md5sums are "
                                        "checked first); default: the image the guest was built from."),

@@ -3,11 +3,13 @@ no GDB stub, only a QMP socket; ssh forwarded so the test can look inside. The A
 monitor, reads its RAM from QEMU's process, starts the GDB stub at run time, lists processes, traces
 both vCPUs, runs every check and detaches, leaving the VM running without a stub; an attachment
 killed mid-trace leaves it running too (its guardian detaches in its place), and the next one attaches;
-the A-VM's own source traces and checks such a VM.
+the A-VM's own source traces and checks such a VM. The same VM as a libvirt domain (libvirtd from
+Debian's packages, a QEMU/TCG domain) is attached through libvirt's monitor pass-through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,11 +26,42 @@ from vims.collector.attach import AttachedVm, find_qemus
 from vims.collector.checks import Context, registry, run_checks
 from vims.collector.guest.debian import DebianImage
 from vims.collector.guest.qemu import DEBIAN_KERNEL_ARGS, free_port
-from vims.collector.qmp import Qmp
+from vims.collector.qmp import LibvirtMonitor, Qmp
 from vims.collector.tracer import SyscallTracer
 
+ROOT = Path(__file__).resolve().parents[2]
 
-class PlainVm:
+
+class _Vm:
+    """A VM the test reaches with ssh (its forward is the test's own way in; VIMS does not use it)."""
+
+    image: DebianImage
+    ssh_port: int
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def ssh(self, command: str, timeout: float = 60) -> str:
+        proc = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                               "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
+                               "-i", str(self.image.ssh_key), "-p", str(self.ssh_port), "root@127.0.0.1", command],
+                              capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def wait_up(self, seconds: float = 600) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.alive(), "QEMU ended"
+            try:
+                self.ssh("true", timeout=30)
+                return
+            except (AssertionError, subprocess.TimeoutExpired):
+                assert time.monotonic() < deadline, "the VM did not come up"
+                time.sleep(2)
+
+
+class PlainVm(_Vm):
     """A QEMU started with an ordinary command line, and ssh into it."""
 
     def __init__(self, image: DebianImage, folder: Path) -> None:
@@ -44,28 +77,69 @@ class PlainVm:
             "-qmp", f"unix:{self.qmp},server=on,wait=off",
         ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
-    def ssh(self, command: str, timeout: float = 60) -> str:
-        proc = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-                               "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
-                               "-i", str(self.image.ssh_key), "-p", str(self.ssh_port), "root@127.0.0.1", command],
-                              capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
-    def wait_up(self, seconds: float = 600) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            assert self.process.poll() is None, "QEMU ended"
-            try:
-                self.ssh("true", timeout=30)
-                return
-            except (AssertionError, subprocess.TimeoutExpired):
-                assert time.monotonic() < deadline, "the plain VM did not come up"
-                time.sleep(2)
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def status(self) -> str:
         with Qmp(self.qmp) as qmp:
             return str(qmp.execute("query-status")["status"])
+
+
+_DOMAIN = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>1024</memory>
+  <vcpu>2</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
+  <cpu mode='maximum' migratable='off'/>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>
+      <target dev='vda' bus='virtio'/></disk>
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <controller type='usb' model='none'/><memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-netdev'/><qemu:arg value='user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh}-:22'/>
+    <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=n0,addr=0x9'/>
+  </qemu:commandline>
+</domain>"""
+
+
+class LibvirtVm(_Vm):
+    """A transient libvirt domain (QEMU/TCG, 2 vCPUs, its disk a throw-away overlay of the image), as an
+    operator defines one; libvirtd holds its monitor. Only the ssh forward is passed to QEMU directly:
+    libvirt's user-mode network forwards ports only with passt, and ssh is the test's way in, not VIMS's."""
+
+    def __init__(self, image: DebianImage, folder: Path) -> None:
+        import libvirt
+
+        self.image, self.ssh_port, self.name = image, free_port(), f"vims-libvirt-{os.getpid()}"
+        self.qmp = f"libvirt:{self.name}"
+        disk = folder / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.disk), str(disk)],
+                       check=True)  # fmt: skip
+        self.conn = libvirt.open("qemu:///system")
+        self.domain = self.conn.createXML(_DOMAIN.format(
+            name=self.name, kernel=image.kernel, initrd=image.initramfs, cmdline=DEBIAN_KERNEL_ARGS, disk=disk,
+            console=folder / "console.log", ssh=self.ssh_port))  # fmt: skip
+        self.pid = int(Path(f"/var/run/libvirt/qemu/{self.name}.pid").read_text())
+
+    def alive(self) -> bool:
+        return bool(self.domain.isActive())
+
+    def status(self) -> str:
+        with LibvirtMonitor(self.name) as monitor:
+            return str(monitor.execute("query-status")["status"])
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.domain.destroy()
+        self.conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +153,38 @@ def plain(debian_image: DebianImage, tmp_path_factory: pytest.TempPathFactory) -
         vm.process.wait(30)
 
 
+@pytest.fixture(scope="module")
+def libvirt_vm(debian_image: DebianImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtVm]:
+    """The Debian guest as a libvirt domain, on libvirtd from Debian's packages (started if not running)."""
+    pytest.importorskip("libvirt", reason="libvirt's Python binding (the dev extra) is not installed")
+    up = subprocess.run(["bash", str(ROOT / "scripts" / "libvirt-up.sh")], capture_output=True, text=True, check=False)
+    assert up.returncode == 0, up.stderr
+    vm = LibvirtVm(debian_image, tmp_path_factory.mktemp("libvirt"))
+    try:
+        vm.wait_up()
+        yield vm
+    finally:
+        vm.close()
+
+
+@pytest.fixture(params=["plain", "libvirt"])
+def any_vm(request: pytest.FixtureRequest) -> PlainVm | LibvirtVm:
+    """The same VM started either way an operator starts one: a plain QEMU command line, or libvirt."""
+    vm: PlainVm | LibvirtVm = request.getfixturevalue("plain" if request.param == "plain" else "libvirt_vm")
+    return vm
+
+
 def _stub_listens(address: tuple[str, int]) -> bool:
     with socket.socket() as s:
         return s.connect_ex(address) == 0
 
 
-def test_attach_lists_traces_checks_and_detaches(plain: PlainVm, debian_image: DebianImage) -> None:
+def test_attach_lists_traces_checks_and_detaches(any_vm: PlainVm | LibvirtVm, debian_image: DebianImage) -> None:
+    plain = any_vm
     listed = {q.pid: q for q in find_qemus()}
-    assert listed[plain.process.pid].qmp == str(plain.qmp) and not listed[plain.process.pid].gdb
+    assert listed[plain.pid].qmp == str(plain.qmp) and not listed[plain.pid].gdb
     with AttachedVm(plain.qmp, rootfs=debian_image.disk) as vm:
-        assert vm.pid == plain.process.pid and vm.name == plain.name
+        assert vm.pid == plain.pid and vm.name == plain.name
         assert vm.memory.regions[0].offset != 0  # read from QEMU's process, not a mapped file
         backend = vm.backend()
         try:
@@ -119,6 +215,27 @@ def test_attach_lists_traces_checks_and_detaches(plain: PlainVm, debian_image: D
     assert not _stub_listens(stub)  # the stub is stopped: the VM is as it was
     assert plain.status() == "running"
     assert plain.ssh("echo alive").strip() == "alive"
+
+
+def test_vims_attach_finds_and_reads_a_libvirt_domain(libvirt_vm: LibvirtVm) -> None:
+    """`vims attach --list` names the domain's monitor; `vims attach libvirt:NAME` reads it; a domain
+    libvirt does not have is a one-line error that lists those it has."""
+    def vims(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vims.cli", "attach", *args], capture_output=True, text=True,
+                              timeout=300, check=False)  # fmt: skip
+
+    listed = vims("--list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {q["pid"]: q["qmp"] for q in json.loads(listed.stdout)}[libvirt_vm.pid] == libvirt_vm.qmp
+    seen = vims(libvirt_vm.qmp, "--json")
+    assert seen.returncode == 0, seen.stderr
+    summary = json.loads(seen.stdout)
+    assert summary["pid"] == libvirt_vm.pid and summary["memory"] == f"/proc/{libvirt_vm.pid}/mem"
+    assert summary["release"] in libvirt_vm.ssh("uname -r") and summary["user_processes"] > 5
+    wrong = vims("libvirt:no-such-domain", "--json")
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "no domain 'no-such-domain'" in wrong.stderr and libvirt_vm.name in wrong.stderr
+    assert libvirt_vm.status() == "running"
 
 
 _KILLED = """
@@ -210,10 +327,11 @@ def _cli(env: dict[str, str], *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_avm_run_qmp_attests_to_rems_and_its_death_cuts(plain: PlainVm, tmp_path: Path) -> None:
+def test_avm_run_qmp_attests_to_rems_and_its_death_cuts(any_vm: PlainVm | LibvirtVm, tmp_path: Path) -> None:
     """`vims avm run --qmp` as an operator runs it, reporting to a real `vims remote serve`: a client
     gets through the gate on the attached VM's fresh reports; killing the A-VM cuts the open connection
     and refuses the next (fail closed), and its guardian leaves the VM running without a stub."""
+    plain = any_vm
     import numpy as np
 
     from vims.models.persist import save_model
