@@ -15,9 +15,11 @@ domain, libvirt's monitor pass-through (address ``libvirt:DOMAIN``). Through the
   detached) is stopped and replaced. QEMU does not resume a VM whose debugger went away mid-stop, nor
   drop its traps: a guardian process started with the stub waits for the attaching process to end and,
   if it ended without detaching (killed), detaches in its place, so a killed A-VM leaves the VM running;
-- **the kernel profile**: from the kernel image QEMU was given (``-kernel``), or one the operator
-  names; built from the image's own kallsyms tables and BTF (:func:`vims.collector.kallsyms.build_profile`),
-  cached by the image's SHA-256, and relocated to where KASLR put the kernel in this boot.
+- **the kernel profile**: from the kernel image QEMU was given (``-kernel``), one the operator names,
+  or, for a VM its bootloader started, the image on its own disk for the release its RAM names
+  (:mod:`vims.collector.guest_disk`); built from the image's own kallsyms tables and BTF
+  (:func:`vims.collector.kallsyms.build_profile`), cached by the image's SHA-256, and relocated to
+  where KASLR put the kernel in this boot.
 
 :func:`find_qemus` lists the QEMU processes of this host with what their command lines say
 (``vims attach --list``); a libvirt domain among them is given its ``libvirt:DOMAIN`` monitor address.
@@ -177,7 +179,8 @@ class AttachedVm:
     qmp : str, Path or (host, port)
         The VM's QMP monitor: its socket, or ``libvirt:DOMAIN[@URI]`` for a libvirt domain.
     kernel : str or Path, optional
-        The kernel image the VM boots (default: QEMU's ``-kernel``).
+        The kernel image the VM boots (default: QEMU's ``-kernel``, else ``/boot/vmlinuz-RELEASE`` from
+        its raw disk, for the release its RAM names: :mod:`vims.collector.guest_disk`).
     rootfs : str or Path, optional
         A clean copy of the VM's root file system (a directory or an ext4 image) for the
         ``process-binaries`` check; without it that check reports that it has no reference.
@@ -206,11 +209,18 @@ class AttachedVm:
                     if a]
             self.info = parse_qemu_cmdline(self.pid, argv)
             self.name = self.info.name or f"qemu-{self.pid}"
-            self.kernel = Path(kernel or self.info.kernel or "")
-            if not self.kernel.name:
-                raise InputError(f"VM {self.name!r} was not started with -kernel: give its kernel image "
-                                 "(--kernel PATH, e.g. the guest's /boot/vmlinuz-RELEASE copied out)")
             self.memory = self._open_memory()
+            self.kernel = Path(kernel or self.info.kernel or "")
+            if not self.kernel.name:  # booted by its bootloader: the image is on its disk
+                from vims.collector.guest_disk import find_kernel_image
+                from vims.paths import cache_dir
+
+                try:
+                    self.kernel, release = find_kernel_image(self.qmp, self.memory, cache_dir("kernels"))
+                except BaseException:
+                    self.memory.close()
+                    raise
+                self.notes.append(f"kernel {release} read from the VM's disk (no -kernel)")
         finally:
             self.qmp.close()
         self._profile: Any = None

@@ -44,6 +44,9 @@ class Ext4Image:
     ----------
     path : str or Path
         The image file.
+    offset : int
+        Where the file system starts in it (a partition of a disk image; a multiple of the page size,
+        as partitions aligned to 1 MiB are).
 
     Raises
     ------
@@ -58,11 +61,13 @@ class Ext4Image:
             fs.read_file("/etc/hostname")
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, offset: int = 0) -> None:
         self.path = Path(path)
+        if offset % mmap.ALLOCATIONGRANULARITY:
+            raise InputError(f"a file system at byte {offset} is not page-aligned: not read", where=str(self.path))
         try:
             with self.path.open("rb") as handle:
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ, offset=offset)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read the file-system image: {exc}", where=str(self.path)) from exc
         sb = self._map[1024:2048]

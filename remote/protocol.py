@@ -320,7 +320,8 @@ def check_report(report: dict[str, Any]) -> dict[str, Any]:
     for i, c in enumerate(checks):
         _require(isinstance(c, dict) and isinstance(c.get("check"), str) and isinstance(c.get("target"), str),
                  f"checks[{i}] lacks check/target")
-        _require(c.get("status") in CHECK_STATUSES, f"checks[{i}].status is not pass, fail or error")
+        _require(isinstance(c.get("status"), str) and c["status"] in CHECK_STATUSES,
+                 f"checks[{i}].status is not pass, fail or error")
         _require(c.get("detail") is None or isinstance(c.get("detail"), str), f"checks[{i}].detail is not text")
         _require(c.get("ts_ns") is None or (_is_int(c["ts_ns"]) and 0 <= c["ts_ns"] < 2**63),
                  f"checks[{i}].ts_ns is not unix nanoseconds")

@@ -72,6 +72,9 @@ class PlainVm(_Vm):
             "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "1024M",
             "-kernel", str(image.kernel), "-initrd", str(image.initramfs), "-append", DEBIAN_KERNEL_ARGS,
             "-drive", f"file={image.disk},if=virtio,format=raw,snapshot=on",
+            # A second disk, raw as an operator's LVM volume or disk file often is: where a VM that its
+            # bootloader started keeps its kernel (the first one is a qcow2 overlay, not read).
+            "-drive", f"file={image.disk},if=virtio,format=raw,readonly=on",
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
             "-device", "virtio-net-pci,netdev=n0", "-serial", f"file:{folder / 'console.log'}",
             "-qmp", f"unix:{self.qmp},server=on,wait=off",
@@ -236,6 +239,18 @@ def test_vims_attach_finds_and_reads_a_libvirt_domain(libvirt_vm: LibvirtVm) -> 
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     assert "no domain 'no-such-domain'" in wrong.stderr and libvirt_vm.name in wrong.stderr
     assert libvirt_vm.status() == "running"
+
+
+def test_a_kernel_not_given_is_read_from_the_vms_disk(plain: PlainVm, debian_image: DebianImage,
+                                                    tmp_path: Path) -> None:
+    """For a VM its bootloader started (no -kernel), the image is the disk's /boot/vmlinuz-RELEASE for the
+    release the running kernel's banner in RAM names: the same bytes as the kernel the VM boots."""
+    from vims.collector.guest_disk import find_kernel_image
+
+    with AttachedVm(plain.qmp) as vm, Qmp(plain.qmp) as monitor:
+        found, release = find_kernel_image(monitor, vm.memory, tmp_path)
+    assert release == plain.ssh("uname -r").strip()
+    assert found.read_bytes() == debian_image.kernel.read_bytes()
 
 
 _KILLED = """
