@@ -3,9 +3,11 @@
 # QEMU runs the bundled guest; the guest image itself is built from Debian packages fetched with
 # `apt-get download` (see collector/guest), so apt's package lists must be current; the Debian guest
 # (`vims guest build --image debian`) with mmdebstrap and mke2fs, and is reached with ssh. The attack
-# scenarios use real tools (hydra, socat); REM-S's fleet store and its tests use PostgreSQL.
+# scenarios use real tools (hydra, socat); REM-S's fleet store and its tests use PostgreSQL; the tests of
+# REM-S's web console drive a real headless browser (chromium, chromium-driver).
 set -euo pipefail
-packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs hydra socat postgresql)
+packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs hydra socat postgresql
+          chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
