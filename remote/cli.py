@@ -280,7 +280,6 @@ def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     from rich.table import Table
 
     from vims.console import out, print_json
-
     from vims.remote.views import fleet
 
     opened = _store(_home(home), store)
@@ -316,7 +315,6 @@ def history(vm: str = typer.Argument(..., help="The VM id."),
     from rich.table import Table
 
     from vims.console import out, print_json
-
     from vims.remote.views import history as history_view
 
     opened = _store(_home(home), store)

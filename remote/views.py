@@ -20,9 +20,9 @@ def _state(row: dict[str, Any]) -> str:
     if row["revoked"]:
         return "revoked"
     rep, dec = row["last_report"], row["last_decision"]
-    if dec is not None and dec["kind"] in ("deny", "cut"):
-        if rep is None or rep["received_at"] <= dec["time"] or rep["verdict"] != "allow":
-            return "refused"
+    refused_since = dec is not None and dec["kind"] in ("deny", "cut")
+    if refused_since and (rep is None or rep["received_at"] <= dec["time"] or rep["verdict"] != "allow"):
+        return "refused"
     if rep is None:
         return "unknown"
     if rep["status"] != "accepted" or rep["verdict"] != "allow":
