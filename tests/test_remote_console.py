@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres_fixture import postgres_server, postgres_url  # noqa: F401  (fixtures)
+from vims.remote import views
 from vims.remote.console import ConsoleServer
+from vims.remote.keys import AvmIdentity
+from vims.remote.store import Store
 from vims.remote.simavm import SimulatedAvm
 from vims.remote.testing import Deployment, read_all, read_line, wait_until
 
@@ -146,3 +150,39 @@ def test_the_console_in_a_real_browser(fleet):
     finally:
         driver.quit()
     assert all((SHOTS / f"{n}.png").stat().st_size > 0 for n in ("fleet", "vm", "decisions"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    s = Store(tmp_path / "rems.sqlite" if request.param == "sqlite" else request.getfixturevalue("postgres_url"))
+    yield s
+    s.close()
+
+
+def test_the_views_on_both_backends(store):
+    for i in (1, 2):
+        store.enroll(AvmIdentity.generate(f"avm-{i}").public, f"vm-{i}", gate_port=47000 + i)
+    assert [r["state"] for r in views.fleet(store)["avms"]] == ["unknown", "unknown"]
+    doc = {"behaviour": {"score": 0.3, "threshold": 0.5, "top_processes": [{"pid": 7, "comm": "nc", "score": 0.1,
+                                                                           "evidence": ["connect 4444"]}]},
+           "checks": [{"check": "kernel-text", "status": "fail", "detail": "patched", "ts_ns": 10**18}]}
+    for seq in range(1, 6):
+        store.record_report(avm_id="avm-1", vm_id="vm-1", seq=seq, status="accepted", score=0.3, verdict="deny",
+                            detail="score", document=json.dumps(doc), received_at=100.0 + seq)
+    store.record_decision(vm_id="vm-1", conn_id="vm-1#1", kind="cut", reason="100%_score low", at=106.0)
+    store.record_decision(vm_id="vm-2", conn_id="vm-2#1", kind="allow", reason="clean", at=107.0)
+    store.record_report(avm_id="avm-2", vm_id="vm-2", seq=1, status="accepted", score=0.9, verdict="allow",
+                        detail="ok", received_at=108.0)
+    assert {r["vm_id"]: r["state"] for r in views.fleet(store)["avms"]} == {"vm-1": "refused", "vm-2": "allowed"}
+    first = views.history(store, "vm-1", limit=2)
+    assert [r["seq"] for r in first["reports"]] == [5, 4]
+    older = views.history(store, "vm-1", limit=2, before=first["reports"][-1]["id"])
+    assert [r["seq"] for r in older["reports"]] == [3, 2]
+    detail = views.vm_detail(store, "vm-1")
+    assert detail["failing_checks"] == ["kernel-text"] and detail["top_processes"][0]["comm"] == "nc"
+    assert detail["checks"][0]["at"] == 10**9 and detail["threshold"] == 0.5
+    assert views.vm_detail(store, "vm-2")["report_id"] is None  # no document kept
+    assert [d["vm_id"] for d in views.decisions(store, "CUT")["decisions"]] == ["vm-1"]
+    assert [d["kind"] for d in views.decisions(store, "100%_")["decisions"]] == ["cut"]
+    assert views.decisions(store, "1_0")["decisions"] == []  # _ (and %) literal: "1_0" would match "100"
+    assert [d["kind"] for d in views.decisions(store)["decisions"]] == ["allow", "cut"]
