@@ -20,8 +20,8 @@ from tests.postgres_fixture import postgres_server, postgres_url  # noqa: F401  
 from vims.remote import views
 from vims.remote.console import ConsoleServer
 from vims.remote.keys import AvmIdentity
-from vims.remote.store import Store
 from vims.remote.simavm import SimulatedAvm
+from vims.remote.store import Store
 from vims.remote.testing import Deployment, read_all, read_line, wait_until
 
 FAST = {"interval_s": 0.3, "deadline_s": 1.5, "attest_timeout_s": 5.0}
