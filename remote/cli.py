@@ -197,12 +197,17 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
             svc = await start_line_service()
             target = ("127.0.0.1", svc.sockets[0].getsockname()[1])
         server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port)
-        await server.start()
         web = None
-        if console_at is not None:
+        if console_at is not None:  # before the server, so a console that cannot bind starts nothing
             from vims.remote.console import ConsoleServer
 
             web = ConsoleServer(opened.location, *console_at, live=server.live).start()
+        try:
+            await server.start()
+        except BaseException:
+            if web is not None:
+                web.stop()
+            raise
         info = {"control": server.endpoint, "curve_public": keys.public, "gates": server.gate_ports(),
                 "metrics": f"http://127.0.0.1:{server.metrics_bound}/metrics",
                 "service": f"{target[0]}:{target[1]}" if target else None, "store": opened.display,

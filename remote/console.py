@@ -13,6 +13,7 @@ unauthenticated mode, on loopback or elsewhere.
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 from collections.abc import Callable
@@ -74,6 +75,16 @@ class ConsoleServer:
         if not self._server.started:
             raise VimsError(f"cannot serve the console on {self.host}:{self.port}")
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        import ipaddress
+
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = self.host == "localhost"
+        if not loopback:
+            logging.getLogger("vims.remote.server").warning(
+                "the console listens on %s, not loopback: plain HTTP, so the token crosses the network in the "
+                "clear; put it behind a TLS proxy or an SSH tunnel", self.host)
         return self
 
     def stop(self) -> None:
