@@ -165,6 +165,9 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
           quiet: bool = typer.Option(False, "--quiet", metavar="", help="Log only warnings."),
           json_out: bool = typer.Option(False, "--json", metavar="", help="Print the bound endpoints as one JSON line "
                                         "when ready (for scripts)."),
+          console: str | None = typer.Option(None, "--console", help="Serve the web console at HOST:PORT "
+                                             "(e.g. 127.0.0.1:8480; off by default). Every request needs "
+                                             "the access token printed at start."),
           ) -> None:
     """Run REM-S: the control channel, one gate per enrolled VM and the metrics endpoint."""
     import asyncio
@@ -180,6 +183,7 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     if service and demo_service:
         raise InputError("give --service or --demo-service, not both")
     target = _host_port(service) if service else None
+    console_at = _host_port(console) if console else None
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
 
@@ -193,22 +197,37 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
             svc = await start_line_service()
             target = ("127.0.0.1", svc.sockets[0].getsockname()[1])
         server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port)
-        await server.start()
+        web = None
+        if console_at is not None:  # before the server, so a console that cannot bind starts nothing
+            from vims.remote.console import ConsoleServer
+
+            web = ConsoleServer(opened.location, *console_at, live=server.live).start()
+        try:
+            await server.start()
+        except BaseException:
+            if web is not None:
+                web.stop()
+            raise
         info = {"control": server.endpoint, "curve_public": keys.public, "gates": server.gate_ports(),
                 "metrics": f"http://127.0.0.1:{server.metrics_bound}/metrics",
-                "service": f"{target[0]}:{target[1]}" if target else None, "store": opened.display}
+                "service": f"{target[0]}:{target[1]}" if target else None, "store": opened.display,
+                "console": web.url if web else None, "console_token": web.token if web else None}
         if json_out:  # one line, so a script can read it while the server runs
             sys.stdout.write(to_json(info, indent=None) + "\n")
             sys.stdout.flush()
         else:
             err.print(f"REM-S on {info['control']}, gates {info['gates']}, metrics {info['metrics']}, "
                       f"service {info['service']}, history {info['store']}")
+            if web is not None:
+                err.print(f"console on {web.url}/?token={web.token}")
         try:
             if seconds is None:
                 await asyncio.Event().wait()
             else:
                 await asyncio.sleep(seconds)
         finally:
+            if web is not None:
+                web.stop()
             await server.stop()
             if svc is not None:
                 svc.close()
@@ -266,21 +285,24 @@ def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     from rich.table import Table
 
     from vims.console import out, print_json
+    from vims.remote.views import fleet
 
     opened = _store(_home(home), store)
     try:
-        rows, counts = opened.status(), opened.counts()
+        view = fleet(opened)
     finally:
         opened.close()
+    rows, counts = view["avms"], view["totals"]
     if json_out:
-        print_json({"avms": rows, "totals": counts})
+        print_json(view)
         return
-    table = Table("A-VM", "VM", "gate", "policy", "acked", "last seq", "last report", "last decision")
+    table = Table("A-VM", "VM", "state", "gate", "policy", "acked", "last seq", "last report", "last decision")
     for r in rows:
         rep = r["last_report"]
         dec = r["last_decision"]
         table.add_row(
-            r["avm_id"] + (" [red](revoked)[/]" if r["revoked"] else ""), r["vm_id"], str(r["gate_port"]),
+            r["avm_id"] + (" [red](revoked)[/]" if r["revoked"] else ""), r["vm_id"], r["state"],
+            str(r["gate_port"]),
             f"v{r['policy_version']}", f"v{r['acked_version']}" if r["acked_version"] else "-", str(r["last_seq"]),
             "-" if rep is None else f"{_when(rep['received_at'])} {rep['status']} {rep['reason'] or ''}",
             "-" if dec is None else f"{_when(dec['time'])} {dec['kind']}: {dec['reason']}")
@@ -298,10 +320,11 @@ def history(vm: str = typer.Argument(..., help="The VM id."),
     from rich.table import Table
 
     from vims.console import out, print_json
+    from vims.remote.views import history as history_view
 
     opened = _store(_home(home), store)
     try:
-        hist = opened.history(vm, limit)
+        hist = history_view(opened, vm, limit)
     finally:
         opened.close()
     if json_out:
@@ -318,6 +341,33 @@ def history(vm: str = typer.Argument(..., help="The VM id."),
         decisions.add_row(_when(d["time"]), d["conn_id"], d["kind"], d["reason"], lat)
     out.print(reports)
     out.print(decisions)
+
+
+@remote_app.command("decisions")
+def decisions_cmd(search: str = typer.Option("", "--search", help="Only decisions whose VM, kind, reason, "
+                                             "connection or peer contains this (any case)."),
+                  limit: int = typer.Option(100, "--limit", help="How many of the latest decisions."),
+                  home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+                  store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
+                  json_out: bool = typer.Option(False, "--json", metavar="", help="Print as JSON.")) -> None:
+    """The gate decisions on every VM, newest first, searchable."""
+    from rich.table import Table
+
+    from vims.console import out, print_json
+    from vims.remote.views import decisions
+
+    opened = _store(_home(home), store)
+    try:
+        view = decisions(opened, search, limit)
+    finally:
+        opened.close()
+    if json_out:
+        print_json(view)
+        return
+    table = Table("time", "VM", "connection", "decision", "reason")
+    for d in view["decisions"]:
+        table.add_row(_when(d["time"]), d["vm_id"], d["conn_id"], d["kind"], d["reason"])
+    out.print(table)
 
 
 def register(app: typer.Typer) -> None:

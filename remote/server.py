@@ -193,6 +193,16 @@ class RemsServer:
         """vm_id -> the port its gate listens on."""
         return self.gate.ports()
 
+    def live(self) -> dict[str, Any]:
+        """What only the running server knows, per VM: open connections, whether its A-VM is connected.
+
+        Safe to call from another thread (the web console's): it only copies.
+        """
+        open_by_vm = collections.Counter(c.vm_id for c in list(self.gate.open.values()))
+        return {"now": time.time(), "vms": {
+            st.vm_id: {"open_connections": open_by_vm.get(st.vm_id, 0), "avm_connected": st.rid is not None}
+            for st in list(self.avms.values())}}
+
     # -- decisions ------------------------------------------------------------------------------------
 
     def _check_deadlines(self) -> None:

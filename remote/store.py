@@ -311,15 +311,30 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def history(self, vm_id: str, limit: int = 50) -> dict[str, Any]:
-        """The latest ``limit`` reports and decisions of ``vm_id`` (newest first)."""
+    def history(self, vm_id: str, limit: int = 50, before: int | None = None) -> dict[str, Any]:
+        """The latest ``limit`` reports and decisions of ``vm_id`` (newest first); ``before``: ids below it."""
+        below = 2**62 if before is None else before
         reports = self._rows(
             "SELECT id, received_at, avm_id, seq, status, reason, detail, nonce, score, verdict FROM reports "
-            "WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit))
+            "WHERE vm_id = ? AND id < ? ORDER BY id DESC LIMIT ?", (vm_id, below, limit))
         decisions = self._rows(
             "SELECT id, time, conn_id, kind, reason, peer, latency_s, report_seq FROM decisions "
-            "WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit))
+            "WHERE vm_id = ? AND id < ? ORDER BY id DESC LIMIT ?", (vm_id, below, limit))
         return {"vm_id": vm_id, "reports": reports, "decisions": decisions}
+
+    def latest_document(self, vm_id: str) -> dict[str, Any] | None:
+        """The newest accepted report of ``vm_id`` that still has its signed document (id, time, document)."""
+        return self._one("SELECT id, received_at, document FROM reports WHERE vm_id = ? AND status = 'accepted' "
+                         "AND document IS NOT NULL ORDER BY id DESC LIMIT 1", (vm_id,))
+
+    def decisions(self, search: str = "", limit: int = 100) -> list[dict[str, Any]]:
+        """The latest ``limit`` decisions on any VM (newest first) whose VM, kind, reason, connection or peer
+        contains ``search`` (any case)."""
+        pattern = "%" + search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        cols = " || ' ' || ".join(f"LOWER(COALESCE({c}, ''))" for c in ("vm_id", "kind", "reason", "conn_id", "peer"))
+        return self._rows(
+            "SELECT id, time, vm_id, conn_id, kind, reason, peer, latency_s, report_seq FROM decisions "
+            f"WHERE {cols} LIKE ? ESCAPE '\\' ORDER BY id DESC LIMIT ?", (pattern, limit))
 
     def counts(self) -> dict[str, Any]:
         """Totals: reports by status and reason, decisions by kind."""

@@ -3,11 +3,13 @@
 # QEMU runs the bundled guest; the guest image itself is built from Debian packages fetched with
 # `apt-get download` (see collector/guest), so apt's package lists must be current; the Debian guest
 # (`vims guest build --image debian`) with mmdebstrap and mke2fs, and is reached with ssh. The attack
-# scenarios use real tools (hydra, socat); REM-S's fleet store and its tests use PostgreSQL. `vims attach
+# scenarios use real tools (hydra, socat); REM-S's fleet store and its tests use PostgreSQL; the tests of
+# REM-S's web console drive a real headless browser (chromium, chromium-driver). `vims attach
 # libvirt:DOMAIN` is tested on libvirtd (scripts/libvirt-up.sh starts it); its Python binding builds
-# against libvirt-dev with pkg-config.
+# against libvirt-dev with pkg-config; qemu-img makes the tests' disk overlays.
 set -euo pipefail
 packages=(python3-venv qemu-system-x86 bpftool xz-utils mmdebstrap openssh-client e2fsprogs hydra socat postgresql
+          chromium chromium-driver
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
