@@ -337,11 +337,12 @@ class Store:
         Each row: ``avm_id``, ``vm_id``, ``verifier_id``, ``endpoint`` (the verifier's control channel),
         ``generation`` (changes of holder), ``age_s`` (since this verifier took it), ``renewed_s_ago``,
         ``expires_in_s`` (negative: expired, free to take), ``verifier_heartbeat_s_ago``, ``expired``;
-        ages by the database's clock.
+        ages by the database's clock, whose readings ``acquired_at``, ``renewed_at``, ``expires_at`` also are.
         """
         now = self._now
         rows = self._rows(
-            f"SELECT l.avm_id, a.vm_id, l.verifier_id, v.endpoint, l.generation, {now} - l.acquired_at AS age_s, "
+            "SELECT l.avm_id, a.vm_id, l.verifier_id, v.endpoint, l.generation, l.acquired_at, l.renewed_at, "
+            f"l.expires_at, {now} - l.acquired_at AS age_s, "
             f"{now} - l.renewed_at AS renewed_s_ago, l.expires_at - {now} AS expires_in_s, "
             f"{now} - v.heartbeat_at AS verifier_heartbeat_s_ago FROM leases l "
             "LEFT JOIN avms a ON a.avm_id = l.avm_id LEFT JOIN verifiers v ON v.verifier_id = l.verifier_id "
