@@ -107,6 +107,15 @@ def test_a_killed_verifiers_avms_move_to_the_other_with_no_allow_in_between(tmp_
         wait_until(lambda: _attempt(avms[0][2]) == "allow", timeout=30, what="vm-0 (at v1) allowed")
         wait_until(lambda: _attempt(avms[1][2]) == "allow", timeout=30, what="vm-1 (at v2) allowed")
         assert _attempt(avms[5][2]) in ("deny", "closed")  # the failing VM never gets through
+        # An A-VM that also talks to the verifier not holding its lease (it flapped there) is refused
+        # there, report after report, while the holder renews: no verifier takes a lease that is held.
+        stray = SimulatedAvm(avms[0][0], [e2], server_public, failover_s=60.0).start()
+        try:
+            wait_until(lambda: stray.session.rejected["not_leaseholder"] >= 3, timeout=30,
+                       what="the stray A-VM's reports refused at v2")
+            assert stray.session.accepted == 0
+        finally:
+            stray.stop()
         held = socket.create_connection(("127.0.0.1", avms[2][2]), timeout=20)  # a client of v1's, open
         held.settimeout(20)
         held.sendall(b"before\n")
