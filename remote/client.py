@@ -19,10 +19,10 @@ Two layers:
 Failover: an A-VM is given a list of verifier endpoints (several ``endpoint`` arguments, or one string of
 endpoints separated by commas, as ``--remote`` takes them; each verifier's policy message adds the live
 verifiers it knows of). It talks to one at a time, the first first. When nothing has come back from it
-for ``failover_s`` (default: two report intervals and a second, at least three seconds) after something
-was sent, it closes that connection, connects to the next in the list (round the list), and says hello
-again; the verifier there takes the A-VM's lease over once the old one's has expired (it answers
-``not_leaseholder`` until then, which counts as an answer).
+for ``failover_s`` (default :data:`FAILOVER_S`, 5 s) after something was sent (REM-S answers each
+report at once, ack or refusal), it closes that connection, connects to the next in the list (round
+the list), and says hello again; the verifier there takes the A-VM's lease over once the old one's
+has expired (it answers ``not_leaseholder`` until then, which counts as an answer).
 
 A report's content is what the A-VM measured: ``behaviour``, ``checks``, ``events``, ``collector``,
 ``measured_at``, ``model`` (see :mod:`vims.remote.protocol`). The session *stamps* it once
@@ -204,6 +204,9 @@ class AvmSession:
         return self.frame(self.seal(content, nonce))
 
 
+#: Silence (s) after a message to a verifier, with nothing back, before the client moves to the next one.
+FAILOVER_S = 5.0
+
 #: Sealed reports waiting to be sent at most (at one a second, over a quarter of an hour of REM-S away).
 OUTBOX_MAX = 1000
 
@@ -265,7 +268,7 @@ class AvmClient:
         go to the queue :attr:`events`.
     failover_s : float, optional
         Silence (nothing received since a message was sent) after which it moves to the next verifier
-        (default: two policy intervals and a second, at least 3 s).
+        (default :data:`FAILOVER_S`).
     """
 
     def __init__(self, identity: AvmIdentity, endpoint: str | Sequence[str], server_public: str,
@@ -302,10 +305,7 @@ class AvmClient:
         return self.endpoints[self.current]
 
     def _silence_limit(self) -> float:
-        if self.failover_s is not None:
-            return self.failover_s
-        interval = float((self.session.policy or {}).get("interval_s", 1.0))
-        return max(3.0, 2 * interval + 1.0)
+        return FAILOVER_S if self.failover_s is None else self.failover_s
 
     @property
     def policy(self) -> dict[str, Any] | None:
