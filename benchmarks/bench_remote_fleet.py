@@ -89,7 +89,7 @@ class SimAvm:
     session: AvmSession = field(init=False)
     sock: Any = None
     current: int = 0
-    sent: dict[int, str] = field(default_factory=dict)  # seq -> verifier id it was sent to
+    sent: dict[int, tuple[str, float]] = field(default_factory=dict)  # seq -> (verifier id, monotonic time)
     unanswered_since: float | None = None
     failovers: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,14 +125,14 @@ class SimAvm:
                 "events": {"seen": 1000, "dropped": 0, "missing": 0,
                            "interval": {"seen": 1000, "dropped": 0, "missing": 0}},
                 "measured_at": time.time(), "model": {"sha256": "5" * 64, "path": "bench.skops"},
-                "collector": {"sim": self.ident.avm_id}}
+                "collector": {"sim": self.ident.avm_id, "alive": True}}
 
     async def report(self, nonce: str | None) -> None:
         if self.session.policy is None:
             return
         seq = self.session.next_seq
         frame = self.session.report(self.content(), nonce)
-        self.sent[seq] = self.verifier_ids[self.current]
+        self.sent[seq] = (self.verifier_ids[self.current], time.monotonic())
         await self._send(frame)
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
@@ -296,7 +296,7 @@ async def one_run(args: argparse.Namespace, cluster: TempCluster, folder: Path, 
         tasks = []
         await asyncio.sleep(1.0)
         bytes1 = db_bytes(url)
-        result = measure(store, sims, first_seq, mark_report, attempts, start)
+        result = measure(store, sims, first_seq, mark_report, attempts, start, killed_at)
         result.update({"avms": n_avms, "verifiers": n_verifiers, "seconds": args.seconds,
                        "report_interval_s": args.interval, "attempts_per_s": args.rate, "lease_s": args.lease,
                        "enrol_s": round(enrol_s, 1),
@@ -324,23 +324,28 @@ async def one_run(args: argparse.Namespace, cluster: TempCluster, folder: Path, 
 
 
 def measure(store: Store, sims: list[SimAvm], first_seq: dict[str, int], mark: int, attempts: list[Attempt],
-            start: float) -> dict[str, Any]:
+            start: float, killed_at: float | None = None) -> dict[str, Any]:
+    """What the store holds of what was sent. A report sent to v1 from a second before it was killed
+    on, and not in the store, counts as ``reports_sent_to_killed_verifier``, not as lost."""
     rows = store._rows("SELECT avm_id, vm_id, seq, status, reason, verifier_id FROM reports "
                        "WHERE id > ? AND avm_id IS NOT NULL", (mark,))
     got: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
     for r in rows:
         got[(r["avm_id"], r["seq"])].append(r)
-    sent = lost = accepted = misattributed = 0
+    sent = lost = accepted = misattributed = to_killed = 0
     refused: collections.Counter[str] = collections.Counter()
     for s in sims:
         avm_id = s.ident.avm_id
-        for seq, vid in s.sent.items():
+        for seq, (vid, t) in s.sent.items():
             if seq < first_seq[s.vm_id]:
                 continue
             sent += 1
             found = got.get((avm_id, seq))
             if not found:
-                lost += 1
+                if killed_at is not None and vid == "v1" and t >= killed_at - 1.0:
+                    to_killed += 1
+                else:
+                    lost += 1
                 continue
             ok = [r for r in found if r["status"] == "accepted"]
             if ok:
@@ -349,8 +354,9 @@ def measure(store: Store, sims: list[SimAvm], first_seq: dict[str, int], mark: i
                     misattributed += 1
             else:
                 refused[str(found[0]["reason"])] += 1
-    decisions = store._rows("SELECT vm_id, kind, latency_s FROM decisions WHERE time >= ? AND kind IN "
+    decisions = store._rows("SELECT vm_id, kind, reason, latency_s FROM decisions WHERE time >= ? AND kind IN "
                             "('allow', 'deny')", (start,))
+    denied = collections.Counter(d["reason"][:60] for d in decisions if d["kind"] == "deny" and healthy(d["vm_id"]))
     wrong = sum(1 for d in decisions if d["kind"] == "allow" and not healthy(d["vm_id"]))
     lat = [d["latency_s"] for d in decisions if d["latency_s"] is not None]
     outcomes = collections.Counter(a.outcome for a in attempts)
@@ -358,10 +364,12 @@ def measure(store: Store, sims: list[SimAvm], first_seq: dict[str, int], mark: i
     def ms(x: float | None) -> float | None:
         return None if x is None else round(x * 1000, 2)
 
-    return {"reports_sent": sent, "reports_lost": lost, "reports_accepted": accepted,
+    return {"reports_sent": sent, "reports_lost": lost, "reports_sent_to_killed_verifier": to_killed,
+            "reports_accepted": accepted,
             "reports_refused": dict(refused), "reports_misattributed": misattributed,
             "attempts": len(attempts), "outcomes": dict(outcomes), "decisions": len(decisions),
-            "allows_of_failing_vms": wrong, "decision_ms_median": ms(pct(lat, 0.5)),
+            "allows_of_failing_vms": wrong, "denials_of_passing_vms": dict(denied.most_common(5)),
+            "decision_ms_median": ms(pct(lat, 0.5)),
             "decision_ms_p99": ms(pct(lat, 0.99)), "failovers": sum(s.failovers for s in sims)}
 
 
