@@ -140,7 +140,8 @@ class SimAvm:
         next_report = time.monotonic() + random.uniform(0, interval)
         while not stop.is_set():
             now = time.monotonic()
-            if self.unanswered_since is not None and now - self.unanswered_since > self.failover_s:
+            if len(self.endpoints) > 1 and self.unanswered_since is not None and \
+                    now - self.unanswered_since > self.failover_s:
                 self.current = (self.current + 1) % len(self.endpoints)
                 self.failovers += 1
                 await self.connect()
@@ -399,7 +400,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ServerKeys.write(keys, folder)
     results = []
     with TempCluster(fsync=True) as cluster:
-        plan = [(n, v, False) for n in args.avms for v in args.verifiers]
+        plan = [] if args.only_takeover else [(n, v, False) for n in args.avms for v in args.verifiers]
         if not args.no_takeover:
             plan.append((args.avms[0], 2, True))
         for n, v, kill in plan:
@@ -422,6 +423,8 @@ def main() -> None:
     parser.add_argument("--failover", type=float, default=5.0,
                         help="silence after a message before an A-VM moves to its next verifier (s)")
     parser.add_argument("--no-takeover", action="store_true", help="skip the killed-verifier run")
+    parser.add_argument("--only-takeover", action="store_true", help="only the killed-verifier run (at the "
+                        "first --avms); each configuration can also be run on its own this way")
     parser.add_argument("--quick", action="store_true", help="1 000 A-VMs, 1 and 2 verifiers, 20 s runs")
     parser.add_argument("--json", action="store_true", help="one JSON object per run on stdout")
     args = parser.parse_args()
