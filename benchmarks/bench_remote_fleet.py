@@ -250,7 +250,9 @@ async def one_run(args: argparse.Namespace, cluster: TempCluster, folder: Path, 
             sims.append(SimAvm(vm_id, ident, endpoints[k:] + endpoints[:k], vids[k:] + vids[:k], keys.public, ctx,
                                args.failover))
         sim_cpu0 = time.process_time()
-        tasks = [asyncio.create_task(s.run(args.interval, stop)) for s in sims]
+        for sim in sims:  # a fleet comes up over a few seconds, not in one burst of CURVE handshakes
+            tasks.append(asyncio.create_task(sim.run(args.interval, stop)))
+            await asyncio.sleep(args.ramp / len(sims))
         await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in sims)), 180)
         await asyncio.sleep(args.interval + 1.0)  # every A-VM's first reports settle its lease
         start = time.time()
@@ -423,6 +425,7 @@ def main() -> None:
     parser.add_argument("--failover", type=float, default=5.0,
                         help="silence after a message before an A-VM moves to its next verifier (s)")
     parser.add_argument("--no-takeover", action="store_true", help="skip the killed-verifier run")
+    parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which the A-VMs start")
     parser.add_argument("--only-takeover", action="store_true", help="only the killed-verifier run (at the "
                         "first --avms); each configuration can also be run on its own this way")
     parser.add_argument("--quick", action="store_true", help="1 000 A-VMs, 1 and 2 verifiers, 20 s runs")
