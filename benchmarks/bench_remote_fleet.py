@@ -238,6 +238,7 @@ async def one_run(args: argparse.Namespace, cluster: TempCluster, folder: Path, 
              "--verifier-id", vid, "--lease-s", str(args.lease)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
     ctx = zmq.asyncio.Context()
+    ctx.max_sockets = 4 * n_avms + 1024  # libzmq's default is 1023 sockets a context (EMFILE beyond)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     try:
