@@ -168,6 +168,11 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
           console: str | None = typer.Option(None, "--console", help="Serve the web console at HOST:PORT "
                                              "(e.g. 127.0.0.1:8480; off by default). Every request needs "
                                              "the access token printed at start."),
+          verifier_id: str | None = typer.Option(None, "--verifier-id", help="This verifier's name among those "
+                                                 "sharing the store (default: host, pid and a random tag)."),
+          lease_s: float = typer.Option(10.0, "--lease-s", help="Lease period (s): how long this verifier holds "
+                                        "an A-VM after its last renewal; a killed verifier's A-VMs are taken "
+                                        "over by another within about this much."),
           ) -> None:
     """Run REM-S: the control channel, one gate per enrolled VM and the metrics endpoint."""
     import asyncio
@@ -175,7 +180,7 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     import sys
 
     from vims.console import err, to_json
-    from vims.remote.keys import SECRET_REMS, ServerKeys
+    from vims.remote.keys import SECRET_REMS, ServerKeys, check_id
     from vims.remote.server import RemsServer
 
     folder = _home(home)
@@ -196,7 +201,10 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
 
             svc = await start_line_service()
             target = ("127.0.0.1", svc.sockets[0].getsockname()[1])
-        server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port)
+        if verifier_id is not None:
+            check_id(verifier_id, "verifier id")
+        server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port,
+                            verifier_id=verifier_id, lease_s=lease_s)
         web = None
         if console_at is not None:  # before the server, so a console that cannot bind starts nothing
             from vims.remote.console import ConsoleServer
@@ -211,6 +219,7 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
         info = {"control": server.endpoint, "curve_public": keys.public, "gates": server.gate_ports(),
                 "metrics": f"http://127.0.0.1:{server.metrics_bound}/metrics",
                 "service": f"{target[0]}:{target[1]}" if target else None, "store": opened.display,
+                "verifier_id": server.verifier_id, "lease_s": server.lease_s,
                 "console": web.url if web else None, "console_token": web.token if web else None}
         if json_out:  # one line, so a script can read it while the server runs
             sys.stdout.write(to_json(info, indent=None) + "\n")

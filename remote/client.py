@@ -6,7 +6,8 @@ Two layers:
   policy, signing). Feed it the frames REM-S sends, send the frames it returns. The load benchmark drives
   a hundred of these from one event loop.
 - :class:`AvmClient`: a ZeroMQ DEALER (CURVE client) in a background thread, for the A-VM agent. It says
-  hello, acknowledges every policy, and either
+  hello, acknowledges every policy, moves to the next of its verifiers when the current one stops
+  answering (*Failover* below), and either
 
   * calls ``source(nonce)`` to build a report (periodically, every policy ``interval_s``, with the latest
     nonce, and at once when REM-S sends a nonce request), or
@@ -14,6 +15,14 @@ Two layers:
     ``(kind, body)`` with kind ``policy``, ``nonce``, ``ack`` or ``error``, and the agent calls
     :meth:`AvmClient.send_report` (thread-safe, never blocks) with the report's content; it returns the
     document it sent.
+
+Failover: an A-VM is given a list of verifier endpoints (several ``endpoint`` arguments, or one string of
+endpoints separated by commas, as ``--remote`` takes them; each verifier's policy message adds the live
+verifiers it knows of). It talks to one at a time, the first first. When nothing has come back from it
+for ``failover_s`` (default :data:`FAILOVER_S`, 5 s) after something was sent (REM-S answers each
+report at once, ack or refusal), it closes that connection, connects to the next in the list (round
+the list), and says hello again; the verifier there takes the A-VM's lease over once the old one's
+has expired (it answers ``not_leaseholder`` until then, which counts as an answer).
 
 A report's content is what the A-VM measured: ``behaviour``, ``checks``, ``events``, ``collector``,
 ``measured_at``, ``model`` (see :mod:`vims.remote.protocol`). The session *stamps* it once
@@ -44,7 +53,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import zmq
@@ -108,6 +117,7 @@ class AvmSession:
         self.gaps = 0
         self.policy: dict[str, Any] | None = None
         self.vm_id: str | None = None
+        self.verifiers: list[str] = []  # the live verifiers' endpoints, as the last policy named them
         self.nonce: str | None = None
         self.accepted = 0
         self.rejected: collections.Counter[str] = collections.Counter()
@@ -136,6 +146,8 @@ class AvmSession:
                 raise ProtocolError("malformed", "policy message without policy/version")
             self.policy = {**body["policy"], "version": body["version"]}
             self.vm_id = str(body.get("vm_id"))
+            self.verifiers = [v for v in body.get("verifiers", []) if isinstance(v, str)][:64] \
+                if isinstance(body.get("verifiers"), list) else []
             last = body.get("last_seq")
             if isinstance(last, int) and last + 1 > self.next_seq:
                 self.next_seq = last + 1
@@ -192,8 +204,32 @@ class AvmSession:
         return self.frame(self.seal(content, nonce))
 
 
+#: Silence (s) after a message to a verifier, with nothing back, before the client moves to the next one.
+FAILOVER_S = 5.0
+
 #: Sealed reports waiting to be sent at most (at one a second, over a quarter of an hour of REM-S away).
 OUTBOX_MAX = 1000
+
+
+def endpoints(given: str | Sequence[str]) -> list[str]:
+    """The verifier endpoints in ``given`` (one string, endpoints separated by commas, or several), in
+    order, without repeats; a user error when there are none.
+
+    >>> endpoints("tcp://a:1, tcp://b:2,tcp://a:1")
+    ['tcp://a:1', 'tcp://b:2']
+    """
+    parts = [given] if isinstance(given, str) else list(given)
+    out: list[str] = []
+    for part in parts:
+        for item in str(part).split(","):
+            item = item.strip()
+            if item and item not in out:
+                out.append(item)
+    if not out:
+        from vims.errors import InputError
+
+        raise InputError(f"no REM-S endpoint in {given!r}")
+    return out
 
 
 def dealer(ctx: zmq.Context[Any], identity: AvmIdentity, server_public: str, endpoint: str) -> zmq.Socket[Any]:
@@ -216,8 +252,9 @@ class AvmClient:
     ----------
     identity : AvmIdentity
         The A-VM's id and keys (``vims avm init``).
-    endpoint : str
-        REM-S's control channel, e.g. ``tcp://127.0.0.1:5555``.
+    endpoint : str or sequence of str
+        REM-S's control channel, e.g. ``tcp://127.0.0.1:5555``; several (or a comma-separated string):
+        verifiers to fail over to, tried in order.
     server_public : str
         REM-S's CURVE public key (Z85, from ``rems.public.json``).
     capabilities : dict, optional
@@ -229,15 +266,22 @@ class AvmClient:
     on_event : callable, optional
         ``on_event(kind, body)`` for every message from REM-S, in the client thread. Without it, events
         go to the queue :attr:`events`.
+    failover_s : float, optional
+        Silence (nothing received since a message was sent) after which it moves to the next verifier
+        (default :data:`FAILOVER_S`).
     """
 
-    def __init__(self, identity: AvmIdentity, endpoint: str, server_public: str,
+    def __init__(self, identity: AvmIdentity, endpoint: str | Sequence[str], server_public: str,
                  capabilities: dict[str, Any] | None = None,
                  source: Callable[[str | None], dict[str, Any] | None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, failover_s: float | None = None) -> None:
         self.identity = identity
-        self.endpoint = endpoint
+        self.endpoints = endpoints(endpoint)
+        self.current = 0  # index in endpoints of the verifier talked to
+        self.failover_s = failover_s
+        self.failovers = 0
+        self._unanswered_since: float | None = None
         self.server_public = server_public
         self.session = AvmSession(identity, capabilities)
         self.source = source
@@ -254,6 +298,14 @@ class AvmClient:
         self._stopping = threading.Event()
         self._has_policy = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"avm-client-{identity.avm_id}", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        """The verifier it talks to now."""
+        return self.endpoints[self.current]
+
+    def _silence_limit(self) -> float:
+        return FAILOVER_S if self.failover_s is None else self.failover_s
 
     @property
     def policy(self) -> dict[str, Any] | None:
@@ -344,6 +396,8 @@ class AvmClient:
             sock.send(frame, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.errors["send_queue_full"] += 1
+        if self._unanswered_since is None:
+            self._unanswered_since = time.monotonic()
 
     def _produce(self, nonce: str | None) -> dict[str, Any] | None:
         assert self.source is not None
@@ -365,18 +419,33 @@ class AvmClient:
         self._send(sock, frame)
         self.sent += 1
 
-    def _run(self) -> None:
+    def _connect(self, poller: zmq.Poller) -> zmq.Socket[Any]:
+        """A connection to the current verifier, registered in ``poller``, with the hello sent."""
         sock = dealer(self._ctx, self.identity, self.server_public, self.endpoint)
-        poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        self._unanswered_since = None
         with self._lock:
             hello = self.session.hello()
         self._send(sock, hello)
+        return sock
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        sock = self._connect(poller)
         next_periodic = 0.0
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
+                since = self._unanswered_since
+                if len(self.endpoints) > 1 and since is not None and now - since > self._silence_limit():
+                    old = self.endpoint
+                    poller.unregister(sock)
+                    sock.close(linger=0)
+                    self.current = (self.current + 1) % len(self.endpoints)
+                    self.failovers += 1
+                    log.warning("REM-S at %s silent for %.1f s: moving to %s", old, now - since, self.endpoint)
+                    sock = self._connect(poller)
                 wait = 0.2 if not (self.source and self.session.policy) else max(0.0, min(0.2, next_periodic - now))
                 ready = dict(poller.poll(int(wait * 1000)))
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
@@ -388,6 +457,7 @@ class AvmClient:
                             frame = sock.recv(flags=zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        self._unanswered_since = None
                         self._on_frame(sock, frame)
                 while True:
                     try:
@@ -414,6 +484,9 @@ class AvmClient:
         for kind, body in events:
             if kind == "policy":
                 self._has_policy.set()
+                for endpoint in self.session.verifiers:  # verifiers to fail over to
+                    if endpoint not in self.endpoints:
+                        self.endpoints.append(endpoint)
             if kind == "nonce" and self.source is not None:
                 self._report(sock, self._produce(body["nonce"]), body["nonce"])
             if kind == "error":

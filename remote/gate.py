@@ -118,6 +118,15 @@ class Gate:
         self.port_vm[port] = vm_id
         log.info("gate for VM %s on %s:%d", vm_id, self.host, port)
 
+    def unlisten(self, vm_id: str) -> None:
+        """Stop listening for ``vm_id`` (its A-VM's lease went to another verifier); open ones stay."""
+        for port in [p for p, vm in self.port_vm.items() if vm == vm_id]:
+            server = self.servers.pop(port, None)
+            if server is not None:
+                server.close()
+            self.port_vm.pop(port, None)
+            log.info("gate for VM %s on port %d closed (another verifier holds its A-VM)", vm_id, port)
+
     async def close(self, reason: str) -> None:
         """Cut every open connection, stop listening, wait (briefly) for the cut clients to drain."""
         for conn in list(self.open.values()):

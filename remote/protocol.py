@@ -108,7 +108,7 @@ SERVER_TYPES = frozenset({"policy", "nonce", "ack", "error"})
 
 #: Every reason a report (or a connecting key) can be refused for.
 REJECT_REASONS = ("malformed", "unsigned", "bad_signature", "wrong_sender", "replayed", "out_of_sequence",
-                  "stale", "wrong_policy", "unrecorded", "revoked", "unenrolled")
+                  "stale", "wrong_policy", "unrecorded", "revoked", "unenrolled", "not_leaseholder")
 
 CHECK_STATUSES = frozenset({"pass", "fail", "error"})
 _HEX = re.compile(r"[0-9a-f]{2,256}")

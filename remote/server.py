@@ -9,7 +9,18 @@ One asyncio event loop serves everything:
   or fail;
 - the Prometheus endpoint (:mod:`vims.remote.metrics`);
 - a watcher of the database: policies set and A-VMs enrolled or revoked with the CLI while the server
-  runs take effect at once (a new policy is pushed to the A-VM).
+  runs take effect at once (a new policy is pushed to the A-VM);
+- a heartbeat (every third of ``lease_s``) that keeps this verifier's leases on the A-VMs talking to it
+  (:meth:`vims.remote.store.Store.heartbeat`), so that several verifier processes can share one store.
+
+Several verifiers over one store: an A-VM's report is accepted only by the verifier holding its lease,
+which it takes (atomically, in the store) when the lease is free or expired; the report is recorded in the
+same transaction that renews the lease, and only when its sequence number is newer than every report
+accepted of that A-VM by any verifier. A gate listens at the verifier holding its A-VM's lease (or, while
+no verifier holds it, at every verifier that can bind its port), and allows a connection only when the
+latest accepted report of its VM in the store, whoever accepted it, is the fresh one this verifier just
+accepted, passes the policy, and the lease is still this verifier's. A verifier that dies stops renewing:
+its leases expire after ``lease_s`` and the A-VMs that moved to another verifier are taken over there.
 
 Nothing a peer sends stops the server: every message is handled inside a guard that records it as
 rejected (``malformed`` at worst) and carries on.
@@ -19,9 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,7 +63,7 @@ from vims.remote.protocol import (
     parse_envelope,
     verify_report,
 )
-from vims.remote.store import Store
+from vims.remote.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +92,7 @@ class AvmState:
     used_nonces: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
     last_ok: float | None = None  # monotonic time of the last accepted report
     last_verdict: tuple[bool, str] | None = None
+    heard: float | None = None  # monotonic time of its last message to this verifier
 
 
 class RemsServer:
@@ -109,13 +124,30 @@ class RemsServer:
         rest are counted (``vims_reports_rejected_total``) and summed up in the next recorded one.
     max_connections_per_vm : int
         The most gate connections one VM may have at once (deciding or relayed); more are refused.
+    verifier_id : str, optional
+        This verifier's name among those sharing the store (default: host, pid and a random tag).
+    lease_s : float
+        The lease period: a verifier holds an A-VM for this long after its last renewal (a heartbeat
+        every third of it, or an accepted report). A killed verifier's A-VMs are taken over by another
+        one within about this much after they move to it.
     """
 
     def __init__(self, store: Store, keys: ServerKeys, control: str = "tcp://127.0.0.1:0",
                  service: tuple[str, int] | None = None, gate_host: str = "127.0.0.1",
                  metrics_port: int | None = 0, poll_s: float = 0.1, prune_every_s: float = 60.0,
-                 max_unattributed: int = 10000, max_connections_per_vm: int = 256) -> None:
+                 max_unattributed: int = 10000, max_connections_per_vm: int = 256,
+                 verifier_id: str | None = None, lease_s: float = 10.0) -> None:
+        if not lease_s > 0:
+            raise VimsError(f"lease period {lease_s} s: give a positive number of seconds")
         self.store = store
+        self.verifier_id = verifier_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.lease_s = float(lease_s)
+        self.leased: set[str] = set()  # A-VMs whose lease this verifier held at its last heartbeat/report
+        self.foreign: set[str] = set()  # A-VMs leased (unexpired) by other verifiers
+        self.peers: list[str] = []  # control endpoints of the live verifiers (given to A-VMs)
+        self._lease_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rem-s-lease")
+        self._lease_store: Store | None = None
+        self._last_beat: float | None = None
         self.keys = keys
         self.control = control
         self.service = service
@@ -168,7 +200,8 @@ class RemsServer:
             self._metrics_server = await self.metrics.serve("127.0.0.1", self.metrics_port)
             self.metrics_bound = self._metrics_server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
-        for coro in (self._zap_loop(), self._control_loop(), self._watch_loop()):
+        await self._beat()
+        for coro in (self._zap_loop(), self._control_loop(), self._watch_loop(), self._lease_loop()):
             self._tasks.append(loop.create_task(coro))
         self.ready.set()
         log.info("REM-S control channel at %s, metrics on port %s", self.endpoint, self.metrics_bound)
@@ -185,9 +218,75 @@ class RemsServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._metrics_server.wait_closed(), 2.0)
         await asyncio.get_running_loop().run_in_executor(None, self.history.close)
+        with contextlib.suppress(Exception):  # give the leases up: others take these A-VMs over at once
+            await asyncio.get_running_loop().run_in_executor(self._lease_pool, self._release_all)
+        self._lease_pool.shutdown(wait=True)
         self.router.close(linger=0)
         self.zap.close(linger=0)
         self.ctx.term()
+
+    # -- leases ---------------------------------------------------------------------------------------
+
+    def _lease_db(self) -> Store:
+        """The lease thread's own connection to the store."""
+        if self._lease_store is None:
+            self._lease_store = Store(self.store.location)
+        return self._lease_store
+
+    def _heartbeat(self, keep: list[str], release: list[str]) -> tuple[set[str], set[str], list[str]]:
+        db = self._lease_db()
+        held = db.heartbeat(self.verifier_id, self.lease_s, keep, release, endpoint=self.endpoint)
+        others = {r["avm_id"] for r in db._rows(
+            f"SELECT avm_id FROM leases WHERE verifier_id != ? AND expires_at >= {db._now}", (self.verifier_id,))}
+        peers = [r["endpoint"] for r in db.verifiers(live_only=True) if r["endpoint"]]
+        return held, others, peers
+
+    def _release_all(self) -> None:
+        db = self._lease_db()
+        try:
+            db.stop_verifier(self.verifier_id)
+        finally:
+            db.close()
+            self._lease_store = None
+
+    async def _beat(self) -> None:
+        """One heartbeat: renew the leases of the A-VMs heard from within a lease period, give up the
+        others', learn which A-VMs other verifiers hold; cut and stop listening for those lost."""
+        now = time.monotonic()
+        keep = [a for a, st in self.avms.items() if not st.revoked and st.rid is not None
+                and st.heard is not None and now - st.heard <= self.lease_s]
+        release = sorted(self.leased - set(keep))
+        try:
+            held, others, peers = await asyncio.get_running_loop().run_in_executor(
+                self._lease_pool, self._heartbeat, keep, release)
+        except Exception as exc:
+            self.metrics.inc("vims_lease_heartbeat_failures_total")
+            log.error("lease heartbeat of verifier %s failed: %s", self.verifier_id, one_line(str(exc)))
+            if self._lease_store is not None:
+                with contextlib.suppress(Exception):
+                    self._lease_store.close()
+                self._lease_store = None
+            if self._last_beat is not None and time.monotonic() - self._last_beat <= self.lease_s:
+                return
+            held, others, peers = set(), self.foreign, self.peers  # every lease may have expired
+        else:
+            self._last_beat = now
+        for avm_id in sorted(self.leased - held):
+            st = self.avms.get(avm_id)
+            if st is not None:
+                log.info("lease of A-VM %s no longer held by verifier %s", avm_id, self.verifier_id)
+                self.gate.cut_vm(st.vm_id, f"A-VM {avm_id}'s lease is no longer held by verifier {self.verifier_id}")
+        self.leased, self.foreign, self.peers = held, others - held, peers
+        self.metrics.set("vims_leases_held", len(held), verifier=self.verifier_id)
+        await self._listen_gates()
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self._beat()
+            except Exception:
+                log.exception("lease loop")
 
     def gate_ports(self) -> dict[str, int]:
         """vm_id -> the port its gate listens on."""
@@ -234,16 +333,51 @@ class RemsServer:
         self.waiters[nonce] = (avm_id, future)
         try:
             self._send(st, "nonce", {"nonce": nonce, "purpose": "connect"})
-            return await asyncio.wait_for(future, policy["attest_timeout_s"])
+            allowed, reason, seq = await asyncio.wait_for(future, policy["attest_timeout_s"])
         except TimeoutError:
             return False, f"no fresh report from A-VM {avm_id} within {policy['attest_timeout_s']:g} s", None
         finally:
             self.waiters.pop(nonce, None)
+        if not allowed:
+            return allowed, reason, seq
+        return (*self._confirm(vm_id, avm_id, seq), seq)
+
+    def _read_latest(self, vm_id: str) -> dict[str, Any] | None:
+        """:meth:`Store.latest_verdict`, read again once on a fresh connection when the first read
+        lost its connection (a read is safe to repeat; a second failure raises)."""
+        try:
+            return self.store.latest_verdict(vm_id)
+        except StoreError:
+            return self.store.latest_verdict(vm_id)
+
+    def _confirm(self, vm_id: str, avm_id: str, seq: int | None) -> tuple[bool, str]:
+        """Whether the store still says allow: the VM's latest accepted report (by any verifier) is
+        ``seq`` of ``avm_id``, its verdict allow, and this verifier holds the A-VM's lease."""
+        try:
+            latest = self._read_latest(vm_id)
+        except Exception as exc:  # the shared store unreadable: no allow
+            return False, one_line(f"the store cannot be read ({exc})")
+        if latest is None or latest["avm_id"] != avm_id or latest["seq"] != seq:
+            return False, "a newer report of this VM was accepted meanwhile" if latest else "no report in the store"
+        if latest["verdict"] != "allow":
+            return False, str(latest["detail"] or "the latest report fails the policy")
+        if latest["holder"] != self.verifier_id:
+            return False, f"A-VM {avm_id}'s lease is held by verifier {latest['holder']} now"
+        return True, str(latest["detail"] or "allowed")
 
     def _latest_verdict(self, vm_id: str) -> tuple[bool, str] | None:
-        avm_id = self.by_vm.get(vm_id)
-        st = self.avms.get(avm_id) if avm_id else None
-        return None if st is None else st.last_verdict
+        """The verdict on the VM's latest accepted report, read from the shared store (None: none)."""
+        try:
+            latest = self._read_latest(vm_id)
+        except Exception as exc:
+            return False, one_line(f"the store cannot be read ({exc})")
+        if latest is None:
+            return None
+        if latest["verdict"] != "allow":
+            return False, str(latest["detail"] or "the latest report fails the policy")
+        if latest["holder"] != self.verifier_id:
+            return False, f"A-VM {latest['avm_id']}'s lease is held by verifier {latest['holder']} now"
+        return True, str(latest["detail"] or "allowed")
 
     # -- enrolments and policies ----------------------------------------------------------------------
 
@@ -292,9 +426,18 @@ class RemsServer:
         """
         for vm_id, avm_id in self.by_vm.items():
             port = self.avms[avm_id].gate_port
+            if avm_id in self.foreign:  # the gate is at the verifier holding its A-VM
+                if self.gate.port_vm.get(port) == vm_id:
+                    self.gate.unlisten(vm_id)
+                self.gate_errors.pop(vm_id, None)
+                continue
             try:
                 await self.gate.listen(port, vm_id)
             except VimsError as exc:
+                if avm_id not in self.leased and len(self.peers) > 1:
+                    # Held by no verifier yet and others run: one of them may listen there.
+                    log.debug("%s (its A-VM is not leased here yet)", exc)
+                    continue
                 self.metrics.set("vims_gate_listening", 0, vm=vm_id)
                 if self.gate_errors.get(vm_id) != str(exc):
                     self.gate_errors[vm_id] = str(exc)
@@ -421,7 +564,8 @@ class RemsServer:
     def _send_policy(self, st: AvmState) -> None:
         policy = self.policies[st.vm_id]
         self._send(st, "policy", {"vm_id": st.vm_id, "policy": policy, "version": policy["version"],
-                                  "last_seq": st.last_seq, "nonce": self._new_nonce(st)})
+                                  "last_seq": st.last_seq, "nonce": self._new_nonce(st),
+                                  "verifiers": self.peers or [self.endpoint]})
 
     async def _write(self, method: str, **kwargs: Any) -> bool:
         """Record through the history writer and wait (at most RECORD_WAIT_S) for it; True once written."""
@@ -470,6 +614,7 @@ class RemsServer:
                          received=received)
             self._send_raw_error(rid, exc.reason, exc.detail)
             return
+        st.heard = time.monotonic()
         if rid != st.rid:
             st.rid, st.out_seq, st.in_seq = rid, 0, 0
             if msg["type"] != "hello" and st.acked_version != self.policies[st.vm_id]["version"]:
@@ -481,6 +626,8 @@ class RemsServer:
         st.in_seq = msg["seq"]
         kind = msg["type"]
         if kind == "hello":
+            with contextlib.suppress(Exception):  # another verifier may have accepted newer reports
+                st.last_seq = max(st.last_seq, self.store.last_seq(avm_id))
             caps = msg["body"].get("capabilities", {})
             self.history.submit("record_hello", avm_id=avm_id, capabilities=caps)
             log.info("hello from %s (VM %s)", avm_id, st.vm_id)
@@ -547,18 +694,30 @@ class RemsServer:
             return
         allowed, reason = evaluate(body, policy, received)
         # Recorded before answered; a report that cannot be recorded is not accepted (fail closed).
-        future = self.history.submit("record_report", retry=False, avm_id=st.avm_id, vm_id=st.vm_id,
-                                     seq=body["seq"], status="accepted", nonce=nonce,
-                                     score=_score(body), verdict="allow" if allowed else "deny",
-                                     detail=reason, digest=d, document=text, received_at=received)
+        # Recorded only while this verifier holds the A-VM's lease, under a seq newer than any verifier's.
+        future = self.history.submit("accept_report", retry=False, verifier_id=self.verifier_id,
+                                     lease_s=self.lease_s, avm_id=st.avm_id, vm_id=st.vm_id,
+                                     seq=body["seq"], nonce=nonce, score=_score(body),
+                                     verdict="allow" if allowed else "deny", detail=reason, digest=d,
+                                     document=text, received_at=received)
         try:
-            await asyncio.wrap_future(future)
+            _, refused, why = await asyncio.wrap_future(future)
         except Exception as exc:
             detail = one_line(f"history cannot be written: {exc}")
             self.metrics.inc("vims_reports_rejected_total", reason="unrecorded")
             log.error("report %s of %s not accepted: %s", body["seq"], st.avm_id, detail)
             self._answer_refusal(st, seq, nonce, "unrecorded", detail)
             return
+        if refused is not None:
+            if refused == "out_of_sequence":
+                st.last_seq = max(st.last_seq, self.store.last_seq(st.avm_id))
+            else:
+                self.leased.discard(st.avm_id)
+            await self._reject(st, refused, why, seq=seq, nonce=nonce, received=received)
+            self._answer_refusal(st, seq, nonce, refused, why)
+            return
+        self.leased.add(st.avm_id)
+        self.foreign.discard(st.avm_id)
         self.metrics.inc("vims_reports_accepted_total", vm=st.vm_id)
         st.last_seq = body["seq"]
         st.last_ok = time.monotonic()

@@ -108,6 +108,9 @@ class Store:
     dialect = "sql"
     #: The dialect's two-argument maximum.
     _greatest = "MAX"
+    #: The database's clock, in seconds since the epoch: leases are timed by it, one clock for every
+    #: verifier process whatever their hosts' clocks say.
+    _now = "((julianday('now') - 2440587.5) * 86400.0)"
 
     @overload
     def __new__(cls, location: Path, *, create: bool = ...) -> SqliteStore: ...
@@ -261,6 +264,144 @@ class Store:
                 self._exec(f"UPDATE avms SET last_seq = {self._greatest}(last_seq, ?) WHERE avm_id = ?",
                            (seq, avm_id))
         return report_id
+
+    # -- verifiers and their leases on A-VMs ----------------------------------------------------------
+    #
+    # Several verifier processes (``vims remote serve``) may share one store. Each A-VM's reports are
+    # accepted by one verifier at a time: the one holding its lease, a row of ``leases`` renewed by that
+    # verifier's heartbeat and timed by the database's clock. A lease is taken over only when it is free
+    # or expired, in one statement (an upsert whose update is conditional), so two verifiers never both
+    # hold one. Accepting a report renews its lease in the same transaction that records it.
+
+    def _take_lease_sql(self) -> str:
+        now = self._now
+        return (f"INSERT INTO leases (avm_id, verifier_id, acquired_at, renewed_at, expires_at, generation) "
+                f"VALUES (?, ?, {now}, {now}, {now} + ?, 1) ON CONFLICT (avm_id) DO UPDATE SET "
+                "acquired_at = CASE WHEN leases.verifier_id = excluded.verifier_id THEN leases.acquired_at "
+                "ELSE excluded.acquired_at END, "
+                "generation = CASE WHEN leases.verifier_id = excluded.verifier_id THEN leases.generation "
+                "ELSE leases.generation + 1 END, "
+                "verifier_id = excluded.verifier_id, renewed_at = excluded.renewed_at, "
+                "expires_at = excluded.expires_at "
+                "WHERE leases.verifier_id = excluded.verifier_id OR leases.expires_at < excluded.renewed_at")
+
+    def take_lease(self, avm_id: str, verifier_id: str, lease_s: float) -> bool:
+        """Take (or renew) the lease of ``avm_id`` for ``lease_s`` seconds; False when another verifier
+        holds it unexpired (nothing changes then)."""
+        with self._transaction():
+            return self._exec(self._take_lease_sql(), (avm_id, verifier_id, float(lease_s))) == 1
+
+    def heartbeat(self, verifier_id: str, lease_s: float, keep: Sequence[str], release: Sequence[str] = (),
+                  endpoint: str | None = None) -> set[str]:
+        """One heartbeat of a verifier: record it alive, renew or take the leases of ``keep`` (the A-VMs
+        talking to it), give up those of ``release``; return the A-VMs among ``keep`` it holds now.
+
+        A lease held by another verifier and not expired is left alone (the A-VM counts as not held).
+        """
+        held: set[str] = set()
+        sql = self._take_lease_sql()
+        with self._transaction():
+            now = self._value(f"SELECT {self._now} AS now")
+            if not self._exec("UPDATE verifiers SET heartbeat_at = ?, lease_s = ?, stopped_at = NULL, "
+                              "endpoint = COALESCE(?, endpoint) WHERE verifier_id = ?",
+                              (now, float(lease_s), endpoint, verifier_id)):
+                import socket
+
+                self._exec("INSERT INTO verifiers (verifier_id, endpoint, host, pid, lease_s, started_at, "
+                           "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (verifier_id, endpoint, socket.gethostname(), os.getpid(), float(lease_s), now, now))
+            for avm_id in keep:
+                if self._exec(sql, (avm_id, verifier_id, float(lease_s))) == 1:
+                    held.add(avm_id)
+            for avm_id in release:
+                self._exec("DELETE FROM leases WHERE avm_id = ? AND verifier_id = ?", (avm_id, verifier_id))
+        return held
+
+    def stop_verifier(self, verifier_id: str) -> int:
+        """A verifier that stops cleanly: its leases are given up at once (others take its A-VMs over
+        without waiting for them to expire). Returns how many it held."""
+        with self._transaction():
+            n = self._exec("DELETE FROM leases WHERE verifier_id = ?", (verifier_id,))
+            self._exec(f"UPDATE verifiers SET stopped_at = {self._now} WHERE verifier_id = ?", (verifier_id,))
+        return n
+
+    def lease_holder(self, avm_id: str) -> dict[str, Any] | None:
+        """Who holds ``avm_id``'s lease now (``verifier_id``, ``generation``, ``expires_in_s``), or None
+        when it is free or expired."""
+        return self._one(f"SELECT verifier_id, generation, expires_at - {self._now} AS expires_in_s FROM leases "
+                         f"WHERE avm_id = ? AND expires_at >= {self._now}", (avm_id,))
+
+    def leases(self) -> list[dict[str, Any]]:
+        """The lease table, for ``vims remote status``: one row per A-VM with a lease (expired ones too).
+
+        Each row: ``avm_id``, ``vm_id``, ``verifier_id``, ``endpoint`` (the verifier's control channel),
+        ``generation`` (changes of holder), ``age_s`` (since this verifier took it), ``renewed_s_ago``,
+        ``expires_in_s`` (negative: expired, free to take), ``verifier_heartbeat_s_ago``, ``expired``;
+        ages by the database's clock, whose readings ``acquired_at``, ``renewed_at``, ``expires_at`` also are.
+        """
+        now = self._now
+        rows = self._rows(
+            "SELECT l.avm_id, a.vm_id, l.verifier_id, v.endpoint, l.generation, l.acquired_at, l.renewed_at, "
+            f"l.expires_at, {now} - l.acquired_at AS age_s, "
+            f"{now} - l.renewed_at AS renewed_s_ago, l.expires_at - {now} AS expires_in_s, "
+            f"{now} - v.heartbeat_at AS verifier_heartbeat_s_ago FROM leases l "
+            "LEFT JOIN avms a ON a.avm_id = l.avm_id LEFT JOIN verifiers v ON v.verifier_id = l.verifier_id "
+            "ORDER BY l.avm_id")
+        for row in rows:
+            row["expired"] = row["expires_in_s"] < 0
+        return rows
+
+    def verifiers(self, live_only: bool = False) -> list[dict[str, Any]]:
+        """The verifier processes that used this store: id, endpoint, host, pid, lease period, heartbeat
+        age (``heartbeat_s_ago``), whether it stopped cleanly, and how many leases it holds unexpired.
+        ``live_only``: only those running (not stopped, a heartbeat within their lease period)."""
+        now = self._now
+        rows = self._rows(
+            f"SELECT v.verifier_id, v.endpoint, v.host, v.pid, v.lease_s, {now} - v.heartbeat_at AS heartbeat_s_ago, "
+            "v.stopped_at, (SELECT COUNT(*) FROM leases l WHERE l.verifier_id = v.verifier_id "
+            f"AND l.expires_at >= {now}) AS leases FROM verifiers v ORDER BY v.verifier_id")
+        if live_only:
+            rows = [r for r in rows if r["stopped_at"] is None and r["heartbeat_s_ago"] <= r["lease_s"]]
+        return rows
+
+    def accept_report(self, *, verifier_id: str, lease_s: float, avm_id: str, vm_id: str, seq: int,
+                      nonce: str | None, score: float | None, verdict: str, detail: str | None,
+                      digest: str, document: str | None, received_at: float) -> tuple[int, str | None, str]:
+        """Record an accepted report, only while ``verifier_id`` holds (or can take) the A-VM's lease and
+        ``seq`` is newer than every report accepted of it, by any verifier; all in one transaction.
+
+        Returns ``(report_id, None, "")``, or ``(0, reason, detail)`` with nothing recorded: reason
+        ``not_leaseholder`` (another verifier holds the lease) or ``out_of_sequence``.
+        """
+        with self._transaction():
+            if self._exec(self._take_lease_sql(), (avm_id, verifier_id, float(lease_s))) != 1:
+                holder = self._value("SELECT verifier_id FROM leases WHERE avm_id = ?", (avm_id,))
+                return 0, "not_leaseholder", f"A-VM {avm_id}'s lease is held by verifier {holder}"
+            if self._exec("UPDATE avms SET last_seq = ? WHERE avm_id = ? AND last_seq < ?",
+                          (seq, avm_id, seq)) != 1:
+                last = self._value("SELECT last_seq FROM avms WHERE avm_id = ?", (avm_id,))
+                return 0, "out_of_sequence", f"seq {seq} <= last accepted {last} (by any verifier)"
+            report_id = self._insert(
+                "INSERT INTO reports (received_at, avm_id, vm_id, seq, status, reason, detail, nonce, score, "
+                "verdict, digest, document, verifier_id) VALUES (?, ?, ?, ?, 'accepted', NULL, ?, ?, ?, ?, ?, ?, ?)",
+                (received_at, avm_id, vm_id, seq, detail, nonce, score, verdict, digest, document, verifier_id))
+        return report_id, None, ""
+
+    def last_seq(self, avm_id: str) -> int:
+        """The newest sequence number accepted of ``avm_id`` (by any verifier)."""
+        return int(self._value("SELECT last_seq FROM avms WHERE avm_id = ?", (avm_id,)) or 0)
+
+    def latest_verdict(self, vm_id: str) -> dict[str, Any] | None:
+        """The latest accepted report of ``vm_id``, whichever verifier accepted it: ``seq``, ``verdict``
+        (allow | deny), ``detail`` (the policy's reason), ``verifier_id``, ``avm_id``, ``id``; with its A-VM's
+        lease holder now (``holder``, None when free or expired). What a gate decides from."""
+        row = self._one("SELECT id, avm_id, seq, verdict, detail, verifier_id FROM reports "
+                        "WHERE vm_id = ? AND status = 'accepted' ORDER BY id DESC LIMIT 1", (vm_id,))
+        if row is None:
+            return None
+        holder = self.lease_holder(row["avm_id"]) if row["avm_id"] else None
+        row["holder"] = holder["verifier_id"] if holder else None
+        return row
 
     def prune(self, limits: dict[str, tuple[float, int]], max_unattributed: int,
               now: float | None = None) -> dict[str, int]:

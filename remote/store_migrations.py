@@ -140,8 +140,60 @@ _POSTGRESQL_V1 = (
     "INSERT INTO rems_changes (id, version) VALUES (1, 0)",
 )
 
+# Version 2, for several verifier processes over one store: the verifiers (each one's heartbeat), the
+# lease each holds on an A-VM (timed by the database's clock), the verifier that accepted each report, and
+# an index for "the latest accepted report of a VM" (what a gate decides from).
+_SQLITE_V2 = (
+    """CREATE TABLE verifiers (
+    verifier_id TEXT PRIMARY KEY,
+    endpoint TEXT,
+    host TEXT,
+    pid INTEGER,
+    lease_s REAL NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    stopped_at REAL
+)""",
+    """CREATE TABLE leases (
+    avm_id TEXT PRIMARY KEY,
+    verifier_id TEXT NOT NULL,
+    acquired_at REAL NOT NULL,     -- when this verifier took it (kept while it renews)
+    renewed_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1  -- +1 on every change of holder
+)""",
+    "CREATE INDEX leases_verifier ON leases (verifier_id)",
+    "ALTER TABLE reports ADD COLUMN verifier_id TEXT",
+    "CREATE INDEX reports_vm_latest ON reports (vm_id, status, id)",
+)
+
+_POSTGRESQL_V2 = (
+    """CREATE TABLE verifiers (
+    verifier_id TEXT COLLATE "C" PRIMARY KEY,
+    endpoint TEXT,
+    host TEXT,
+    pid BIGINT,
+    lease_s DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    heartbeat_at DOUBLE PRECISION NOT NULL,
+    stopped_at DOUBLE PRECISION
+)""",
+    """CREATE TABLE leases (
+    avm_id TEXT COLLATE "C" PRIMARY KEY,
+    verifier_id TEXT COLLATE "C" NOT NULL,
+    acquired_at DOUBLE PRECISION NOT NULL,
+    renewed_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    generation BIGINT NOT NULL DEFAULT 1
+)""",
+    "CREATE INDEX leases_verifier ON leases (verifier_id)",
+    'ALTER TABLE reports ADD COLUMN verifier_id TEXT COLLATE "C"',
+    "CREATE INDEX reports_vm_latest ON reports (vm_id, status, id)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "A-VMs, policies, reports, decisions", _SQLITE_V1, _POSTGRESQL_V1),
+    Migration(2, "verifiers, leases on A-VMs, the verifier of each report", _SQLITE_V2, _POSTGRESQL_V2),
 )
 
 _VERSIONS = ("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "

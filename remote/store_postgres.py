@@ -58,6 +58,7 @@ class PostgresStore(Store):
 
     dialect = "postgresql"
     _greatest = "GREATEST"
+    _now = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 
     def __init__(self, location: str | Path, *, create: bool = True) -> None:
         self.location = self._url = str(location)
