@@ -12,6 +12,7 @@ setup: $(STAMP) $(SYSTEM)
 
 $(SYSTEM): scripts/system-packages.sh
 	bash scripts/system-packages.sh
+	bash scripts/qemu-plugin-setup.sh || echo "warning: no QEMU plugin tracer (--tracer plugin) on this host: see the error above" >&2
 	@mkdir -p $(VENV) && touch $@
 
 $(STAMP): pyproject.toml
