@@ -6,7 +6,7 @@
 # The plugin declares the few QEMU plugin API functions it uses itself, so no QEMU header is needed.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/vims"
+cache="${VIMS_CACHE:-$HOME/.cache/vims}"
 prefix="${VIMS_QEMU10:-$cache/qemu10}"
 outdir="$cache/plugin"
 src="$here/collector/plugin/vims_syscall.c"
