@@ -14,13 +14,16 @@ This tracer takes the records in batches and hands each to the same
 task read at the call (cached per task, re-read after ``execve``/``exit``/``prctl``), path, ``argv``,
 call site, program filter and cap.
 
-What is read later than the call: the task's pid/comm/ppid (from the task pointer, when its row is
-made: a task that ``execve``'d or exited in between shows its new name, or is unreadable and counted in
-``stats["unreadable"]``), and the path and ``argv`` strings, read from the caller's memory after the
-fact as the other tracers do, but later (up to a batch's wait, ``poll_ms`` plus the time to drain):
-a buffer the program reused or freed by then shows what it holds now. The tracer cannot tell a
-reused buffer from the original; ``stats["lag_ms_max"]`` says how far behind the rows were, so a
-reader knows how stale they may be.
+The plugin also reads the task's pid, tgid and comm at the call (the offsets come from the profile),
+so a row names its caller as it was then, also when it ``execve``'d or exited before the row is made.
+What is read later than the call: the ppid and ``mm`` (from the task pointer, cached per task; a task
+gone by then is counted in ``stats["unreadable"]`` and has no row), and the path and ``argv``
+strings, read from the caller's memory after the fact as the other tracers do, but later (up to a
+batch's wait: ``poll_ms`` plus the time to drain the rings). A buffer the program reused or freed by
+then shows what it holds now, and an ``execve`` that succeeded has replaced the memory its path and
+``argv`` were in (then ``path`` and ``argv`` are null, counted in ``stats["path_unreadable"]``). The
+tracer cannot tell a reused buffer from the original; ``stats["lag_ms_max"]`` says how far behind
+the rows were, so a reader knows how stale they may be.
 
 Policy: the duty cycle switches the plugin on and off through the control area (no trap to put in,
 no restart); the per-second cap is applied in the plugin too (per vCPU, cap / vCPUs) when the policy
@@ -46,7 +49,7 @@ from typing import Any
 import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
-from vims.collector.plugin import FLAG_TASK_UNREAD, Rings
+from vims.collector.plugin import FLAG_IDENTITY, FLAG_TASK_UNREAD, Rings
 from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
@@ -109,6 +112,7 @@ class PluginTracer:
             raise TracerError("the kernel profile has no per-cpu symbol 'current_task': the plugin cannot "
                               "read the task at the call")
         self._task_offset = offset
+        self._task_fields = view.task_id_offsets
         self.policy = policy or Policy()
         self.poll_ns = int(poll_ms * 1e6)
         self.recorder = EventRecorder(view, vm_id, self.policy, callsites, batch_rows, batch_ms, on_batch, keep)
@@ -158,7 +162,7 @@ class PluginTracer:
         stop = stop or threading.Event()
         rec = self.recorder
         rings = self.rings
-        self.rings.control(task_offset=self._task_offset)
+        self.rings.control(task_offset=self._task_offset, task_fields=self._task_fields)
         self._write_cap()
         # Records left from an earlier trace of this guest are not this one's.
         for v in range(rings.vcpus):
@@ -226,11 +230,15 @@ class PluginTracer:
             unread = records["flags"] & FLAG_TASK_UNREAD
             self.stats["task_unread"] += int(unread.astype(bool).sum())
             record = rec.record
-            for ts, nr, args, ip, sp, cr3, task, kgs in zip(
+            known = (records["flags"] & FLAG_IDENTITY).astype(bool).tolist()
+            comms = [c.decode("utf-8", "replace") for c in records["comm"].tolist()]
+            for ts, nr, args, ip, sp, cr3, task, kgs, pid, tgid, comm, ok in zip(
                     records["ts_ns"].tolist(), records["nr"].tolist(), records["args"].tolist(),
                     records["ip"].tolist(), records["sp"].tolist(), records["cr3"].tolist(),
-                    records["task"].tolist(), records["kgs"].tolist(), strict=True):
-                record(vcpu, nr, tuple(args), ip, kgs, cr3, ts, sp, task=task)
+                    records["task"].tolist(), records["kgs"].tolist(), records["pid"].tolist(),
+                    records["tgid"].tolist(), comms, known, strict=True):
+                record(vcpu, nr, tuple(args), ip, kgs, cr3, ts, sp, task=task,
+                       who=(pid, tgid, comm) if ok else None)
                 if max_events is not None and self.stats["events"] >= max_events:
                     break
             rec.due(time.monotonic_ns())

@@ -230,7 +230,8 @@ class EventRecorder:
         return ident
 
     def record(self, vcpu: int, nr: int, args: tuple[int, ...], ip: int, gs_base: int, cr3: int,
-               ts_ns: int, user_sp: int = 0, task: int | None = None) -> bool:
+               ts_ns: int, user_sp: int = 0, task: int | None = None,
+               who: tuple[int, int, str] | None = None) -> bool:
         """Turn one trapped call into a row; ``False`` if it was not kept (filter, cap, unreadable task).
 
         ``gs_base`` and ``cr3`` are those of the vCPU that made the call (its kernel GS base names
@@ -238,7 +239,8 @@ class EventRecorder:
         ``user_sp``, the user stack pointer at the call, lets a call made inside a library name its
         caller in the main program (:meth:`~vims.collector.callsite.CallSites.token`); 0 if unknown.
         ``task``: the current task when the trap read it at the call (the QEMU plugin does; 0: it
-        could not), else it is read now from ``gs_base``.
+        could not), else it is read now from ``gs_base``. ``who``: the task's (pid, tgid, comm) when
+        the trap read them at the call; the row then says those (the cached identity gives ppid and mm).
 
         Raises :class:`GuestUnreadableError` after :data:`MAX_UNREADABLE` unreadable stops in a row.
         """
@@ -272,7 +274,8 @@ class EventRecorder:
             self._identities.pop(task, None)
         elif callsites is not None and nr in REMAP_CALLS:
             callsites.invalidate(ident.mm)
-        if not self.sampler.admit(ident.comm, time.monotonic_ns()):
+        pid, tgid, comm = who if who is not None else (ident.pid, ident.tgid, ident.comm)
+        if not self.sampler.admit(comm, time.monotonic_ns()):
             return False
         path = None
         arg = self.path_args.get(nr)
@@ -289,9 +292,9 @@ class EventRecorder:
         self._seq += 1
         rows.ts.append(ts_ns)
         rows.vcpu.append(vcpu)
-        rows.pid.append(ident.pid)
-        rows.tgid.append(ident.tgid)
-        rows.comm.append(ident.comm)
+        rows.pid.append(pid)
+        rows.tgid.append(tgid)
+        rows.comm.append(comm)
         rows.cr3.append(cr3)
         rows.nr.append(nr if nr < 1 << 31 else -1)
         rows.args.append(args)

@@ -791,7 +791,8 @@ def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine,
     """QEMU's command line for ``image``, and the host ports it forwards (ssh and http of a Debian guest)."""
     memory_mb, cpu = machine.memory_mb, machine.cpu
     cmd = [
-        str(machine.plugin.qemu) if machine.plugin else QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
+        str(machine.plugin.qemu) if machine.plugin else QEMU,
+        "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
         "-accel", f"{accel},thread=multi" if accel == "tcg" and machine.smp > 1 else accel,
         "-cpu", cpu, "-smp", str(machine.smp), "-m", f"{memory_mb}M",
         "-object",

@@ -9,11 +9,12 @@ shared-memory rings.
 The shared memory (one file in ``/dev/shm``, created by the plugin at QEMU's start) is laid out as the
 C file says: a 4096-byte header with the control area, then per vCPU a 64-byte ring header (``head``
 written by the plugin, ``tail`` by the collector, ``dropped``, ``seen``, ``capped``) and ``slots``
-records of 16 little-endian u64 (:data:`RECORD_DTYPE`).
+records of 160 bytes (:data:`RECORD_DTYPE`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -35,16 +36,20 @@ RING_HEADER = 64
 #: One record, as the plugin writes it (``struct record``).
 RECORD_DTYPE = np.dtype([
     ("ts_ns", "<u8"), ("nr", "<u8"), ("args", "<u8", (6,)), ("ip", "<u8"), ("sp", "<u8"), ("cr3", "<u8"),
-    ("task", "<u8"), ("kgs", "<u8"), ("flags", "<u8"), ("reserved", "<u8", (2,)),
+    ("task", "<u8"), ("kgs", "<u8"), ("flags", "<u8"), ("pid", "<u4"), ("tgid", "<u4"), ("comm", "S16"),
+    ("reserved", "<u8", (2,)),
 ])  # fmt: skip
-assert RECORD_DTYPE.itemsize == 128
+assert RECORD_DTYPE.itemsize == 160
 #: Header fields: (offset, struct format).
 _ENABLED, _REGS_OK, _TASK_OFFSET, _CAP, _GENERATION, _MISSING = (24, "<I"), (28, "<I"), (32, "<Q"), (40, "<Q"), \
     (48, "<Q"), 56
+_PID_OFFSET, _TGID_OFFSET, _COMM_OFFSET = (120, "<Q"), (128, "<Q"), (136, "<Q")
 #: Ring header fields (offset in the ring header).
 _HEAD, _TAIL, _DROPPED, _SEEN, _CAPPED = 0, 8, 16, 24, 32
 #: The plugin's record flag: the task could not be read at the call.
 FLAG_TASK_UNREAD = 1
+#: The plugin's record flag: pid, tgid and comm were read at the call.
+FLAG_IDENTITY = 2
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,15 @@ class Rings:
         return bytes(self._map[_MISSING:_MISSING + 64]).split(b"\0", 1)[0].decode()
 
     def control(self, *, enabled: bool | None = None, task_offset: int | None = None,
-                cap_per_s: int | None = None) -> None:
-        """Write the control area (read by the plugin at every call: it takes effect at once)."""
+                cap_per_s: int | None = None, task_fields: tuple[int, int, int] | None = None) -> None:
+        """Write the control area (read by the plugin at every call: it takes effect at once).
+
+        ``task_fields``: the offsets of ``pid``, ``tgid`` and ``comm`` in ``task_struct``.
+        """
+        if task_fields is not None:
+            self._put(_TGID_OFFSET, task_fields[1])
+            self._put(_COMM_OFFSET, task_fields[2])
+            self._put(_PID_OFFSET, task_fields[0])
         if task_offset is not None:
             self._put(_TASK_OFFSET, task_offset)
         if cap_per_s is not None:
@@ -159,7 +171,5 @@ class Rings:
     def close(self) -> None:
         """Unmap (the file stays: QEMU owns it)."""
         self._records = []
-        try:
+        with contextlib.suppress(BufferError):  # a view of it still alive: the mapping goes with it
             self._map.close()
-        except BufferError:  # a view of it still alive somewhere: the mapping goes with it
-            pass

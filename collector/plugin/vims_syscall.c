@@ -18,7 +18,8 @@
  * Shared memory (one file, path from the `shm=` argument, created here):
  *   header, 4096 bytes: magic "VIMSPLG1", version, vCPUs, slots per ring, record size, and the
  *   control area the collector writes: enabled, current_task offset, a per-vCPU cap of records per
- *   second (0: none), a generation counter.
+ *   second (0: none), a generation counter, the task_struct offsets of pid, tgid and comm (read at
+ *   the call, so that a row's identity is the caller's even if it exec'd or exited since).
  *   then per vCPU: a 64-byte ring header (head: written here; tail: written by the collector;
  *   dropped; seen = syscall instructions executed while enabled; capped) and `slots` records.
  *
@@ -98,6 +99,9 @@ struct header {
     uint64_t cap_per_s;        /* control: records per second per vCPU, 0 = no cap */
     uint64_t generation;       /* control: bumped by the collector at each change */
     char missing[64];          /* set here: the registers not found, comma separated */
+    uint64_t pid_offset;       /* control: offsetof(task_struct, pid); 0 = do not read pid/tgid/comm */
+    uint64_t tgid_offset;      /* control: offsetof(task_struct, tgid) */
+    uint64_t comm_offset;      /* control: offsetof(task_struct, comm) */
 };
 
 struct ring {
@@ -118,9 +122,11 @@ struct record {                /* 16 x u64 = 128 bytes */
     uint64_t cr3;
     uint64_t task;             /* current task, read at the call; 0 if not read */
     uint64_t kgs;              /* K_GS_BASE: the kernel per-cpu base of this CPU */
-    uint64_t flags;            /* bit 0: task read failed */
+    uint64_t flags;            /* bit 0: task read failed; bit 1: pid/tgid/comm read */
+    uint64_t pid_tgid;         /* pid | tgid << 32, read at the call */
+    char comm[16];             /* the task's comm, read at the call */
     uint64_t reserved[2];
-};
+};                             /* 20 x u64 = 160 bytes */
 
 enum { R_RAX, R_RDI, R_RSI, R_RDX, R_R10, R_R8, R_R9, R_RIP, R_RSP, R_CR3, R_KGS, N_REGS };
 static const char *reg_names[N_REGS] = {"rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rip", "rsp",
@@ -241,6 +247,20 @@ static void on_syscall(unsigned int vcpu, void *udata)
         g_byte_array_set_size(st->buf, 0);
         if (qemu_plugin_read_memory_vaddr(rec->kgs + off, st->buf, 8) && st->buf->len >= 8) {
             memcpy(&rec->task, st->buf->data, 8);
+            uint64_t pid_off = __atomic_load_n(&hdr->pid_offset, __ATOMIC_RELAXED);
+            if (pid_off && rec->task) {
+                uint32_t pid = 0, tgid = 0;
+                bool ok = qemu_plugin_read_memory_vaddr(rec->task + pid_off, st->buf, 4) && st->buf->len >= 4;
+                if (ok) memcpy(&pid, st->buf->data, 4);
+                ok = ok && qemu_plugin_read_memory_vaddr(rec->task + hdr->tgid_offset, st->buf, 4);
+                if (ok) memcpy(&tgid, st->buf->data, 4);
+                ok = ok && qemu_plugin_read_memory_vaddr(rec->task + hdr->comm_offset, st->buf, 16);
+                if (ok) {
+                    memcpy(rec->comm, st->buf->data, 16);
+                    rec->pid_tgid = (uint64_t)pid | ((uint64_t)tgid << 32);
+                    rec->flags |= 2;
+                }
+            }
         } else {
             rec->flags |= 1;
         }
