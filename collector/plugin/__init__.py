@@ -9,7 +9,7 @@ shared-memory rings.
 The shared memory (one file in ``/dev/shm``, created by the plugin at QEMU's start) is laid out as the
 C file says: a 4096-byte header with the control area, then per vCPU a 64-byte ring header (``head``
 written by the plugin, ``tail`` by the collector, ``dropped``, ``seen``, ``capped``) and ``slots``
-records of 160 bytes (:data:`RECORD_DTYPE`).
+records of 152 bytes (:data:`RECORD_DTYPE`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ RECORD_DTYPE = np.dtype([
     ("task", "<u8"), ("kgs", "<u8"), ("flags", "<u8"), ("pid", "<u4"), ("tgid", "<u4"), ("comm", "S16"),
     ("reserved", "<u8", (2,)),
 ])  # fmt: skip
-assert RECORD_DTYPE.itemsize == 160
+assert RECORD_DTYPE.itemsize == 152
 #: Header fields: (offset, struct format).
 _ENABLED, _REGS_OK, _TASK_OFFSET, _CAP, _GENERATION, _MISSING = (24, "<I"), (28, "<I"), (32, "<Q"), (40, "<Q"), \
     (48, "<Q"), 56

@@ -126,7 +126,7 @@ struct record {                /* 16 x u64 = 128 bytes */
     uint64_t pid_tgid;         /* pid | tgid << 32, read at the call */
     char comm[16];             /* the task's comm, read at the call */
     uint64_t reserved[2];
-};                             /* 20 x u64 = 160 bytes */
+};                             /* 19 x u64 = 152 bytes */
 
 enum { R_RAX, R_RDI, R_RSI, R_RDX, R_R10, R_R8, R_R9, R_RIP, R_RSP, R_CR3, R_KGS, N_REGS };
 static const char *reg_names[N_REGS] = {"rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rip", "rsp",
