@@ -16,14 +16,15 @@ call site, program filter and cap.
 
 The plugin also reads the task's pid, tgid and comm at the call (the offsets come from the profile),
 so a row names its caller as it was then, also when it ``execve``'d or exited before the row is made.
-What is read later than the call: the ppid and ``mm`` (from the task pointer, cached per task; a task
-gone by then is counted in ``stats["unreadable"]`` and has no row), and the path and ``argv``
-strings, read from the caller's memory after the fact as the other tracers do, but later (up to a
-batch's wait: ``poll_ms`` plus the time to drain the rings). A buffer the program reused or freed by
-then shows what it holds now, and an ``execve`` that succeeded has replaced the memory its path and
-``argv`` were in (then ``path`` and ``argv`` are null, counted in ``stats["path_unreadable"]``). The
-tracer cannot tell a reused buffer from the original; ``stats["lag_ms_max"]`` says how far behind
-the rows were, so a reader knows how stale they may be.
+The path argument of the calls that take one (up to 95 bytes) and the command line of an ``execve``
+(up to 127 bytes) are copied by the plugin at the call too (the guest's call numbers and argument
+positions are written into the control area), so they are what the program passed, and an
+``execve``'s argv is there although a successful exec replaces the memory it was in. Read later
+than the call, from the task pointer (cached per task): the ppid and ``mm``; and a path the plugin
+could not read at the call (its page not present then) or longer than its 95 bytes is not re-read:
+the plugin's copy, cut, is kept; only when the plugin read nothing is it read after the fact (up to
+a batch's wait behind, ``stats["lag_ms_max"]``), where a buffer the program reused shows what it
+holds now and cannot be told from the original.
 
 Policy: the duty cycle switches the plugin on and off through the control area (no trap to put in,
 no restart); the per-second cap is applied in the plugin too (per vCPU, cap / vCPUs) when the policy
@@ -49,10 +50,11 @@ from typing import Any
 import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
-from vims.collector.plugin import FLAG_IDENTITY, FLAG_TASK_UNREAD, Rings
-from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
+from vims.collector.plugin import FLAG_ARGV, FLAG_IDENTITY, FLAG_PATH, FLAG_TASK_UNREAD, Rings
+from vims.collector.recorder import EXECVE, EventRecorder, GuestUnreadableError, TraceResult
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
+from vims.syscalls import EXECVE_CALLS
 from vims.tracing_policy import Policy, Sampler
 
 __all__ = ["PluginTracer"]
@@ -162,7 +164,9 @@ class PluginTracer:
         stop = stop or threading.Event()
         rec = self.recorder
         rings = self.rings
-        self.rings.control(task_offset=self._task_offset, task_fields=self._task_fields)
+        argv_args = {nr: 1 if nr == EXECVE else 2 for nr in EXECVE_CALLS}
+        self.rings.control(task_offset=self._task_offset, task_fields=self._task_fields,
+                           strings=(rec.path_args, argv_args))
         self._write_cap()
         # Records left from an earlier trace of this guest are not this one's.
         for v in range(rings.vcpus):
@@ -231,14 +235,19 @@ class PluginTracer:
             self.stats["task_unread"] += int(unread.astype(bool).sum())
             record = rec.record
             known = (records["flags"] & FLAG_IDENTITY).astype(bool).tolist()
-            comms = [c.decode("utf-8", "replace") for c in records["comm"].tolist()]
-            for ts, nr, args, ip, sp, cr3, task, kgs, pid, tgid, comm, ok in zip(
+            comms = [c.split(b"\0", 1)[0].decode("utf-8", "replace") for c in records["comm"].tolist()]
+            flags = records["flags"]
+            paths = [p.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if f & FLAG_PATH else None
+                     for p, f in zip(records["path"].tolist(), flags.tolist(), strict=True)]
+            argvs = [a.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if f & FLAG_ARGV else None
+                     for a, f in zip(records["argv"].tolist(), flags.tolist(), strict=True)]
+            for ts, nr, args, ip, sp, cr3, task, kgs, pid, tgid, comm, ok, path, argv in zip(
                     records["ts_ns"].tolist(), records["nr"].tolist(), records["args"].tolist(),
                     records["ip"].tolist(), records["sp"].tolist(), records["cr3"].tolist(),
                     records["task"].tolist(), records["kgs"].tolist(), records["pid"].tolist(),
-                    records["tgid"].tolist(), comms, known, strict=True):
+                    records["tgid"].tolist(), comms, known, paths, argvs, strict=True):
                 record(vcpu, nr, tuple(args), ip, kgs, cr3, ts, sp, task=task,
-                       who=(pid, tgid, comm) if ok else None)
+                       who=(pid, tgid, comm) if ok else None, path_text=path, argv_text=argv)
                 if max_events is not None and self.stats["events"] >= max_events:
                     break
             rec.due(time.monotonic_ns())

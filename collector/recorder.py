@@ -231,7 +231,8 @@ class EventRecorder:
 
     def record(self, vcpu: int, nr: int, args: tuple[int, ...], ip: int, gs_base: int, cr3: int,
                ts_ns: int, user_sp: int = 0, task: int | None = None,
-               who: tuple[int, int, str] | None = None) -> bool:
+               who: tuple[int, int, str] | None = None, path_text: str | None = None,
+               argv_text: str | None = None) -> bool:
         """Turn one trapped call into a row; ``False`` if it was not kept (filter, cap, unreadable task).
 
         ``gs_base`` and ``cr3`` are those of the vCPU that made the call (its kernel GS base names
@@ -240,7 +241,9 @@ class EventRecorder:
         caller in the main program (:meth:`~vims.collector.callsite.CallSites.token`); 0 if unknown.
         ``task``: the current task when the trap read it at the call (the QEMU plugin does; 0: it
         could not), else it is read now from ``gs_base``. ``who``: the task's (pid, tgid, comm) when
-        the trap read them at the call; the row then says those (the cached identity gives ppid and mm).
+        the trap read them at the call; the row then says those (the cached identity gives ppid and
+        mm). ``path_text`` and ``argv_text``: the path argument and command line when the trap read
+        them at the call (else they are read now).
 
         Raises :class:`GuestUnreadableError` after :data:`MAX_UNREADABLE` unreadable stops in a row.
         """
@@ -277,16 +280,19 @@ class EventRecorder:
         pid, tgid, comm = who if who is not None else (ident.pid, ident.tgid, ident.comm)
         if not self.sampler.admit(comm, time.monotonic_ns()):
             return False
-        path = None
+        path = path_text
         arg = self.path_args.get(nr)
-        if arg is not None:
+        if arg is not None and path is None:
             try:
                 path = view.read_user_string(cr3, args[arg], 4096)
             except GuestMemoryError:
                 stats["path_unreadable"] += 1
         rows = self.rows
-        rows.argv.append(_text(read_argv(view, cr3, args[1] if nr == EXECVE else args[2]))
-                         if nr in EXECVE_CALLS else None)
+        if nr in EXECVE_CALLS:
+            rows.argv.append(_text(argv_text if argv_text is not None
+                                   else read_argv(view, cr3, args[1] if nr == EXECVE else args[2])))
+        else:
+            rows.argv.append(None)
         rows.ppid.append(ident.ppid)
         rows.seq.append(self._seq)
         self._seq += 1

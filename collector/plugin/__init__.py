@@ -9,7 +9,7 @@ shared-memory rings.
 The shared memory (one file in ``/dev/shm``, created by the plugin at QEMU's start) is laid out as the
 C file says: a 4096-byte header with the control area, then per vCPU a 64-byte ring header (``head``
 written by the plugin, ``tail`` by the collector, ``dropped``, ``seen``, ``capped``) and ``slots``
-records of 152 bytes (:data:`RECORD_DTYPE`).
+records of 376 bytes (:data:`RECORD_DTYPE`).
 """
 
 from __future__ import annotations
@@ -37,19 +37,23 @@ RING_HEADER = 64
 RECORD_DTYPE = np.dtype([
     ("ts_ns", "<u8"), ("nr", "<u8"), ("args", "<u8", (6,)), ("ip", "<u8"), ("sp", "<u8"), ("cr3", "<u8"),
     ("task", "<u8"), ("kgs", "<u8"), ("flags", "<u8"), ("pid", "<u4"), ("tgid", "<u4"), ("comm", "S16"),
-    ("reserved", "<u8", (2,)),
+    ("reserved", "<u8", (2,)), ("path", "S96"), ("argv", "S128"),
 ])  # fmt: skip
-assert RECORD_DTYPE.itemsize == 152
+assert RECORD_DTYPE.itemsize == 376
 #: Header fields: (offset, struct format).
 _ENABLED, _REGS_OK, _TASK_OFFSET, _CAP, _GENERATION, _MISSING = (24, "<I"), (28, "<I"), (32, "<Q"), (40, "<Q"), \
     (48, "<Q"), 56
 _PID_OFFSET, _TGID_OFFSET, _COMM_OFFSET = (120, "<Q"), (128, "<Q"), (136, "<Q")
+#: Per call number (0-511): 1 + the argument holding a path / argv (0: none).
+_PATH_ARG, _ARGV_ARG = 144, 656
 #: Ring header fields (offset in the ring header).
 _HEAD, _TAIL, _DROPPED, _SEEN, _CAPPED = 0, 8, 16, 24, 32
 #: The plugin's record flag: the task could not be read at the call.
 FLAG_TASK_UNREAD = 1
 #: The plugin's record flag: pid, tgid and comm were read at the call.
 FLAG_IDENTITY = 2
+#: Record flags: the path / argv were read at the call (the ``path`` / ``argv`` fields).
+FLAG_PATH, FLAG_ARGV = 4, 8
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,21 @@ class Rings:
         return bytes(self._map[_MISSING:_MISSING + 64]).split(b"\0", 1)[0].decode()
 
     def control(self, *, enabled: bool | None = None, task_offset: int | None = None,
-                cap_per_s: int | None = None, task_fields: tuple[int, int, int] | None = None) -> None:
+                cap_per_s: int | None = None, task_fields: tuple[int, int, int] | None = None,
+                strings: tuple[dict[int, int], dict[int, int]] | None = None) -> None:
         """Write the control area (read by the plugin at every call: it takes effect at once).
 
         ``task_fields``: the offsets of ``pid``, ``tgid`` and ``comm`` in ``task_struct``.
+        ``strings``: per call number, the argument (0-5) holding a path, and the one holding ``argv``:
+        the plugin copies them at the call.
         """
+        if strings is not None:
+            for where, table in zip((_PATH_ARG, _ARGV_ARG), strings, strict=True):
+                row = bytearray(512)
+                for nr, arg in table.items():
+                    if 0 <= nr < 512 and 0 <= arg < 6:
+                        row[nr] = arg + 1
+                self._map[where:where + 512] = bytes(row)
         if task_fields is not None:
             self._put(_TGID_OFFSET, task_fields[1])
             self._put(_COMM_OFFSET, task_fields[2])

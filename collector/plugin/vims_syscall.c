@@ -102,6 +102,8 @@ struct header {
     uint64_t pid_offset;       /* control: offsetof(task_struct, pid); 0 = do not read pid/tgid/comm */
     uint64_t tgid_offset;      /* control: offsetof(task_struct, tgid) */
     uint64_t comm_offset;      /* control: offsetof(task_struct, comm) */
+    uint8_t path_arg[512];     /* control: per call number, 1 + the argument holding a path (0: none) */
+    uint8_t argv_arg[512];     /* control: per call number, 1 + the argument holding argv (execve) */
 };
 
 struct ring {
@@ -126,7 +128,9 @@ struct record {                /* 16 x u64 = 128 bytes */
     uint64_t pid_tgid;         /* pid | tgid << 32, read at the call */
     char comm[16];             /* the task's comm, read at the call */
     uint64_t reserved[2];
-};                             /* 19 x u64 = 152 bytes */
+    char path[96];             /* flags bit 2: the path argument, read at the call (NUL-terminated, cut) */
+    char argv[128];            /* flags bit 3: argv joined by spaces, read at the call (cut) */
+};                             /* 152 + 224 = 376 bytes */
 
 enum { R_RAX, R_RDI, R_RSI, R_RDX, R_R10, R_R8, R_R9, R_RIP, R_RSP, R_CR3, R_KGS, N_REGS };
 static const char *reg_names[N_REGS] = {"rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rip", "rsp",
@@ -199,6 +203,44 @@ static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu)
     }
 }
 
+/* Copy the user string at addr into out (size n, NUL-terminated), never reading across a page that
+ * is not needed: a string at the end of a mapped page must not fail for the next page. */
+static bool read_string(struct vcpu_state *st, uint64_t addr, char *out, size_t n)
+{
+    size_t got = 0;
+    while (got + 1 < n) {
+        size_t want = 4096 - ((addr + got) & 4095);
+        if (want > n - 1 - got) want = n - 1 - got;
+        if (!qemu_plugin_read_memory_vaddr(addr + got, st->buf, want) || st->buf->len < want) {
+            out[got] = 0;
+            return got > 0;
+        }
+        void *nul = memchr(st->buf->data, 0, want);
+        size_t take = nul ? (size_t)((uint8_t *)nul - st->buf->data) : want;
+        memcpy(out + got, st->buf->data, take);
+        got += take;
+        if (nul) break;
+    }
+    out[got] = 0;
+    return true;
+}
+
+static void read_argv(struct vcpu_state *st, uint64_t argv, char *out, size_t n)
+{
+    size_t used = 0;
+    out[0] = 0;
+    for (int i = 0; i < 32 && used + 1 < n; i++) {
+        uint64_t ptr = 0;
+        if (!qemu_plugin_read_memory_vaddr(argv + 8 * (uint64_t)i, st->buf, 8) || st->buf->len < 8) break;
+        memcpy(&ptr, st->buf->data, 8);
+        if (!ptr) break;
+        if (i) out[used++] = ' ';
+        if (!read_string(st, ptr, out + used, n - used)) break;
+        used += strlen(out + used);
+    }
+    out[used < n ? used : n - 1] = 0;
+}
+
 static void on_syscall(unsigned int vcpu, void *udata)
 {
     (void)udata;
@@ -263,6 +305,16 @@ static void on_syscall(unsigned int vcpu, void *udata)
             }
         } else {
             rec->flags |= 1;
+        }
+    }
+    if (rec->nr < 512) {
+        unsigned int pa = hdr->path_arg[rec->nr], aa = hdr->argv_arg[rec->nr];
+        if (pa && pa <= 6 && read_string(st, rec->args[pa - 1], rec->path, sizeof(rec->path))) {
+            rec->flags |= 4;
+        }
+        if (aa && aa <= 6 && rec->args[aa - 1]) {
+            read_argv(st, rec->args[aa - 1], rec->argv, sizeof(rec->argv));
+            rec->flags |= 8;
         }
     }
     __atomic_store_n(&ring->head, head + 1, __ATOMIC_RELEASE);
