@@ -10,8 +10,9 @@ SYSTEM := $(VENV)/.system-packages
 
 setup: $(STAMP) $(SYSTEM)
 
-$(SYSTEM): scripts/system-packages.sh
+$(SYSTEM): scripts/system-packages.sh scripts/qemu-plugin-setup.sh collector/plugin/vims_syscall.c
 	bash scripts/system-packages.sh
+	bash scripts/qemu-plugin-setup.sh || echo "warning: no QEMU plugin tracer (--tracer plugin) on this host: see the error above" >&2
 	@mkdir -p $(VENV) && touch $@
 
 $(STAMP): pyproject.toml $(SYSTEM)

@@ -90,8 +90,17 @@ def _trace_one_boot(agent: Agent, backend: Any, stop: threading.Event, current: 
     reboot = threading.Event()
     watcher = threading.Thread(target=_watch_boot, args=(backend, stop, ended, reboot, watch_every, state),
                                name="vims-boot-watch", daemon=True)
-    tracer = SyscallTracer(backend, knobs["vm_id"] or agent.builder.vm_id, policy=knobs["policy"],
-                           method=knobs["method"], batch_ms=knobs["batch_ms"], on_batch=deliver, keep=False)
+    tracer: Any
+    plugin = knobs["method"] == "plugin" or (knobs["method"] == "auto"
+                                             and getattr(backend.guest, "plugin_shm", None) is not None)
+    if plugin:  # a guest started with the QEMU syscall plugin: every call, from its rings
+        from vims.collector.plugin_tracer import PluginTracer
+
+        tracer = PluginTracer(backend, knobs["vm_id"] or agent.builder.vm_id, policy=knobs["policy"],
+                              batch_ms=knobs["batch_ms"], on_batch=deliver, keep=False)
+    else:
+        tracer = SyscallTracer(backend, knobs["vm_id"] or agent.builder.vm_id, policy=knobs["policy"],
+                               method=knobs["method"], batch_ms=knobs["batch_ms"], on_batch=deliver, keep=False)
     current["tracer"] = agent.tracer = tracer
     state["state"] = "tracing"
     watcher.start()

@@ -215,6 +215,17 @@ class KernelView:
                                "(kernels from 6.2 keep it in pcpu_hot)")
         return self._u64(gs_base + self._current_task)
 
+    @property
+    def current_task_offset(self) -> int | None:
+        """The per-cpu offset of ``current_task`` (added to a CPU's kernel GS base), None if unknown."""
+        return self._current_task
+
+    @property
+    def task_id_offsets(self) -> tuple[int, int, int]:
+        """The offsets of ``pid``, ``tgid`` and ``comm`` in ``task_struct``."""
+        o = self._offsets
+        return (o.pid, o.tgid, o.comm)
+
     def per_cpu_base(self, cpu: int) -> int:
         """The per-cpu area of ``cpu`` (``__per_cpu_offset[cpu]``), for when no GS base is at hand."""
         return self._u64(self._sym("__per_cpu_offset") + 8 * cpu)

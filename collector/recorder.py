@@ -99,6 +99,17 @@ def read_argv(view: Any, cr3: int, argv: int, limit: int = ARGV_LIMIT) -> str | 
     return " ".join(words)[:limit]
 
 
+def _text(value: str | None) -> str | None:
+    """``value`` as valid UTF-8 text: bytes that are not UTF-8 (kept as surrogates) become ``\\xNN``."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 class _Rows:
     """Columns being filled, turned into a record batch when full or old enough."""
 
@@ -219,13 +230,20 @@ class EventRecorder:
         return ident
 
     def record(self, vcpu: int, nr: int, args: tuple[int, ...], ip: int, gs_base: int, cr3: int,
-               ts_ns: int, user_sp: int = 0) -> bool:
+               ts_ns: int, user_sp: int = 0, task: int | None = None,
+               who: tuple[int, int, str] | None = None, path_text: str | None = None,
+               argv_text: str | None = None) -> bool:
         """Turn one trapped call into a row; ``False`` if it was not kept (filter, cap, unreadable task).
 
         ``gs_base`` and ``cr3`` are those of the vCPU that made the call (its kernel GS base names
         the task; its CR3, PCID and PTI's user-copy bit masked off, the address space).
         ``user_sp``, the user stack pointer at the call, lets a call made inside a library name its
         caller in the main program (:meth:`~vims.collector.callsite.CallSites.token`); 0 if unknown.
+        ``task``: the current task when the trap read it at the call (the QEMU plugin does; 0: it
+        could not), else it is read now from ``gs_base``. ``who``: the task's (pid, tgid, comm) when
+        the trap read them at the call; the row then says those (the cached identity gives ppid and
+        mm). ``path_text`` and ``argv_text``: the path argument and command line when the trap read
+        them at the call (else they are read now).
 
         Raises :class:`GuestUnreadableError` after :data:`MAX_UNREADABLE` unreadable stops in a row.
         """
@@ -235,7 +253,10 @@ class EventRecorder:
         # The page-table root as the kernel keeps it (mm->pgd): the same value with PTI off and on.
         cr3 = view.space(cr3 & CR3_MASK).cr3
         try:
-            task = view.current_task(gs_base)
+            if task is None:
+                task = view.current_task(gs_base)
+            elif not task:
+                raise GuestMemoryError("the task could not be read at the call")
             ident = self._identity(task, cr3)
             self._unreadable = 0
         except GuestMemoryError:
@@ -256,31 +277,35 @@ class EventRecorder:
             self._identities.pop(task, None)
         elif callsites is not None and nr in REMAP_CALLS:
             callsites.invalidate(ident.mm)
-        if not self.sampler.admit(ident.comm, time.monotonic_ns()):
+        pid, tgid, comm = who if who is not None else (ident.pid, ident.tgid, ident.comm)
+        if not self.sampler.admit(comm, time.monotonic_ns()):
             return False
-        path = None
+        path = path_text
         arg = self.path_args.get(nr)
-        if arg is not None:
+        if arg is not None and path is None:
             try:
                 path = view.read_user_string(cr3, args[arg], 4096)
             except GuestMemoryError:
                 stats["path_unreadable"] += 1
         rows = self.rows
-        rows.argv.append(read_argv(view, cr3, args[1] if nr == EXECVE else args[2])
-                         if nr in EXECVE_CALLS else None)
+        if nr in EXECVE_CALLS:
+            rows.argv.append(_text(argv_text if argv_text is not None
+                                   else read_argv(view, cr3, args[1] if nr == EXECVE else args[2])))
+        else:
+            rows.argv.append(None)
         rows.ppid.append(ident.ppid)
         rows.seq.append(self._seq)
         self._seq += 1
         rows.ts.append(ts_ns)
         rows.vcpu.append(vcpu)
-        rows.pid.append(ident.pid)
-        rows.tgid.append(ident.tgid)
-        rows.comm.append(ident.comm)
+        rows.pid.append(pid)
+        rows.tgid.append(tgid)
+        rows.comm.append(comm)
         rows.cr3.append(cr3)
         rows.nr.append(nr if nr < 1 << 31 else -1)
         rows.args.append(args)
         rows.ip.append(ip)
-        rows.path.append(path)
+        rows.path.append(_text(path))
         rows.site.append(callsites.token(ident.mm, ip, user_sp, cr3) if callsites is not None else None)
         stats["events"] += 1
         return True

@@ -38,7 +38,8 @@ def collect(
     vm_id: str | None = typer.Option(None, "--vm-id", help="Id written in every event and message "
                                                            "(default: the guest's name)."),
     method: str = typer.Option("auto", "--method",
-                               help="auto (watchpoint when the kernel allows it), watchpoint or breakpoint."),
+                               help="auto (watchpoint when the kernel allows it), watchpoint, breakpoint or plugin "
+                                    "(a guest started with `vims guest up --tracer plugin`)."),
     max_events: int | None = typer.Option(None, "--max-events", min=1, help="Stop after this many events."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the summary as JSON."),
 ) -> None:
@@ -53,8 +54,8 @@ def collect(
 
     if output is None and push is None:
         raise VimsError("nowhere to put the events: give -o EVENTS.parquet and/or --push ENDPOINT")
-    if method not in ("auto", "watchpoint", "breakpoint"):
-        raise VimsError(f"--method {method!r}: one of auto, watchpoint, breakpoint")
+    if method not in ("auto", "watchpoint", "breakpoint", "plugin"):
+        raise VimsError(f"--method {method!r}: one of auto, watchpoint, breakpoint, plugin")
     policy = Policy.load(policy_file) if policy_file is not None else Policy()
     vm_id = vm_id or name
     curve = _curve(server_key, keys, quiet=as_json)
@@ -107,8 +108,15 @@ def _trace(backend: Any, vm_id: str, policy: Any, method: str, duration: float, 
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        tracer = SyscallTracer(backend, vm_id, policy=policy, method=method,
-                               on_batch=sender.send if sender else None, keep=keep)
+        tracer: Any
+        if method == "plugin":
+            from vims.collector.plugin_tracer import PluginTracer
+
+            tracer = PluginTracer(backend, vm_id, policy=policy, on_batch=sender.send if sender else None,
+                                  keep=keep)
+        else:
+            tracer = SyscallTracer(backend, vm_id, policy=policy, method=method,
+                                   on_batch=sender.send if sender else None, keep=keep)
         if not quiet:
             for note in tracer.notes:
                 err.print(f"[dim]{note}[/]", highlight=False)
@@ -146,7 +154,7 @@ def _print_summary(summary: dict[str, Any], result: Any) -> None:
     out.print(f"[bold]{stats['events']:,} events[/] in {stats['seconds']:g} s "
               f"({stats['events_per_s']:,.0f}/s) by {result.method}; ended: {result.reason}",
               highlight=False)
-    dropped = [f"{summary[k]:,} {k}" for k in ("filtered", "capped", "path_unreadable") if summary[k]]
+    dropped = [f"{summary[k]:,} {k}" for k in ("filtered", "capped", "path_unreadable", "dropped") if summary.get(k)]
     if dropped:
         out.print("not kept or incomplete: " + ", ".join(dropped), highlight=False)
     stream, push = summary["stream"], summary["push"]

@@ -95,15 +95,24 @@ def up(
     ),
     gdb_port: int = typer.Option(0, "--gdb-port", help="GDB stub port (0: a free one)."),
     cpu: str = typer.Option("max", "--cpu", help="QEMU CPU model (any: kernel-text checks against the image)."),
+    tracer: str = typer.Option("gdb", "--tracer",
+                               help="gdb (the GDB stub's watchpoint/breakpoint, any QEMU) or plugin (QEMU 10's "
+                                    "TCG plugin: every call; `vims collect --method plugin`)."),
     as_json: bool = JSON,
 ) -> None:
     """Boot the guest in the background (build the image first if needed) and print its endpoints."""
     from vims.collector.guest import Guest
+    from vims.errors import VimsError
 
+    if tracer not in ("gdb", "plugin"):
+        raise VimsError(f"--tracer {tracer!r}: gdb or plugin")
+    if tracer == "plugin" and pti:
+        raise VimsError("--tracer plugin reads the task from the user's page tables: it needs PTI off (no --pti)")
     image = _build(image_name)
     guest = Guest.start(
         image, name=name, memory_mb=memory or None, gate_port=gate_port or None, cpu=cpu,
         gdb_port=gdb_port or None, detach=True, extra_args=("pti=on",) if pti else (),
+        plugin=tracer == "plugin",
     )  # fmt: skip
     _show(guest.status(), as_json)
 

@@ -56,6 +56,7 @@ from vims.paths import cache_dir
 
 if TYPE_CHECKING:
     from vims.collector.guest.image import GuestImage
+    from vims.collector.plugin import PluginInstall
     from vims.collector.profile import KernelProfile
 
 __all__ = [
@@ -155,8 +156,9 @@ def reap_stale() -> list[str]:
         if _pid_alive(pid):
             continue
         memory = Path(state.get("memory_path", ""))
-        if memory.parent == Path("/dev/shm") and memory.name.startswith("vims-"):
-            memory.unlink(missing_ok=True)
+        for shm in (memory, Path(state.get("plugin_shm", ""))):
+            if shm.parent == Path("/dev/shm") and shm.name.startswith("vims-"):
+                shm.unlink(missing_ok=True)
         shutil.rmtree(state_path.parent, ignore_errors=True)
         named = run_root() / f"{state.get('name')}.json"
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -197,6 +199,8 @@ class Guest:
         self.run_dir = Path(state["run_dir"])
         self.console_path = Path(state["console_path"])
         self.profile_path = Path(state["profile"])
+        #: The syscall plugin's shared memory (a guest started with ``plugin=True``), else None.
+        self.plugin_shm: Path | None = Path(state["plugin_shm"]) if state.get("plugin_shm") else None
         self._process = process
         self._profile: KernelProfile | None = None
         self._clock: tuple[Any, int, float] | None = None  # (profile, jiffies, when): the last look at its clock
@@ -221,6 +225,8 @@ class Guest:
         boot_timeout: float = 240.0,
         accel: str | None = None,
         capture_kallsyms: Path | None = None,
+        plugin: bool = False,
+        plugin_slots: int = 65536,
     ) -> Guest:
         """Boot ``image`` and wait until its control agent answers.
 
@@ -251,8 +257,24 @@ class Guest:
             ``tcg`` or ``kvm``; default KVM only where a hardware KVM module is loaded.
         capture_kallsyms : Path, optional
             Boot in capture mode, writing ``/proc/kallsyms`` to this file (the image build does).
+        plugin : bool
+            Run under the QEMU (10 or newer) of the ``vims_syscall`` TCG plugin, with the plugin loaded
+            (:mod:`vims.collector.plugin`; traced by :class:`~vims.collector.plugin_tracer.PluginTracer`).
+            TCG only. Its rings are in :attr:`plugin_shm`.
+        plugin_slots : int
+            Records per vCPU ring (a power of two); a full ring drops and counts.
         """
-        if shutil.which(QEMU) is None:
+        install = None
+        if plugin:
+            from vims.collector.plugin import find_plugin
+
+            install = find_plugin()
+            if accel not in (None, "tcg"):
+                raise VimsError(f"accel={accel}: the syscall plugin runs under TCG only")
+            accel = "tcg"
+            if plugin_slots < 2 or plugin_slots & (plugin_slots - 1) or plugin_slots > 1 << 24:
+                raise VimsError(f"plugin_slots={plugin_slots}: a power of two from 2 to 16777216")
+        elif shutil.which(QEMU) is None:
             raise MissingDependencyError(f"{QEMU} not found: apt-get install qemu-system-x86")
         debian = getattr(image, "kind", "mini") == "debian"
         memory_mb = memory_mb or (1024 if debian else 256)
@@ -272,7 +294,7 @@ class Guest:
         last: Exception | None = None
         for _ in range(attempts):
             try:
-                machine = _Machine(memory_mb, smp, cpu, accel, extra_args)
+                machine = _Machine(memory_mb, smp, cpu, accel, extra_args, install, plugin_slots)
                 return cls._launch(
                     image, name, machine, gate_port, gdb_port or free_port(),
                     control_port or free_port(), detach, boot_timeout, capture_kallsyms,
@@ -444,6 +466,9 @@ class Guest:
                 os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             self.memory_path.unlink()
+        if self.plugin_shm is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.plugin_shm.unlink()
         if self.state.get("detached"):
             with contextlib.suppress(FileNotFoundError):
                 self._state_file(self.name).unlink()
@@ -700,6 +725,8 @@ class _Machine:
     cpu: str
     accel: str | None
     extra_args: tuple[str, ...] = ()
+    plugin: PluginInstall | None = None  # run under the plugin's QEMU with the syscall plugin
+    plugin_slots: int = 65536
 
 
 def _quote(text: str) -> str:
@@ -764,7 +791,8 @@ def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine,
     """QEMU's command line for ``image``, and the host ports it forwards (ssh and http of a Debian guest)."""
     memory_mb, cpu = machine.memory_mb, machine.cpu
     cmd = [
-        QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
+        str(machine.plugin.qemu) if machine.plugin else QEMU,
+        "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
         "-accel", f"{accel},thread=multi" if accel == "tcg" and machine.smp > 1 else accel,
         "-cpu", cpu, "-smp", str(machine.smp), "-m", f"{memory_mb}M",
         "-object",
@@ -789,6 +817,11 @@ def _qemu_command(image: GuestImage | DebianImage, name: str, machine: _Machine,
             "-chardev", f"socket,id=gate,host=127.0.0.1,port={gate},reconnect=1",
             "-serial", "chardev:gate",
         ]  # fmt: skip
+    if machine.plugin is not None:
+        for data in machine.plugin.data_dirs:
+            cmd += ["-L", str(data)]
+        shm = memory_path.with_name(memory_path.name.replace("vims-", "vims-plugin-", 1))
+        cmd += ["-plugin", f"file={machine.plugin.library},shm={shm},slots={machine.plugin_slots}"]
     if capture_kallsyms is not None:
         cmd += ["-chardev", f"file,id=ksyms,path={capture_kallsyms}", "-serial", "chardev:ksyms"]
     return cmd, ports
@@ -841,6 +874,10 @@ def _initial_state(image: GuestImage | DebianImage, name: str, machine: _Machine
         "command": cmd,
         **ports,
     }
+    if machine.plugin is not None:
+        state["plugin_shm"] = str(memory_path.with_name(memory_path.name.replace("vims-", "vims-plugin-", 1)))
+        state["plugin_slots"] = machine.plugin_slots
+        state["qemu_version"] = machine.plugin.version
     if isinstance(image, DebianImage):
         state["ssh_key"] = str(image.ssh_key)
         state["kernel_args"] = " ".join((DEBIAN_KERNEL_ARGS, *machine.extra_args))
