@@ -1,0 +1,169 @@
+"""The forensics checks (kernel-modules, idt, credentials, notifiers, net-ops, ftrace-hooks) on the real
+Debian guest: clean, they pass; with the test rootkit (``rootkit/vims_rk.c``, built here from Debian's
+headers for the guest's kernel) or a gate of the IDT patched from outside, they fail naming what changed;
+unloading the rootkit restores a clean result. Every test restores what it changes (the guest is shared).
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_checks import halted_in_kernel  # the shared helper of the Debian check tests
+
+from vims.collector.backends import QemuBackend
+from vims.collector.checks import Context, Reference, registry, run_checks
+from vims.collector.checks.idt import GATE, handler
+from vims.collector.guest import Guest
+from vims.collector.guest.debian import DebianImage
+from vims.paths import cache_dir
+
+FORENSICS = ("kernel-modules", "idt", "credentials", "notifiers", "net-ops", "ftrace-hooks")
+ROOTKIT = Path(__file__).resolve().parent / "rootkit"
+#: The Debian packages that build a module for kernel RELEASE (Kbuild, the headers, the config).
+HEADER_PACKAGES = ("linux-headers-{release}", "linux-headers-{common}", "linux-kbuild-{major}")
+NR_KILL = 62
+
+
+@contextmanager
+def checks_of(guest: Guest, image: DebianImage) -> Iterator[Context]:
+    with QemuBackend.from_guest(guest) as backend:
+        yield Context(backend, Reference(rootfs=image.disk), cpu=guest.state.get("cpu"))
+
+
+def run(ctx: Context, *names: str) -> list[Any]:
+    return run_checks(ctx, [registry()[name]() for name in names])
+
+
+def failures(rows: list[Any]) -> list[Any]:
+    return [r for r in rows if r.status != "pass"]
+
+
+def test_a_clean_debian_guest_passes_the_forensics_checks(any_debian: Guest, debian_image: DebianImage) -> None:
+    with checks_of(any_debian, debian_image) as ctx:
+        rows = run(ctx, *FORENSICS)
+    assert {r.check for r in rows} == set(FORENSICS)
+    assert not failures(rows), failures(rows)
+    detail = {r.check: r.detail for r in rows}
+    assert int(detail["idt"].split()[1]) > 200  # all 256 vectors have a gate on x86-64 Linux
+    assert int(detail["net-ops"].split()[1]) > 50  # tcp_prot alone has dozens
+    assert int(detail["credentials"].split()[0]) > 5  # systemd, sshd, nginx, cron, ...
+    assert int(detail["kernel-modules"].split()[0]) > 0  # the initramfs loads a few (virtio, ext4)
+
+
+def test_an_idt_gate_patched_from_outside_fails_naming_the_vector(debian: Guest, debian_image: DebianImage) -> None:
+    vector = 0x80  # int 0x80, the 32-bit system call gate: a 64-bit Debian guest does not use it
+    with checks_of(debian, debian_image) as ctx:
+        gate = ctx.kernel.symbol_address("idt_table") + vector * GATE
+        original = ctx.kernel.read(gate, GATE)
+        evil = 0xFFFFFFFFC0DE0000 + 0x1230  # module space no module owns
+        _low, seg, bits, _mid, _high, res = struct.unpack("<HHHHII", original)
+        patched = struct.pack("<HHHHII", evil & 0xFFFF, seg, bits, (evil >> 16) & 0xFFFF, evil >> 32, res)
+        assert handler(patched) == (evil, True)
+        with halted_in_kernel(debian) as (gdb, vcpu):
+            gdb.write(gate, patched, vcpu)
+            try:
+                rows = run(ctx, "idt")
+            finally:
+                gdb.write(gate, original, vcpu)
+        assert [(r.status, r.fields["vector"], r.fields["handler"], r.fields["owner"]) for r in rows] == [
+            ("fail", vector, evil, "none")]
+        assert not failures(run(ctx, "idt"))
+
+
+# -- the test rootkit --------------------------------------------------------------------------------------
+def headers_for(release: str) -> Path:
+    """Debian's build tree for kernel ``release`` (``6.1.0-57-amd64``), downloaded and unpacked once into
+    the VIMS cache: ``apt-get download`` of the headers, their common part and Kbuild, ``dpkg -x``."""
+    for tool in ("apt-get", "dpkg", "make", "gcc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found: building the test rootkit needs Debian's tools")
+    flavour = release.rsplit("-", 1)
+    common = f"{flavour[0]}-common"
+    major = ".".join(release.split(".")[:2])
+    root = cache_dir() / "kernel-headers" / release
+    tree = root / "usr" / "src" / f"linux-headers-{release}"
+    if (tree / "Makefile").exists():
+        return tree
+    work = root.with_name(release + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    packages = [p.format(release=release, common=common, major=major) for p in HEADER_PACKAGES]
+    got = subprocess.run(["apt-get", "download", *packages], cwd=work, capture_output=True, text=True, timeout=600)
+    if got.returncode != 0:
+        pytest.skip(f"cannot download {', '.join(packages)}: {got.stderr.strip()[-300:]}")
+    for deb in work.glob("*.deb"):
+        subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True, timeout=300)
+    # The flavour's Makefile includes the common tree by its absolute /usr/src path: point it here.
+    unpacked = work / "root" / "usr" / "src"
+    makefile = unpacked / f"linux-headers-{release}" / "Makefile"
+    makefile.write_text(makefile.read_text().replace("/usr/src/", f"{root / 'usr' / 'src'}/"))
+    shutil.rmtree(root, ignore_errors=True)
+    (work / "root").rename(root)
+    shutil.rmtree(work, ignore_errors=True)
+    return tree
+
+
+@pytest.fixture(scope="session")
+def rootkit(debian: Guest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``vims_rk.ko`` built for the running guest's kernel with the system compiler."""
+    release = debian.run("uname -r", check=True).strip()
+    tree = headers_for(release)
+    build = tmp_path_factory.mktemp("rootkit")
+    for name in ("vims_rk.c", "Kbuild"):
+        shutil.copy(ROOTKIT / name, build / name)
+    made = subprocess.run(["make", "-C", str(tree), f"M={build}", "modules"], capture_output=True, text=True,
+                          timeout=600)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    return build / "vims_rk.ko"
+
+
+def copy_in(guest: Guest, local: Path, remote: str) -> None:
+    subprocess.run([*guest.ssh_command(), f"cat > {remote}"], input=local.read_bytes(), check=True, timeout=120,
+                   capture_output=True)
+
+
+def test_the_rootkit_is_named_by_every_relevant_check_and_unloading_it_restores_a_clean_result(
+        debian: Guest, debian_image: DebianImage, rootkit: Path) -> None:
+    copy_in(debian, rootkit, "/root/vims_rk.ko")
+    # A process of nobody under a parent of nobody (sh waits for its sleep), to be given root by the module.
+    debian.run("setsid setpriv --reuid=65534 --regid=65534 --clear-groups -- sh -c 'sleep 900; true' "
+               "</dev/null >/dev/null 2>&1 &", check=True)
+    pid = int(debian.run("for i in 1 2 3 4 5 6 7 8 9 10; do p=$(pgrep -u 65534 -x sleep) && break; sleep 0.5; "
+                         "done; echo $p", check=True).split()[-1])
+    loaded = False
+    try:
+        debian.run(f"insmod /root/vims_rk.ko root_pid={pid}", check=True)
+        loaded = True
+        assert "vims_rk" not in debian.run("cat /proc/modules", check=True)  # hidden from lsmod
+        assert debian.run(f"awk '/^Uid/{{print $3}}' /proc/{pid}/status", check=True).strip() == "0"
+        with checks_of(debian, debian_image) as ctx:
+            rows = failures(run(ctx, "kernel-modules", "syscall-table", "credentials", "idt", "notifiers",
+                                "net-ops", "ftrace-hooks"))
+        by = {r.check: r for r in rows}
+        assert set(by) == {"kernel-modules", "syscall-table", "credentials"}, rows
+        assert [(r.fields["module"], r.fields["missing_from"]) for r in rows if r.check == "kernel-modules"] == [
+            ("vims_rk", "module list")]
+        hooked = [r for r in rows if r.check == "syscall-table"]
+        assert [(r.fields["nr"], r.fields["syscall"]) for r in hooked] == [(NR_KILL, "kill")]
+        assert hooked[0].fields["points_to"].startswith("vims_rk+") and "hidden module" in hooked[0].detail
+        creds = [r for r in rows if r.check == "credentials"]
+        assert [(r.fields["pid"], r.fields["euid"], r.fields["parent_uid"], r.fields["finding"]) for r in creds] == [
+            (pid, 0, 65534, "root under non-root parent")]
+        # Unhide (signal 63 through the hooked kill) and unload: the table entry goes back.
+        debian.run("sh -c 'kill -63 $$'; rmmod vims_rk", check=True)
+        loaded = False
+    finally:
+        if loaded:  # a failed assertion above: still take the module out of the shared guest
+            debian.run("sh -c 'kill -63 $$'; rmmod vims_rk")
+        debian.run(f"kill -9 {pid}; pkill -u 65534 -x sh")
+    assert "vims_rk" not in debian.run("cat /proc/modules", check=True)
+    with checks_of(debian, debian_image) as ctx:
+        after = run(ctx, "kernel-modules", "syscall-table", "credentials")
+    assert not failures(after), failures(after)
