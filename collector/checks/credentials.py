@@ -74,14 +74,14 @@ class Credentials(Check):
                 findings.append(f"shares cred with pid {', '.join(map(str, others))}")
             if proc["cred"] == init_cred:
                 findings.append("init_cred")
-            if proc["euid"] == 0 and proc["parent_uid"] != 0 and task.path not in ALLOW:
+            if proc["euid"] == 0 and proc["parent_uid"] != 0 and task.exe not in ALLOW:
                 findings.append("root under non-root parent")
             for finding in findings:
                 bad += 1
                 yield self.row(f"pid {task.pid} ({task.comm})", "fail",
-                               f"pid {task.pid} ({task.comm}, {task.path or 'no executable'}) runs as uid "
+                               f"pid {task.pid} ({task.comm}, {task.exe or 'no executable'}) runs as uid "
                                f"{proc['uid']}/euid {proc['euid']} under pid {task.ppid} (uid {proc['parent_uid']}): "
-                               f"{finding}", pid=task.pid, comm=task.comm, exe=task.path, uid=proc["uid"],
+                               f"{finding}", pid=task.pid, comm=task.comm, exe=task.exe, uid=proc["uid"],
                                euid=proc["euid"], ppid=task.ppid, parent_uid=proc["parent_uid"], cred=proc["cred"],
                                finding=finding)
         if not bad:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_checks import halted_in_kernel  # the shared helper of the Debian check tests
 
 from vims.collector.backends import QemuBackend
 from vims.collector.checks import Context, Reference, registry, run_checks
 from vims.collector.checks.idt import GATE, handler
+from vims.collector.gdbstub import GdbStub
 from vims.collector.guest import Guest
 from vims.collector.guest.debian import DebianImage
 from vims.paths import cache_dir
@@ -35,6 +35,24 @@ NR_KILL = 62
 def checks_of(guest: Guest, image: DebianImage) -> Iterator[Context]:
     with QemuBackend.from_guest(guest) as backend:
         yield Context(backend, Reference(rootfs=image.disk), cpu=guest.state.get("cpu"))
+
+
+@contextmanager
+def halted_in_kernel(guest: Guest) -> Iterator[tuple[GdbStub, int]]:
+    """The guest stopped, with a vCPU that was in the kernel (as in test_checks.py)."""
+    with GdbStub(*guest.gdb_address) as gdb:
+        for _ in range(50):
+            gdb.halt()
+            vcpu = next((v for v in gdb.vcpus() if gdb.register("rip", v) >> 63), None)
+            if vcpu is not None:
+                break
+            gdb.resume()
+        else:
+            pytest.fail("no vCPU stopped in the kernel in 50 tries")
+        try:
+            yield gdb, vcpu
+        finally:
+            gdb.resume()
 
 
 def run(ctx: Context, *names: str) -> list[Any]:
