@@ -18,6 +18,34 @@ from typing import Any
 from vims.errors import VimsError
 
 
+def _struct(name: str) -> dict[str, Any]:
+    return {"kind": "struct", "name": name}
+
+
+def _base(name: str) -> dict[str, Any]:
+    return {"kind": "base", "name": name}
+
+
+#: The C types the kernel declares its well-known variables with (BTF types only per-cpu variables, and
+#: Volatility reads a variable through its symbol's type): ``symbol: (descriptor, struct it needs)``.
+DECLARED: dict[str, tuple[dict[str, Any], str | None]] = {
+    "init_task": (_struct("task_struct"), "task_struct"),
+    "modules": (_struct("list_head"), "list_head"),
+    "module_kset": ({"kind": "pointer", "subtype": _struct("kset")}, "kset"),
+    "mod_tree": (_struct("mod_tree_root"), "mod_tree_root"),
+    "init_mm": (_struct("mm_struct"), "mm_struct"),
+    "init_pid_ns": (_struct("pid_namespace"), "pid_namespace"),
+    "init_cred": (_struct("cred"), "cred"),
+    "init_files": (_struct("files_struct"), "files_struct"),
+    "tk_core": (_struct("tk_data"), "tk_data"),
+    "idt_table": ({"kind": "array", "count": 256, "subtype": _struct("gate_struct")}, "gate_struct"),
+    "_text": (_base("char"), None), "_stext": (_base("char"), None), "_etext": (_base("char"), None),
+    "_end": (_base("char"), None),
+    "page_offset_base": (_base("long unsigned int"), None), "vmemmap_base": (_base("long unsigned int"), None),
+    "phys_base": (_base("long unsigned int"), None),
+}
+
+
 def to_isf(profile: Any) -> dict[str, Any]:
     """The ISF of ``profile`` (link-time addresses: Volatility finds KASLR's shift itself).
 
@@ -32,6 +60,9 @@ def to_isf(profile: Any) -> dict[str, Any]:
     if not banner:
         raise VimsError("the kernel profile has no banner: Volatility matches a symbol table to memory by it")
     symbols: dict[str, Any] = {name: {"address": int(entry["address"])} for name, entry in data["symbols"].items()}
+    for name, (descriptor, struct) in DECLARED.items():
+        if name in symbols and (struct is None or struct in data["user_types"]):
+            symbols[name]["type"] = descriptor
     symbols.setdefault("linux_banner", {"address": 0})["constant_data"] = base64.b64encode(
         banner.encode() + b"\0").decode()
     producer = meta.get("producer", {})

@@ -29,8 +29,9 @@ PRESENT = 0x8000
 def handler(gate: bytes) -> tuple[int, bool]:
     """The handler address of a 16-byte gate and whether the gate is present.
 
-    >>> handler(struct.pack("<HHHHII", 0x1234, 0x10, 0x8e00, 0x5678, 0xffffffff, 0))
-    (18446744071868764724, True)
+    >>> address, present = handler(struct.pack("<HHHHII", 0x1234, 0x10, 0x8e00, 0x5678, 0xffffffff, 0))
+    >>> hex(address), present
+    ('0xffffffff56781234', True)
     """
     low, _segment, bits, middle, high, _ = struct.unpack("<HHHHII", gate)
     return low | middle << 16 | high << 32, bool(bits & PRESENT)
