@@ -9,15 +9,17 @@ the x86-64 ABI table of :mod:`vims.syscalls`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vims.collector.checks.base import Check, Column, Context, Row, symbol_name
-from vims.collector.checks.kernel_modules import ModuleMap
 from vims.collector.kernel import unpack_u64s
 from vims.collector.memory import GuestMemoryError
 from vims.collector.syscall_table import table_size
 from vims.errors import VimsError
 from vims.syscalls import names as syscall_names
+
+if TYPE_CHECKING:
+    from vims.collector.checks.kernel_modules import ModuleMap
 
 #: Handlers whose symbol is not ``__x64_sys_<name>`` of the ABI name (arch/x86/entry/syscalls/syscall_64.tbl).
 ALIASES = {"umount2": "umount", "uname": "newuname", "stat": "newstat", "lstat": "newlstat",
@@ -43,6 +45,8 @@ def expected_handler(profile: Any, name: str | None) -> tuple[str, int]:
 
 def _modules(ctx: Context) -> ModuleMap | None:
     """The guest's modules, to name the one a changed entry points into (None if unreadable)."""
+    from vims.collector.checks.kernel_modules import ModuleMap  # here: the checks register in MODULES' order
+
     try:
         return ModuleMap.read(ctx.kernel)
     except (GuestMemoryError, VimsError, LookupError):
