@@ -7,6 +7,7 @@ unloading the rootkit restores a clean result. Every test restores what it chang
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -231,10 +232,21 @@ def volatility(image: Path, symbols: Path, plugin: str) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.mark.xfail(strict=True, reason="Volatility 3 loads VIMS's ISF and finds the banner and KASLR (VMCOREINFO) "
-                   "but faults reading init_task (a page table entry 0 at its kernel address): pslist is empty")
+@pytest.fixture(scope="module")
+def debian_4level(debian_image: DebianImage) -> Iterator[Guest]:
+    """A Debian guest with 4-level page tables (``no5lvl``): ``-cpu max`` offers LA57, which Debian's
+    kernel uses, and Volatility 3 has no 5-level Intel layer (it reads such an image through 4 levels
+    and faults on every kernel address)."""
+    guest = Guest.start(debian_image, name=f"vims-test-debian-4level-{os.getpid()}", extra_args=("no5lvl",))
+    try:
+        yield guest
+    finally:
+        guest.stop()
+
+
 def test_volatility_and_vims_see_the_same_processes_modules_and_syscall_table(
-        debian: Guest, debian_image: DebianImage, tmp_path: Path) -> None:
+        debian_4level: Guest, debian_image: DebianImage, tmp_path: Path) -> None:
+    debian = debian_4level
     profile = KernelProfile.load(debian_image.profile)
     symbols = tmp_path / "symbols"
     write_isf(profile, symbols)
