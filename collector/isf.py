@@ -39,6 +39,9 @@ DECLARED: dict[str, tuple[dict[str, Any], str | None]] = {
     "init_files": (_struct("files_struct"), "files_struct"),
     "tk_core": (_struct("tk_data"), "tk_data"),
     "idt_table": ({"kind": "array", "count": 256, "subtype": _struct("gate_struct")}, "gate_struct"),
+    # TAINT_FLAGS_COUNT of include/linux/panic.h in 6.1 (19: the flags "PFSRMBUDAWCIOELKXTN").
+    "taint_flags": ({"kind": "array", "count": 19, "subtype": _struct("taint_flag")}, "taint_flag"),
+    "tainted_mask": (_base("long unsigned int"), None),
     "_text": (_base("char"), None), "_stext": (_base("char"), None), "_etext": (_base("char"), None),
     "_end": (_base("char"), None),
     "page_offset_base": (_base("long unsigned int"), None), "vmemmap_base": (_base("long unsigned int"), None),

@@ -234,10 +234,10 @@ def volatility(image: Path, symbols: Path, plugin: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def debian_4level(debian_image: DebianImage) -> Iterator[Guest]:
-    """A Debian guest with 4-level page tables (``no5lvl``): ``-cpu max`` offers LA57, which Debian's
+    """A Debian guest with 4-level page tables (``-cpu max,la57=off``): ``-cpu max`` offers LA57, which Debian's
     kernel uses, and Volatility 3 has no 5-level Intel layer (it reads such an image through 4 levels
     and faults on every kernel address)."""
-    guest = Guest.start(debian_image, name=f"vims-test-debian-4level-{os.getpid()}", extra_args=("no5lvl",))
+    guest = Guest.start(debian_image, name=f"vims-test-debian-4level-{os.getpid()}", cpu="max,la57=off")
     try:
         yield guest
     finally:
