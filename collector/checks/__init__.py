@@ -9,7 +9,8 @@ import importlib
 from vims.collector.checks.base import Check, Context, Reference, Row, registry, rows_table, run_checks, select
 
 #: The check modules, in the order their checks run and are listed.
-MODULES = ("kernel_text", "syscall_table", "process_binaries", "hidden_processes")
+MODULES = ("kernel_text", "syscall_table", "process_binaries", "hidden_processes", "kernel_modules", "idt",
+           "credentials", "hooks")
 for _module in MODULES:
     importlib.import_module(f"{__name__}.{_module}")
 

@@ -326,7 +326,8 @@ def select(names: Sequence[str] | None = None, deep: bool = True) -> list[Check]
     """The checks to run: those named (all by default), without the deep ones unless ``deep``.
 
     >>> [c.name for c in select(deep=False)]
-    ['kernel-text', 'syscall-table', 'hidden-processes']
+    ['kernel-text', 'syscall-table', 'hidden-processes', 'kernel-modules', 'idt', 'credentials', 'notifiers',
+     'net-ops', 'ftrace-hooks']
     >>> select(["nope"])
     Traceback (most recent call last):
     ...

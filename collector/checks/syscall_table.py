@@ -9,12 +9,17 @@ the x86-64 ABI table of :mod:`vims.syscalls`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vims.collector.checks.base import Check, Column, Context, Row, symbol_name
 from vims.collector.kernel import unpack_u64s
+from vims.collector.memory import GuestMemoryError
 from vims.collector.syscall_table import table_size
+from vims.errors import VimsError
 from vims.syscalls import names as syscall_names
+
+if TYPE_CHECKING:
+    from vims.collector.checks.kernel_modules import ModuleMap
 
 #: Handlers whose symbol is not ``__x64_sys_<name>`` of the ABI name (arch/x86/entry/syscalls/syscall_64.tbl).
 ALIASES = {"umount2": "umount", "uname": "newuname", "stat": "newstat", "lstat": "newlstat",
@@ -38,6 +43,16 @@ def expected_handler(profile: Any, name: str | None) -> tuple[str, int]:
     return "__x64_sys_ni_syscall", int(profile.symbol("__x64_sys_ni_syscall"))
 
 
+def _modules(ctx: Context) -> ModuleMap | None:
+    """The guest's modules, to name the one a changed entry points into (None if unreadable)."""
+    from vims.collector.checks.kernel_modules import ModuleMap  # here: the checks register in MODULES' order
+
+    try:
+        return ModuleMap.read(ctx.kernel)
+    except (GuestMemoryError, VimsError, LookupError):
+        return None
+
+
 class SyscallTable(Check):
     """Every sys_call_table entry points to its system call's handler."""
 
@@ -57,14 +72,19 @@ class SyscallTable(Check):
         count = table_size(profile, len(names))
         entries = unpack_u64s(kernel.read(table, 8 * count))
         bad = 0
+        modules = None
         for nr, (name, entry) in enumerate(zip(names, entries, strict=False)):
             symbol, expected = expected_handler(profile, name)
             if entry != expected:
                 bad += 1
                 label = f"{name or 'unused'} ({nr})"
-                yield self.row(label, "fail", f"sys_call_table[{nr}] points to {symbol_name(profile, entry)} "
+                modules = modules or _modules(ctx)
+                owner = modules.owner(entry) if modules is not None else None
+                where = symbol_name(profile, entry) if owner is None or owner.kind == "kernel" else owner.name
+                said = where if owner is None or owner.kind == "kernel" else f"{owner.kind} {where}"
+                yield self.row(label, "fail", f"sys_call_table[{nr}] points to {said} "
                                f"({entry:#x}), not {symbol} ({expected:#x})",
-                               nr=nr, syscall=name, entry=entry, points_to=symbol_name(profile, entry),
+                               nr=nr, syscall=name, entry=entry, points_to=where,
                                expected=symbol, expected_entry=expected)
         if not bad:
             yield self.row("sys_call_table", "pass", f"all {count} entries point to their handlers")
