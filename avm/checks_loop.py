@@ -59,10 +59,12 @@ def _schedule(plan: list[dict[str, Any]] | None, deep: bool, every: float) -> di
     ``deep``, every ``every`` s) with REM-S's plan on top (the checks it names, at its ``every_s``).
     REM-S can add checks and set how often they run; it never takes evidence away.
 
-    >>> _schedule(None, False, 10.0)
-    {'kernel-text': 10.0, 'syscall-table': 10.0, 'hidden-processes': 10.0}
-    >>> _schedule([{"check": "syscall-table", "every_s": 5.0}, {"check": "process-binaries"}], False, 10.0)
-    {'kernel-text': 10.0, 'syscall-table': 5.0, 'hidden-processes': 10.0, 'process-binaries': 10.0}
+    >>> own = _schedule(None, False, 10.0)
+    >>> own["syscall-table"], "process-binaries" in own  # a light check, and a deep one
+    (10.0, False)
+    >>> plan = _schedule([{"check": "syscall-table", "every_s": 5.0}, {"check": "process-binaries"}], False, 10.0)
+    >>> plan["syscall-table"], plan["process-binaries"], set(own) < set(plan)
+    (5.0, 10.0, True)
     """
     from vims.collector.checks.base import select
 
