@@ -17,6 +17,7 @@ from vims.commands import register_commands
 from vims.console import err
 from vims.errors import VimsError
 
+
 def _flags_show_no_type() -> None:
     """Show flags (``--json``, ``--help``) without a type in ``--help``.
 
@@ -33,7 +34,7 @@ def _flags_show_no_type() -> None:
         return None if self.is_flag else shown(self, ctx)
 
     display_type_rich._vims_flags = True  # type: ignore[attr-defined]
-    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign,assignment]
 
 
 _flags_show_no_type()
