@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SYSTEM := $(VENV)/.system-packages
 
-.PHONY: test demo lint typecheck pytest setup bench clean
+.PHONY: test demo lint typecheck pytest setup bench clean notebooks
 
 setup: $(STAMP) $(SYSTEM)
 
@@ -50,3 +50,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The notebooks saved with their outputs (plots and tables visible without running them): 01 and 02 on the
+# full data sets; 03 boots the guest (`flock /tmp/vims-guest.lock .venv/bin/python notebooks/execute.py 03_guest.ipynb`).
+notebooks: setup
+	.venv/bin/pip install -q -e '.[notebooks]'
+	.venv/bin/python notebooks/execute.py

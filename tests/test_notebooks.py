@@ -1,4 +1,8 @@
-"""Every notebook runs top to bottom on small data (``VIMS_NOTEBOOK_QUICK=1``), in a real kernel."""
+"""Every notebook runs top to bottom on small data (``VIMS_NOTEBOOK_QUICK=1``), in a real kernel.
+
+The notebooks are stored with their outputs (``make notebooks`` runs them on the full data and saves
+them, so that they read without running); here a copy is run again and must give no error.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     if "guest" in path.stem and shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     notebook = nbformat.read(path, as_version=4)
-    assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code"), "outputs must be stripped"
+    for cell in notebook.cells:  # run afresh: the saved outputs are not what is checked
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     monkeypatch.setenv("VIMS_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("VIMS_DATASETS", str(datasets_dir()))

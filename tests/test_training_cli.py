@@ -145,3 +145,12 @@ def test_adfa_standard_protocol_and_update(tmp_path: Path, adfa_zip: Path) -> No
     assert after["n_normal"] == val.num_rows - chosen.sum()
     assert after["auc"] > 0.86  # measured 0.871 for ngram (knn: 0.899); before the update 0.838
     assert after["auc"] > m["auc"] + 0.02
+
+
+def test_help_shows_flags_without_a_type() -> None:
+    """``--json`` and ``--help`` take no value, so no command's help gives them a ``<bool>`` type."""
+    for path in (["train"], ["score"], ["evaluate"], ["update"], ["datasets", "split"], []):
+        result = vims(*path, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "<bool>" not in result.stdout, path
+        assert "--help" in result.stdout and ("--json" in result.stdout or not path)

@@ -65,7 +65,7 @@ def test_after_update_one_threshold_is_stated_everywhere(tmp_path: Path, fitted:
     r = vims("score", "-m", tmp_path / "u.skops", "-d", data, "-o", tmp_path / "s.parquet", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["threshold"] == new
     r = vims("evaluate", "-m", tmp_path / "u.skops", "-d", data, "--split", "validation", "--split", "attack",
-             "-o", tmp_path / "rep", "--json")
+             "--exclude-fitted", "-o", tmp_path / "rep", "--json")
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert metrics["model"]["threshold"] == metrics["overall"]["at_threshold"]["threshold"] == new
@@ -207,3 +207,26 @@ def test_evaluate_a_score_table_without_scoring_again(tmp_path: Path, fitted: tu
             "or --scores")
     refused(vims("evaluate", "--scores", tmp_path / "s.parquet", "--split", "validation", "-o", tmp_path / "r3"),
             "no attack traces")
+
+
+def test_fitted_traces_among_others_are_found_trace_by_trace(tmp_path: Path, fitted: tuple[Path, Path]) -> None:
+    """An update with part of a split, then an evaluation on the whole split: the fitted traces are found
+    among the others (by the keys the card keeps), refused, or left out with --exclude-fitted and said."""
+    data, model = fitted
+    val = select(small_table(), ["validation"])
+    confirmed = write_table(val.slice(0, 15), tmp_path / "confirmed.parquet", TRACE_SCHEMA)
+    assert vims("update", "-m", model, "-d", confirmed, "-o", tmp_path / "u.skops", "--cv", 0).returncode == 0
+    refused(vims("evaluate", "-m", tmp_path / "u.skops", "-d", data, "--split", "validation", "--split", "attack",
+                 "-o", tmp_path / "rep"), "15 of the 45 normal traces")
+    r = vims("evaluate", "-m", tmp_path / "u.skops", "-d", data, "--split", "validation", "--split", "attack",
+             "--exclude-fitted", "-o", tmp_path / "rep", "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["excluded_fitted"] == 15 and metrics["overall"]["n_normal"] == 30
+    assert "left out: 15 normal traces" in (tmp_path / "rep" / "report.md").read_text()
+    # the same calls under another trace's id are another trace (data sets repeat traces): not refused
+    renamed = val.slice(0, 15).set_column(0, "trace_id", pa.array([f"copy-{i}" for i in range(15)]))
+    copies = write_table(pa.concat_tables([renamed, select(small_table(), ["attack"])]),
+                         tmp_path / "copies.parquet", TRACE_SCHEMA)
+    r = vims("evaluate", "-m", tmp_path / "u.skops", "-d", copies, "-o", tmp_path / "rep2", "--json")
+    assert r.returncode == 0, r.stderr

@@ -172,6 +172,9 @@ def _evaluate(
                                 "comparison.md)."),
     split: list[str] = typer.Option(None, "--split", help="Evaluate on these splits (repeatable; default: "
                                     "every split except the one the model was trained on)."),
+    exclude_fitted: bool = typer.Option(False, "--exclude-fitted", help="Leave out the normal traces the "
+                                        "model was fitted on (training or `vims update`; the card keeps their "
+                                        "keys) instead of refusing; the report says how many."),
     as_json: bool = JSON,
 ) -> None:
     """ROC AUC, detection at 1/5/10% false alarms, per family and program, figures and a report."""
@@ -192,14 +195,14 @@ def _evaluate(
         if len({m.stem for m in models}) < len(models):
             raise InputError("two --model files share a name; each model's report goes to a folder named "
                              "after its file")
-        results = {m.stem: _evaluate_one(m, data, None, output / m.stem, split) for m in models}
+        results = {m.stem: _evaluate_one(m, data, None, output / m.stem, split, exclude_fitted) for m in models}
         comparison = write_comparison(results, output)
         if as_json:
             print_json({"comparison": comparison, "models": results})
         else:
             _print_comparison(comparison, output)
         return
-    metrics = _evaluate_one(models[0] if models else None, data, scores_path, output, split)
+    metrics = _evaluate_one(models[0] if models else None, data, scores_path, output, split, exclude_fitted)
     if as_json:
         print_json(metrics)
     else:
@@ -207,13 +210,21 @@ def _evaluate(
 
 
 def _evaluate_one(model: Path | None, data: Path | None, scores_path: Path | None, output: Path,
-                  split: list[str] | None) -> dict:
+                  split: list[str] | None, exclude_fitted: bool = False) -> dict:
     """One model's evaluation (or one score table's) into the report folder ``output``; its metrics."""
     import pyarrow as pa
 
     from vims.errors import InputError
     from vims.models.modelset import ModelSet
-    from vims.training.core import check_evaluable, check_labels, load_traces, open_model, score_table, threshold_of
+    from vims.training.core import (
+        check_evaluable,
+        check_labels,
+        fitted_mask,
+        load_traces,
+        open_model,
+        score_table,
+        threshold_of,
+    )
     from vims.training.report import write_report
 
     if scores_path is not None:
@@ -234,11 +245,17 @@ def _evaluate_one(model: Path | None, data: Path | None, scores_path: Path | Non
         trained = (card.get("training") or {}).get("split")
         if trained not in (None, "all"):
             table = table.filter(pa.array([s != trained for s in table.column("split").to_pylist()]))
+    excluded = 0
+    if exclude_fitted and table.num_rows:
+        fitted = fitted_mask(table, card, where=str(data))
+        excluded = int(fitted.sum())
+        table = table.filter(pa.array(~fitted))
     if table.num_rows == 0:
         raise InputError("no traces left to evaluate on (check --split)", where=data)
     check_evaluable(table, card, where=str(data))
     threshold = None if isinstance(det, ModelSet) else threshold_of(det)
-    return write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold)
+    return write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold,
+                        excluded_fitted=excluded if exclude_fitted else None)
 
 
 def _print_metrics(metrics: dict, output: Path) -> None:

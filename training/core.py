@@ -66,6 +66,39 @@ def training_rows(table: pa.Table, split: str | None, where: str = "data") -> pa
     return rows
 
 
+def trace_keys(rows: pa.Table) -> np.ndarray:
+    """One 64-bit key per trace: BLAKE2b of its ``trace_id`` and its calls (sorted, unique).
+
+    A key names a trace itself, not only its calls: identical traces under other ids (ADFA-LD's
+    Validation holds 422 copies of Training traces, UNM's files many repeats) have other keys. Without
+    a ``trace_id`` column the result is empty.
+    """
+    import hashlib
+
+    if "trace_id" not in rows.column_names:
+        return np.empty(0, dtype=np.uint64)
+    keys = np.empty(rows.num_rows, dtype=np.uint64)
+    for i, (tid, calls) in enumerate(zip(rows.column("trace_id").to_pylist(),
+                                         rows.column("syscalls").to_pylist(), strict=True)):
+        h = hashlib.blake2b(str(tid).encode() + b"\0", digest_size=8)
+        h.update(np.asarray(calls or [], dtype="<i8").tobytes())
+        keys[i] = int.from_bytes(h.digest(), "little")
+    return keys
+
+
+def pack_keys(keys: np.ndarray) -> str:
+    """Trace keys for a card: sorted unique uint64, little-endian, base64 (11 characters a trace)."""
+    import base64
+
+    return base64.b64encode(np.unique(keys).astype("<u8").tobytes()).decode()
+
+
+def unpack_keys(text: str) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(text), dtype="<u8").astype(np.uint64)
+
+
 def train(table: pa.Table, detector: str | None = None, params: list[str] | None = None,
           split: str | None = "train", far: float = 0.05, cv: int = 5, data_path: str | None = None,
           on_fold: Callable[[int], Any] | None = None) -> tuple[Detector, dict[str, Any]]:
@@ -82,6 +115,7 @@ def train(table: pa.Table, detector: str | None = None, params: list[str] | None
         "training": {
             "data": data_path,
             "data_sha256": data_digest(flat),
+            "trace_keys": pack_keys(trace_keys(rows)),
             "split": split,
             "sources": sources,
             "n_traces": flat.n_traces,
@@ -110,6 +144,7 @@ def update(det: Detector, card: dict[str, Any], table: pa.Table, split: str | No
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": data_path,
         "data_sha256": data_digest(flat),
+        "trace_keys": pack_keys(trace_keys(rows)),
         "split": split,
         "n_traces": flat.n_traces,
         "n_calls": len(flat.values),
@@ -155,24 +190,37 @@ def check_labels(table: pa.Table, where: str = "data") -> None:
                          "need both (add the attack split, or the normal one)", where=where)
 
 
-def training_overlap(table: pa.Table, card: dict[str, Any], where: str = "data") -> int:
-    """How many normal traces of ``table`` the model was fitted on (0 when they cannot be the same).
+def fitted_mask(table: pa.Table, card: dict[str, Any], where: str = "data") -> np.ndarray:
+    """Which rows of ``table`` are normal traces the model was fitted on (its training or an update).
 
-    The card records the SHA-256 of the training traces (and of each update's); the normal rows of
-    ``table`` in the trained split (all of them for ``all``) that give the same digest are those traces
-    themselves. A table holding only part of them, or them mixed with others, is not detected.
+    The card keeps every fitted trace's key (:func:`trace_keys`: its id and its calls), so a table
+    holding some of them among others is found row by row. A card without keys (written before they
+    were kept) is matched by the SHA-256 of the trained split's normal traces as a whole.
     """
-    if "label" not in table.column_names:
-        return 0
+    mask = np.zeros(table.num_rows, dtype=bool)
+    if "label" not in table.column_names or table.num_rows == 0:
+        return mask
+    normal = np.array([lab == "normal" for lab in table.column("label").to_pylist()], dtype=bool)
     fitted = [card.get("training") or {}, *card.get("updates", [])]  # the traces of `vims update` too
+    packed = [t["trace_keys"] for t in fitted if t.get("trace_keys")]
+    if packed:
+        known = np.unique(np.concatenate([unpack_keys(p) for p in packed]))
+        return normal & np.isin(trace_keys(table), known)
     for t in fitted:
         if not t.get("data_sha256"):
             continue
         split = t.get("split")
-        rows = select(table, None if split in (None, "all") else [split], "normal")
+        in_split = np.ones(table.num_rows, dtype=bool) if split in (None, "all") else \
+            np.array([s == split for s in table.column("split").to_pylist()], dtype=bool)
+        rows = table.filter(pa.array(normal & in_split))
         if rows.num_rows and data_digest(as_flat(rows, where=where)) == t["data_sha256"]:
-            return rows.num_rows
-    return 0
+            mask |= normal & in_split
+    return mask
+
+
+def training_overlap(table: pa.Table, card: dict[str, Any], where: str = "data") -> int:
+    """How many normal traces of ``table`` the model was fitted on (:func:`fitted_mask`)."""
+    return int(fitted_mask(table, card, where=where).sum())
 
 
 def check_evaluable(table: pa.Table, card: dict[str, Any], where: str = "data") -> None:
@@ -180,9 +228,11 @@ def check_evaluable(table: pa.Table, card: dict[str, Any], where: str = "data") 
     check_labels(table, where=where)
     overlap = training_overlap(table, card, where=where)
     if overlap:
-        raise InputError(f"{overlap:,} of the normal traces to evaluate on are the ones the model was fitted on "
-                         f"(split {card['training'].get('split')!r}, same SHA-256 as its card): the figures would "
-                         "be inflated; evaluate on other splits", where=where)
+        n = (table.column("label").to_pylist()).count("normal")
+        raise InputError(f"{overlap:,} of the {n:,} normal traces to evaluate on are traces the model was fitted "
+                         "on (in its training or an update, by the keys its card keeps): the figures would be "
+                         "inflated; evaluate on other traces, or pass --exclude-fitted to leave them out",
+                         where=where)
 
 
 def threshold_of(det: Detector) -> float:

@@ -141,6 +141,7 @@ def fit_model_set(table: pa.Table, detector: str | None = None, params: list[str
     from vims.models.modelset import FALLBACK, FALLBACK_PREFIX, ModelSet
     from vims.models.persist import data_digest
     from vims.models.registry import make_detector
+    from vims.training.core import pack_keys, trace_keys
 
     if "program" not in table.column_names:
         raise InputError("a per-program model set needs a 'program' column in the trace table")
@@ -201,7 +202,8 @@ def fit_model_set(table: pa.Table, detector: str | None = None, params: list[str
         "kind": "model-set",
         "threshold": float(fallback.threshold_),
         "far": far,
-        "training": {"data_sha256": data_digest(flat), "n_traces": flat.n_traces, "n_calls": len(flat.values),
+        "training": {"data_sha256": data_digest(flat), "trace_keys": pack_keys(trace_keys(table)),
+                     "n_traces": flat.n_traces, "n_calls": len(flat.values),
                      "detector": name, "params": list(params or []), "min_traces": min_traces,
                      "fit_seconds": round(time.perf_counter() - start, 3)},
         "calibration": {"method": "out-of-fold", "cv": cv, "far": far},

@@ -126,6 +126,8 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
         f"- trained on: {card.get('training', {}).get('n_traces')} traces of split "
         f"`{card.get('training', {}).get('split')}`; updates: {len(card.get('updates', []))}",
         f"- threshold {_num(metrics['model']['threshold'])} for a target false-alarm rate of {_pct(card.get('far'))}",
+        *([f"- left out: {metrics['excluded_fitted']:,} normal traces the model was fitted on (--exclude-fitted)"]
+          if metrics.get("excluded_fitted") is not None else []),
         "",
         f"**ROC AUC {auc}**; detection at 1/5/10% false alarms: "
         + ", ".join(_pct(o["dr"][k]) for k in ("1%", "5%", "10%")) + ".",
@@ -153,10 +155,11 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
 
 
 def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, data: str,
-                 threshold: float | None = None) -> dict[str, Any]:
+                 threshold: float | None = None, excluded_fitted: int | None = None) -> dict[str, Any]:
     """Write ``metrics.json``, the figures and ``report.md`` to ``out_dir``; return the metrics.
 
-    ``threshold`` is the one the scores were flagged with (default: the card's).
+    ``threshold`` is the one the scores were flagged with (default: the card's); ``excluded_fitted``
+    the normal traces left out because the model was fitted on them (``--exclude-fitted``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +172,8 @@ def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, da
     metrics["operating_points"] = operating_points(scores, metrics["model"]["threshold"])
     metrics["confusion"] = confusion(scores)
     metrics["data"] = data
+    if excluded_fitted is not None:
+        metrics["excluded_fitted"] = excluded_fitted
     (out / "metrics.json").write_text(to_json(metrics) + "\n")
     auc = metrics["overall"]["auc"]
     roc_png(scores, out / "roc.png", f"{card.get('detector')} on {Path(data).name}"

@@ -17,6 +17,28 @@ from vims.commands import register_commands
 from vims.console import err
 from vims.errors import VimsError
 
+
+def _flags_show_no_type() -> None:
+    """Show flags (``--json``, ``--help``) without a type in ``--help``.
+
+    Typer's help lists every option's type, a flag's too (``--json <bool>``), as if it took a value,
+    while ``--json true`` is refused: a flag takes none, so its type column stays empty.
+    """
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_vims_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._vims_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign,assignment]
+
+
+_flags_show_no_type()
+
 app = typer.Typer(
     name="vims",
     help="VIMS attests a running virtual machine by its behaviour: it watches a guest from outside, "
