@@ -218,8 +218,9 @@ def test_signed_but_malformed_reports_are_refused_for_their_form(dep):
     a_valid_report_is_accepted(d, raw)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="product bug: check_report tests `status in CHECK_STATUSES`, which raises "
-                   "TypeError for a list or an object, so REM-S fails inside and answers nothing")
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="product bug: check_report tests `status in CHECK_STATUSES`, which raises TypeError for "
+                          "a list or an object, so REM-S fails inside and answers nothing")
 @pytest.mark.parametrize("status", [{}, []])
 def test_a_check_status_that_is_an_object_is_refused(status):
     report = example_report()
