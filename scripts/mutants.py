@@ -106,15 +106,18 @@ def _env(dest: Path) -> dict[str, str]:
 
 
 def _pytest(dest: Path, tests: tuple[str, ...]) -> tuple[bool, list[str], str]:
+    # run from dest (not from the copy, whose own vims/ folder would shadow the assembled package)
+    src = dest / "src"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "--maxfail=3", "-p", "no:cacheprovider",
-                           "-o", "addopts=--import-mode=importlib", *tests],
-                          cwd=dest / "src", env=_env(dest), capture_output=True, text=True, timeout=1800)
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+                           "--rootdir", str(src), "-c", str(src / "pyproject.toml"),
+                           *(str(src / t) for t in tests)],
+                          cwd=dest, env=_env(dest), capture_output=True, text=True, timeout=1800)
+    failed = [f.removeprefix("src/") for f in re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)]
     return proc.returncode == 0, failed, proc.stdout[-2000:]
 
 
 def _imports_copy(dest: Path, module: str) -> bool:
-    proc = subprocess.run([sys.executable, "-c", f"import {module} as m; print(m.__file__)"], cwd=dest / "src",
+    proc = subprocess.run([sys.executable, "-c", f"import {module} as m; print(m.__file__)"], cwd=dest,
                           env=_env(dest), capture_output=True, text=True)
     return proc.stdout.strip().startswith(str(dest))
 
