@@ -2,7 +2,8 @@
 
 The public data sets are found through ``VIMS_DATASETS`` (default ``../shared/datasets``); a test that
 needs one is skipped, saying which, when it is absent, and fails when the suite runs in CI (``CI=true``):
-every required part of the set-up goes through :func:`tests.required.missing`, which decides that. Tests that use the real QEMU guest live in
+every required part of the set-up goes through :func:`tests.required.missing`, which decides that.
+Tests that use the real QEMU guest live in
 ``tests/guest/``, whose conftest boots one guest for the whole run.
 """
 
