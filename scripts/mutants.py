@@ -70,7 +70,7 @@ MUTATIONS = [
              ("tests/test_remote_fuzz.py", "tests/test_remote_units.py", "tests/test_remote_server.py")),
     Mutation("window scorer ignores --threshold", "avm/scoring.py",
              "        if self.threshold is not None:\n            thr = self.threshold\n", "",
-             ("tests/test_avm_pipeline.py", "tests/test_avm_modelset.py", "tests/test_avm_agent.py")),
+             ("tests/test_avm_window_threshold.py", "tests/test_avm_pipeline.py", "tests/test_avm_modelset.py")),
     Mutation("dentry path not reversed", "collector/kernel.py",
              '"/" + "/".join(reversed(parts))', '"/" + "/".join(parts)',
              ("tests/test_libvmi_backend.py", "tests/test_memory.py")),
