@@ -1,7 +1,9 @@
 """Fixtures shared by the whole suite.
 
 The public data sets are found through ``VIMS_DATASETS`` (default ``../shared/datasets``); a test that
-needs one is skipped, saying which, when it is absent. Tests that use the real QEMU guest live in
+needs one is skipped, saying which, when it is absent, and fails when the suite runs in CI (``CI=true``):
+every required part of the set-up goes through :func:`tests.required.missing`, which decides that.
+Tests that use the real QEMU guest live in
 ``tests/guest/``, whose conftest boots one guest for the whole run.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from tests.required import missing
 from vims.net import free_port
 from vims.paths import datasets_dir
 
@@ -22,7 +25,7 @@ from vims.paths import datasets_dir
 def _dataset(*parts: str) -> Path:
     path = datasets_dir().joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"public data set not found at {path} (set VIMS_DATASETS)")
+        missing(f"public data set not found at {path} (set VIMS_DATASETS, default ../shared/datasets)")
     return path
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from tests.required import missing
 from vims.errors import MissingDependencyError
 from vims.remote.pgcluster import TempCluster
 
@@ -39,7 +40,7 @@ def postgres_server(request: pytest.FixtureRequest) -> str:
         try:
             cluster = TempCluster(fsync=False)
         except MissingDependencyError as exc:
-            pytest.skip(str(exc))
+            missing(str(exc))
         request.config.add_cleanup(_stop)
         _cluster.append(cluster)
         cluster.start()

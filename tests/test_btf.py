@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.required import missing
 from vims.collector import btf
 from vims.errors import InputError, VimsError
 from vims.paths import cache_dir
@@ -70,12 +71,13 @@ def test_elf_section_of_a_tiny_elf() -> None:
 def _cached_kernel() -> Path:
     kernels = sorted(cache_dir("guest").glob("*/vmlinuz"))
     if not kernels:
-        pytest.skip("no guest image in the cache yet (`vims guest build`, or run tests/guest first)")
+        missing("no guest image in the cache yet (`vims guest build`, or run tests/guest first)")
     return kernels[-1]
 
 
-@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed")
 def test_every_struct_agrees_with_bpftool(tmp_path: Path) -> None:
+    if shutil.which("bpftool") is None:
+        missing("bpftool not found (scripts/system-packages.sh installs it)")
     vmlinuz = _cached_kernel()
     vmlinux = tmp_path / "vmlinux"
     vmlinux.write_bytes(btf.extract_vmlinux(vmlinuz.read_bytes()))

@@ -1,4 +1,8 @@
-"""Run the docstring examples of every module in the package, imported under its real name."""
+"""Run the docstring examples of every module in the package, imported under its real name.
+
+One test per docstring that holds examples (a docstring without any is no test: counting it would
+inflate the suite); every module is imported by :func:`test_every_module_imports`.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +30,31 @@ def _modules() -> list[str]:
     return sorted(set(names))
 
 
-@pytest.mark.parametrize("name", _modules())
-def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+
+def _with_examples() -> list[tuple[str, str]]:
+    """``(module, docstring test name)`` of every docstring that holds at least one example."""
+    found = []
+    for name in _modules():
+        for test in doctest.DocTestFinder().find(importlib.import_module(name)):
+            if test.examples:
+                found.append((name, test.name))
+    return found
+
+
+def test_every_module_imports() -> None:
+    for name in _modules():
+        importlib.import_module(name)
+
+
+@pytest.mark.parametrize(("module", "name"), _with_examples(), ids=lambda v: v)
+def test_docstring_examples(module: str, name: str) -> None:
+    tests = [t for t in doctest.DocTestFinder().find(importlib.import_module(module)) if t.name == name]
+    assert len(tests) == 1 and tests[0].examples, f"{name} has no examples any more"
+    runner = doctest.DocTestRunner(optionflags=FLAGS)
+    result = runner.run(tests[0])
+    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring example(s) failed in {name}"
 
 
 def test_every_part_is_in_the_vims_namespace() -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.required import missing
 from vims.collector.gdbstub import GdbError, GdbStub, GuestGoneError, parse_stop_reply
 from vims.collector.guest.qemu import free_port
 from vims.errors import MissingDependencyError, VimsError
@@ -29,7 +30,7 @@ def bare_qemu_smp2() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
 
 def _bare_qemu(*extra: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        missing("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     port = free_port()
     accel = () if "-accel" in extra else ("-accel", "tcg")
     proc = subprocess.Popen(

@@ -13,6 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.required import missing
 from vims.paths import REPO_ROOT, datasets_dir
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
@@ -21,9 +22,9 @@ NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not datasets_dir().exists():
-        pytest.skip(f"public data sets not found at {datasets_dir()} (set VIMS_DATASETS)")
+        missing(f"public data sets not found at {datasets_dir()} (set VIMS_DATASETS)")
     if "guest" in path.stem and shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        missing("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:  # run afresh: the saved outputs are not what is checked
         if cell.cell_type == "code":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.required import missing
 from vims.collector.ext4 import Ext4Image
 from vims.collector.reference_files import ReferenceFiles
 from vims.errors import InputError
@@ -62,7 +63,7 @@ def tree(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     if request.param == "directory":
         return root, files
     if shutil.which("mke2fs") is None:
-        pytest.skip("mke2fs not found (scripts/system-packages.sh installs e2fsprogs)")
+        missing("mke2fs not found (scripts/system-packages.sh installs e2fsprogs)")
     image = base / "disk.img"
     kind = ["-t", "ext4"] if request.param == "ext4" else ["-t", "ext2", "-b", "1024"]
     subprocess.run(["mke2fs", "-q", "-F", *kind, "-d", str(root), str(image), "16M"], check=True,

@@ -178,8 +178,9 @@ def test_silent_avm_gets_its_connection_cut_within_the_deadline(dep):
     cut = store.history("vm-1")["decisions"][0]
     last_ok = store.db.execute("SELECT MAX(received_at) FROM reports WHERE status = 'accepted'").fetchone()[0]
     assert cut["kind"] == "cut"
-    # Cut because the last report aged past the deadline, and not much later (generous bound).
-    assert FAST["deadline_s"] <= cut["time"] - last_ok + 0.05 < FAST["deadline_s"] + 10
+    # Cut because the last report aged past the deadline: not before it did (how soon after is a
+    # duration, which belongs in benchmarks/, not here).
+    assert cut["time"] + 0.05 >= last_ok + FAST["deadline_s"]
     assert dep.metric("vims_open_connections") == 0
 
 

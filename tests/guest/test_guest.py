@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.required import missing
 from vims.collector.gdbstub import GdbStub
 from vims.collector.guest import Guest, GuestImage, build_guest
 from vims.collector.guest.qemu import KERNEL_MAP_BASE
@@ -178,8 +179,9 @@ def test_profile_symbols(guest: Guest) -> None:
     assert profile.metadata["cpu"] == guest.status()["cpu"]
 
 
-@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed")
 def test_profile_offsets_agree_with_bpftool(guest_image: GuestImage, tmp_path: Path) -> None:
+    if shutil.which("bpftool") is None:
+        missing("bpftool not found (scripts/system-packages.sh installs it)")
     from vims.collector.btf import elf_section, extract_vmlinux
 
     vmlinux = tmp_path / "vmlinux"

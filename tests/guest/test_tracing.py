@@ -168,7 +168,7 @@ def test_a_model_of_normal_captures_flags_the_webshell(
     normal_a: tuple[TraceResult, SyscallTracer], normal_b: tuple[TraceResult, SyscallTracer],
     webshell: tuple[TraceResult, SyscallTracer],
 ) -> None:
-    stide = pytest.importorskip("vims.models.stide")
+    from vims.models import stide
     train = traces_from_events(normal_a[0].events)
     held_out = traces_from_events(normal_b[0].events)
     rows = webshell[0].events.to_pylist()
@@ -217,9 +217,12 @@ def test_policy_changed_while_tracing_takes_effect(guest: Guest, view: KernelVie
         changer.join()
     ts = result.events["ts_ns"].to_numpy()
     comm = result.events["comm"].to_numpy(zero_copy_only=False)
-    assert (ts < switched[0]).any()  # traced before the change
-    assert not ((comm == "dd") & (ts > switched[0] + 500_000_000)).any()  # applied within 0.5 s
+    dd = comm == "dd"
+    assert (dd & (ts < switched[0])).any()  # dd traced before the change
+    # The order of events (how soon it takes effect is a duration, for benchmarks/): dd's calls were
+    # dropped by the new policy (filtered) while the trace went on recording other calls after dd's last.
     assert result.stats["filtered"] > 0 and any("policy changed" in note for note in tracer.notes)
+    assert (ts[~dd] > ts[dd].max()).any()
 
 
 def test_breakpoint_fallback_works_too(guest: Guest, view: KernelView) -> None:

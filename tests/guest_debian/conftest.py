@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.required import missing
 from vims.collector.guest import Guest
 from vims.collector.guest.debian import DebianImage, build_debian
 
@@ -36,7 +37,7 @@ def debian_image() -> DebianImage:
     """The Debian guest image (built once, then cached under the VIMS cache)."""
     for tool in ("qemu-system-x86_64", "mmdebstrap", "ssh"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not found (scripts/system-packages.sh installs it)")
+            missing(f"{tool} not found (scripts/system-packages.sh installs it)")
     return build_debian()
 
 
