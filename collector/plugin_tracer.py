@@ -55,7 +55,7 @@ from vims.collector.recorder import EXECVE, EventRecorder, GuestUnreadableError,
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
 from vims.syscalls import EXECVE_CALLS
-from vims.tracing_policy import Policy, Sampler
+from vims.tracing_policy import Policy
 
 __all__ = ["PluginTracer"]
 
@@ -138,11 +138,8 @@ class PluginTracer:
     def _apply_new_policy(self, now: int) -> None:
         policy, self._new_policy = self._new_policy, None
         assert policy is not None
-        rec = self.recorder
-        old = rec.sampler
-        rec.policy = self.policy = policy
-        rec.sampler = Sampler(policy, now)
-        rec.sampler.filtered, rec.sampler.capped = old.filtered, old.capped
+        self.policy = policy
+        self.recorder.switch_policy(policy, now)
         self._write_cap()
         self.notes.append(f"policy changed while tracing: {policy.to_dict()}")
 

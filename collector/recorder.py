@@ -213,6 +213,14 @@ class EventRecorder:
         self._seq = 0
         self._unreadable = 0
 
+    def switch_policy(self, policy: Policy, now: int) -> None:
+        """Record by ``policy`` from ``now`` (monotonic ns) on, keeping the counts taken so far (REM-S
+        changes the policy of a running trace)."""
+        old = self.sampler
+        self.policy = policy
+        self.sampler = Sampler(policy, now)
+        self.sampler.filtered, self.sampler.capped = old.filtered, old.capped
+
     def restart_clock(self) -> None:
         """Start the policy's clock (and the rate) now."""
         self.start_ns = self.last_batch = time.monotonic_ns()

@@ -58,7 +58,7 @@ from vims.collector.backends.qemu import QemuBackend
 from vims.collector.gdbstub import GdbError, GdbStub, GuestGoneError, StopEvent
 from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
 from vims.errors import VimsError
-from vims.tracing_policy import Policy, Sampler
+from vims.tracing_policy import Policy
 
 __all__ = ["EntryCheck", "SyscallTracer", "TraceResult", "TracerError", "check_entry", "find_sp2_store"]
 
@@ -221,11 +221,8 @@ class SyscallTracer:
     def _apply_new_policy(self, now: int) -> None:
         policy, self._new_policy = self._new_policy, None
         assert policy is not None
-        rec = self.recorder
-        old = rec.sampler
-        rec.policy = self.policy = policy
-        rec.sampler = Sampler(policy, now)
-        rec.sampler.filtered, rec.sampler.capped = old.filtered, old.capped
+        self.policy = policy
+        self.recorder.switch_policy(policy, now)
         self.notes.append(f"policy changed while tracing: {policy.to_dict()}")
 
     # -- traps -----------------------------------------------------------------------------------

@@ -96,11 +96,8 @@ def enroll(public_file: Path = typer.Argument(..., help="The A-VM's avm.public.j
     from vims.remote.keys import AvmPublic
 
     pub = AvmPublic.load(public_file)
-    opened = _store(_home(home), store)
-    try:
+    with _store(_home(home), store) as opened:
         result = opened.enroll(pub, vm, gate_port, _read_policy(policy) if policy else None, force=force)
-    finally:
-        opened.close()
     if json_out:
         print_json(result)
     else:
@@ -116,11 +113,8 @@ def revoke(avm_id: str = typer.Argument(..., help="The A-VM to revoke."),
     """Revoke an A-VM: its key is refused, its VM's open connections are cut, new ones refused."""
     from vims.console import out, print_json
 
-    opened = _store(_home(home), store)
-    try:
+    with _store(_home(home), store) as opened:
         opened.revoke(avm_id)
-    finally:
-        opened.close()
     if json_out:
         print_json({"avm_id": avm_id, "revoked": True})
     else:
@@ -137,13 +131,10 @@ def policy_cmd(vm: str = typer.Argument(..., help="The VM id."),
     """Show a VM's policy, or set a new one."""
     from vims.console import out, print_json
 
-    opened = _store(_home(home), store)
-    try:
+    with _store(_home(home), store) as opened:
         if set_file is not None:
             opened.set_policy(vm, _read_policy(set_file), where=str(set_file))
         current = opened.policy(vm)
-    finally:
-        opened.close()
     if json_out:
         print_json(current)
     else:
@@ -296,11 +287,8 @@ def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     from vims.console import out, print_json
     from vims.remote.views import fleet
 
-    opened = _store(_home(home), store)
-    try:
+    with _store(_home(home), store) as opened:
         view = fleet(opened)
-    finally:
-        opened.close()
     rows, counts = view["avms"], view["totals"]
     if json_out:
         print_json(view)
@@ -331,11 +319,8 @@ def history(vm: str = typer.Argument(..., help="The VM id."),
     from vims.console import out, print_json
     from vims.remote.views import history as history_view
 
-    opened = _store(_home(home), store)
-    try:
+    with _store(_home(home), store) as opened:
         hist = history_view(opened, vm, limit)
-    finally:
-        opened.close()
     if json_out:
         print_json(hist)
         return
@@ -365,11 +350,8 @@ def decisions_cmd(search: str = typer.Option("", "--search", help="Only decision
     from vims.console import out, print_json
     from vims.remote.views import decisions
 
-    opened = _store(_home(home), store)
-    try:
+    with _store(_home(home), store) as opened:
         view = decisions(opened, search, limit)
-    finally:
-        opened.close()
     if json_out:
         print_json(view)
         return

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from tests.guest_debian.halting import halted_in_kernel
 from vims.collector.backends import QemuBackend
 from vims.collector.checks import Context, Reference, registry, run_checks
 from vims.collector.checks.process_binaries import ElfText
-from vims.collector.gdbstub import GdbStub
 from vims.collector.guest import Guest
 from vims.collector.guest.debian import DebianImage
 from vims.collector.memory import PAGE_SIZE
@@ -59,24 +59,6 @@ def test_a_clean_debian_guest_passes(any_debian: Guest, debian_image: DebianImag
     tasks = next(r for r in rows if r.check == "hidden-processes")
     assert int(tasks.detail.split()[0]) > 50  # kernel threads of both CPUs, services, their threads
     assert "all 4" in next(r.detail for r in rows if r.check == "syscall-table")  # 4xx entries
-
-
-@contextmanager
-def halted_in_kernel(guest: Guest) -> Iterator[tuple[GdbStub, int]]:
-    """The guest stopped, with a vCPU that was in the kernel (its page tables map the kernel under PTI)."""
-    with GdbStub(*guest.gdb_address) as gdb:
-        for _ in range(50):
-            gdb.halt()
-            vcpu = next((v for v in gdb.vcpus() if gdb.register("rip", v) >> 63), None)
-            if vcpu is not None:
-                break
-            gdb.resume()
-        else:
-            pytest.fail("no vCPU stopped in the kernel in 50 tries")
-        try:
-            yield gdb, vcpu
-        finally:
-            gdb.resume()
 
 
 def test_a_changed_syscall_table_entry_fails_naming_the_syscall(any_debian: Guest,

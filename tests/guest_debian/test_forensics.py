@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.guest_debian.halting import halted_in_kernel
 from vims.collector.backends import QemuBackend
 from vims.collector.checks import Context, Reference, registry, run_checks
 from vims.collector.checks.idt import GATE, handler
@@ -43,24 +44,6 @@ NR_KILL = 62
 def checks_of(guest: Guest, image: DebianImage) -> Iterator[Context]:
     with QemuBackend.from_guest(guest) as backend:
         yield Context(backend, Reference(rootfs=image.disk), cpu=guest.state.get("cpu"))
-
-
-@contextmanager
-def halted_in_kernel(guest: Guest) -> Iterator[tuple[GdbStub, int]]:
-    """The guest stopped, with a vCPU that was in the kernel (as in test_checks.py)."""
-    with GdbStub(*guest.gdb_address) as gdb:
-        for _ in range(50):
-            gdb.halt()
-            vcpu = next((v for v in gdb.vcpus() if gdb.register("rip", v) >> 63), None)
-            if vcpu is not None:
-                break
-            gdb.resume()
-        else:
-            pytest.fail("no vCPU stopped in the kernel in 50 tries")
-        try:
-            yield gdb, vcpu
-        finally:
-            gdb.resume()
 
 
 def run(ctx: Context, *names: str) -> list[Any]:
