@@ -40,12 +40,13 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
                     ctx = Context.of_guest(backend)
                     ran.clear()
                 periods = _schedule(agent.check_plan, deep, every)
-                due, wait = _due(periods, ran, start)
+                due = _due(periods, ran, start)
                 for name, check in due:
+                    ran[name] = time.monotonic()
                     latest[name] = _run_one(ctx, name, check)
-                    ran[name] = start
                 agent.set_checks([row for name in periods for row in latest.get(name, [])])
                 state["checks"] = f"{len(due)} check(s) in {time.monotonic() - start:.2f} s"
+                wait = _next_look(periods, ran, time.monotonic())
             except Exception as exc:  # a check that breaks is an error row, and the loop goes on
                 agent.set_checks([_error_row("checks", f"{type(exc).__name__}: {exc}")])
                 wait = every
@@ -55,45 +56,50 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
 
 
 def _schedule(plan: list[dict[str, Any]] | None, deep: bool, every: float) -> dict[str, float]:
-    """Each check to run and its period: the A-VM's own (every light check, and the deep ones with
-    ``deep``, every ``every`` s) with REM-S's plan on top (the checks it names, at its ``every_s``).
-    REM-S can add checks and set how often they run; it never takes evidence away.
+    """Each check to run and its period, REM-S's first: the checks its plan names, at its ``every_s``,
+    then the A-VM's own (every light check, and the deep ones with ``deep``, every ``every`` s). REM-S can
+    add checks and set how often they run; it never takes evidence away. The order is the order of a
+    round, so the checks REM-S judges by age are the freshest.
 
     >>> own = _schedule(None, False, 10.0)
     >>> own["syscall-table"], "process-binaries" in own  # a light check, and a deep one
     (10.0, False)
     >>> plan = _schedule([{"check": "syscall-table", "every_s": 5.0}, {"check": "process-binaries"}], False, 10.0)
-    >>> plan["syscall-table"], plan["process-binaries"], set(own) < set(plan)
-    (5.0, 10.0, True)
+    >>> plan["syscall-table"], plan["process-binaries"], set(own) < set(plan), list(plan)[:2]
+    (5.0, 10.0, True, ['syscall-table', 'process-binaries'])
     """
     from vims.collector.checks.base import select
 
-    periods = {c.name: every for c in select(deep=deep)}
-    for entry in plan or ():
-        periods[str(entry["check"])] = float(entry.get("every_s") or every)
+    periods = {str(entry["check"]): float(entry.get("every_s") or every) for entry in plan or ()}
+    for c in select(deep=deep):
+        periods.setdefault(c.name, every)
     return periods
 
 
-def _due(periods: dict[str, float], ran: dict[str, float], now: float) -> tuple[list[tuple[str, Any]], float]:
-    """The checks to run now, and how long to wait before the next look. A name this A-VM does not know
-    comes as ``None`` (an error row: REM-S asked for evidence it cannot have, and refuses).
+def _due(periods: dict[str, float], ran: dict[str, float], now: float) -> list[tuple[str, Any]]:
+    """The checks to run now, in the schedule's order. A name this A-VM does not know comes as ``None``
+    (an error row: REM-S asked for evidence it cannot have, and refuses).
 
-    >>> due, wait = _due({"syscall-table": 5.0, "nope": 2.0}, {"syscall-table": 100.0}, 103.0)
-    >>> [(name, check is None) for name, check in due], wait
-    ([('nope', True)], 2.0)
+    >>> due = _due({"syscall-table": 5.0, "nope": 2.0}, {"syscall-table": 100.0}, 103.0)
+    >>> [(name, check is None) for name, check in due]
+    [('nope', True)]
     """
     from vims.collector.checks.base import registry
 
     known = registry()
-    due: list[tuple[str, Any]] = []
-    waits: list[float] = []
-    for name, period in periods.items():
-        left = ran.get(name, -float("inf")) + period - now
-        if left <= 0:
-            due.append((name, known[name]() if name in known else None))
-            left = period
-        waits.append(left)
-    return due, max(0.1, min(waits, default=1.0))
+    return [(name, known[name]() if name in known else None)
+            for name, period in periods.items() if ran.get(name, -float("inf")) + period <= now]
+
+
+def _next_look(periods: dict[str, float], ran: dict[str, float], now: float) -> float:
+    """Seconds until the next check is due, counted after the round (a long round does not make the
+    next one late).
+
+    >>> _next_look({"syscall-table": 5.0, "idt": 10.0}, {"syscall-table": 100.0, "idt": 100.0}, 103.5)
+    1.5
+    """
+    lefts = [ran.get(name, -float("inf")) + period - now for name, period in periods.items()]
+    return max(0.1, min(lefts, default=1.0))
 
 
 def _run_one(ctx: Any, name: str, check: Any) -> list[dict[str, Any]]:
