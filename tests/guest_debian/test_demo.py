@@ -21,7 +21,10 @@ def test_demo_story_holds_on_debian(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert summary["image"] == "debian"
     assert summary["allowed_before_attack"] is True
-    assert summary["cut_within_deadline"] is True, summary
+    # the order of events (how fast is for benchmarks/): cut after the attack began, never let in again
+    assert summary["cut_kind"] in ("cut", "deny") and summary["cut_after_s"] >= 0, summary
+    assert "behaviour score" in summary["cut_reason"], summary
+    assert summary["allowed_after_cut"] == [], summary
     assert summary["refused_after_kernel_patch"] is True, summary
     assert "kernel-text" in summary["refusal_reason"]
     assert {"sh", "php-fpm8.2"} & set(summary["blamed"]), summary["blamed"]
