@@ -230,6 +230,13 @@ class KernelView:
         """The per-cpu area of ``cpu`` (``__per_cpu_offset[cpu]``), for when no GS base is at hand."""
         return self._u64(self._sym("__per_cpu_offset") + 8 * cpu)
 
+    def task_pid_comm(self, addr: int) -> tuple[int, str]:
+        """The pid and comm of the task at ``addr`` (two reads: what tells a cached identity from a
+        task whose memory was freed and reused, or that ran another program)."""
+        o = self._offsets
+        k = self.kernel
+        return k.u32(addr + o.pid), k.read(addr + o.comm, 16).split(b"\0", 1)[0].decode("utf-8", "replace")
+
     def task(self, addr: int, *, exe: bool = False) -> Task:
         """The :class:`Task` at ``addr`` (``exe=True`` also resolves the executable's path)."""
         o = self._offsets

@@ -226,8 +226,16 @@ class EventRecorder:
         self.start_ns = self.last_batch = time.monotonic_ns()
         self.sampler = Sampler(self.policy, self.start_ns)
 
-    def _identity(self, task: int, cr3: int) -> _Identity:
+    def _identity(self, task: int, cr3: int, who: tuple[int, int, str] | None = None) -> _Identity:
+        """The identity of ``task``, cached by its address. The cache is checked at every call against the
+        task's pid and comm (``who`` when the trap read them): a task that exited without its exit
+        traced leaves its address, and often its page-table root, to the next task, and an exec whose
+        call was not traced changes the program."""
         ident = self._identities.get(task)
+        if ident is not None and ident.cr3 == cr3:
+            pid, comm = (who[0], who[2]) if who is not None else self.view.task_pid_comm(task)
+            if pid != ident.pid or comm != ident.comm[:15]:
+                ident = None
         if ident is None or ident.cr3 != cr3:
             t = self.view.task(task)
             self.stats["identity_reads"] += 1
@@ -265,7 +273,7 @@ class EventRecorder:
                 task = view.current_task(gs_base)
             elif not task:
                 raise GuestMemoryError("the task could not be read at the call")
-            ident = self._identity(task, cr3)
+            ident = self._identity(task, cr3, who)
             self._unreadable = 0
         except GuestMemoryError:
             stats["unreadable"] += 1
