@@ -275,7 +275,12 @@ class RemsServer:
             st = self.avms.get(avm_id)
             if st is not None:
                 log.info("lease of A-VM %s no longer held by verifier %s", avm_id, self.verifier_id)
-                self.gate.cut_vm(st.vm_id, f"A-VM {avm_id}'s lease is no longer held by verifier {self.verifier_id}")
+                if avm_id in release:  # given up: the A-VM went silent here
+                    reason = (f"no fresh report from A-VM {avm_id} within the lease period ({self.lease_s:g} s): "
+                              f"verifier {self.verifier_id} released its lease")
+                else:
+                    reason = f"A-VM {avm_id}'s lease is no longer held by verifier {self.verifier_id}"
+                self.gate.cut_vm(st.vm_id, reason)
         self.leased, self.foreign, self.peers = held, others - held, peers
         self.metrics.set("vims_leases_held", len(held), verifier=self.verifier_id)
         await self._listen_gates()
