@@ -102,7 +102,10 @@ def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> No
     # the shell the web server ran, or what it started (its listener under timeout, nc), is named ...
     attack = [p for p in top if p["name"] in ATTACK_PROGRAMS or (p.get("cmdline") or "").startswith("sh ")]
     assert attack, top
-    # ... with its ancestry back to the web server: ... <- sh <- exec.cgi <- httpd
-    assert any("httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"]) for p in attack), attack
+    # ... with its ancestry back to the web server (... <- sh <- exec.cgi <- httpd) in a report after the
+    # attack: an orphaned listener (timeout, once its sh ended) names init as its parent in a later one
+    named = [p for r in after for p in r["behaviour"]["top_processes"]
+             if p["name"] in ATTACK_PROGRAMS or (p.get("cmdline") or "").startswith("sh ")]
+    assert any("httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"]) for p in named), named
     assert hit["events"]["seen"] > 0 and hit["collector"]["state"] == "tracing"
     assert {c["check"] for c in hit["checks"]} >= {"kernel-text", "syscall-table"}
