@@ -165,8 +165,9 @@ class ReportBuilder:
                 p = self._interval.get(key)
                 if p is None:
                     p = self._interval[key] = _Interval(cols["tgid"][i], cols["program"][i])
-                p.comm, p.ppid, p.cmdline = cols["comm"][i], cols["ppid"][i], cols["cmdline"][i]
-                self._names[cols["pid"][i]] = (cols["name"][i], cols["ppid"][i])
+                ppid = self._parent(cols["pid"][i], cols["name"][i], cols["ppid"][i])
+                p.comm, p.ppid, p.cmdline = cols["comm"][i], ppid, cols["cmdline"][i]
+                self._names[cols["pid"][i]] = (cols["name"][i], ppid)
                 self._names.move_to_end(cols["pid"][i])
                 p.calls += cols["calls"][i]
                 p.windows += cols["calls"][i]
@@ -183,6 +184,21 @@ class ReportBuilder:
                 self._scores.popitem(last=False)
             while len(self._names) > 65536:
                 self._names.popitem(last=False)
+
+    def _parent(self, pid: int, name: str, ppid: int | None) -> int | None:
+        """The parent a process is reported with: the one that started it.
+
+        When its parent ends, the kernel hands a process to init (pid 1), and the collector then reads
+        1 as its parent: a listener a web shell started in the background names init from then on. The
+        parent it was first seen with (same pid, same program) is kept instead, so that the report's
+        "started by" stays the ancestry that started it. A process only ever seen after its parent ended
+        names init: that ancestry is gone from the guest too.
+        """
+        if ppid == 1:
+            known = self._names.get(pid)
+            if known is not None and known[0] == name and known[1] is not None and known[1] > 1:
+                return known[1]
+        return ppid
 
     def set_checks(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Record static check results (CHECK_SCHEMA rows); the latest per (check, target) is reported."""

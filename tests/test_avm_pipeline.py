@@ -247,6 +247,37 @@ def test_report_document(normal) -> None:
     assert r3["behaviour"]["windows"] == 0 and r3["behaviour"]["top_processes"] == []
 
 
+def test_report_keeps_the_parent_that_started_a_process_after_it_is_handed_to_init(normal) -> None:
+    from vims.avm.report import ReportBuilder
+
+    det = Stide(k=3).fit(normal)
+    b = ReportBuilder("vm-9", "avm-9", interval_s=2.0, threshold=0.5, min_windows=10, top=5)
+    ws = WindowScorer(det)
+    odd = _markov_traces(2, 200, seed=12, noise=0.9)
+
+    def scored(calls: dict[int, list[int]], comm: str, ppid: int, start_seq: int, name: str = "") -> pa.Table:
+        result = ws.score(example_events(calls, comm=comm, start_seq=start_seq))
+        result = result.set_column(result.schema.get_field_index("ppid"), "ppid",
+                                   pa.array([ppid] * result.num_rows, pa.int32()))
+        if name:  # what the scorer names a program the pid exec'd
+            result = result.set_column(result.schema.get_field_index("name"), "name",
+                                       pa.array([name] * result.num_rows, pa.string()))
+        return result
+
+    b.add(scored({40: normal[0][:300]}, "httpd", 1, 0))
+    b.add(scored({41: odd[0][:100]}, "sh", 40, 1000))  # the shell the web server started ...
+    b.add(scored({41: odd[0][100:]}, "sh", 1, 2000))  # ... after the web server is gone (init adopts it)
+    b.add(scored({42: odd[1]}, "nc", 1, 3000))  # first seen when its parent had already ended
+    top = {p["pid"]: p for p in b.behaviour()["top_processes"]}
+    assert top[41]["ppid"] == 40 and top[41]["lineage"] == ["httpd[40]", "?[1]"], top[41]
+    assert any(e == "started by httpd[40] <- ?[1]" for e in top[41]["evidence"]), top[41]["evidence"]
+    assert top[42]["ppid"] == 1 and top[42]["lineage"] == ["?[1]"]
+    # the same pid running another program afterwards is another process: its parent is its own
+    b.add(scored({41: odd[1]}, "sh", 1, 4000, name="cat"))
+    again = {(p["pid"], p["name"]): p for p in b.behaviour()["top_processes"]}
+    assert again[(41, "cat")]["ppid"] == 1 and again[(41, "sh")]["ppid"] == 40
+
+
 def test_replay_command(tmp_path, normal) -> None:
     from typer.testing import CliRunner
 

@@ -3,7 +3,8 @@
 The agent traces the guest itself (the watchpoint tracer through QEMU's GDB stub), scores every call
 in a scorer worker process and reports every ``INTERVAL`` seconds. Within two reports of the webshell
 scenario's start the behaviour score must fall below the threshold, and the report must name a process
-of the attack (the shell, or the listener it started) with its ancestry back to the web server (``httpd``).
+of the attack (the shell, or the listener it started) with its ancestry: back to the web server
+(``httpd``), or, for the listener the shell double-forked, init when the guest had already handed it over.
 """
 
 from __future__ import annotations
@@ -102,10 +103,16 @@ def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> No
     # the shell the web server ran, or what it started (its listener under timeout, nc), is named ...
     attack = [p for p in top if p["name"] in ATTACK_PROGRAMS or (p.get("cmdline") or "").startswith("sh ")]
     assert attack, top
-    # ... with its ancestry back to the web server (... <- sh <- exec.cgi <- httpd) in a report after the
-    # attack: an orphaned listener (timeout, once its sh ended) names init as its parent in a later one
+    # ... with the ancestry the guest had when the A-VM first saw it: back to the web server
+    # (... <- sh <- exec.cgi <- httpd) for the shell and what it ran while it lived; the listener is
+    # double-forked (its parent ends at once), and when its first traced call came after that, the guest
+    # itself knows only init as its parent. Never a parent outside the attack.
     named = [p for r in after for p in r["behaviour"]["top_processes"]
              if p["name"] in ATTACK_PROGRAMS or (p.get("cmdline") or "").startswith("sh ")]
-    assert any("httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"]) for p in named), named
+    for p in named:
+        from_web = "httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"])
+        orphaned = bool(p["lineage"]) and p["lineage"][-1].endswith("[1]") and all(
+            a.split("[")[0] in ATTACK_PROGRAMS | {"?", "init"} for a in p["lineage"])
+        assert from_web or orphaned, (p["pid"], p["name"], p["ppid"], p["lineage"])
     assert hit["events"]["seen"] > 0 and hit["collector"]["state"] == "tracing"
     assert {c["check"] for c in hit["checks"]} >= {"kernel-text", "syscall-table"}
