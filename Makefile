@@ -52,7 +52,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # The notebooks saved with their outputs (plots and tables visible without running them): 01 and 02 on the
-# full data sets; 03 boots the guest (`flock /tmp/vims-guest.lock .venv/bin/python notebooks/execute.py 03_guest.ipynb`).
+# full data sets; 03 and 04 boot a guest (`flock /tmp/vims-guest.lock .venv/bin/python notebooks/execute.py 03_guest.ipynb`).
 notebooks: setup
 	.venv/bin/pip install -q -e '.[notebooks]'
 	.venv/bin/python notebooks/execute.py

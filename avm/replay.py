@@ -146,6 +146,38 @@ def replay(agent: Any, events: pa.Table, batch_size: int = 4096, pace: bool = Fa
             "drained": drained}
 
 
+def replay_reports(model: Any, events: pa.Table, interval_s: float, vm_id: str = "replay",
+                   workers: int = 1, **agent_options: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Every report an A-VM scoring with ``model`` makes on recorded ``events``, as REM-S would get them.
+
+    The events are replayed at full speed through a new :class:`~vims.avm.agent.Agent` (losslessly,
+    reports cut by recorded time every ``interval_s``, see :func:`replay`), and each report is returned
+    with the end of its interval on the recording's clock (``ts_ns`` of the events), so that reports
+    can be set against a ground truth recorded on the same clock. ``agent_options`` go to the agent
+    (``threshold``, ``top``, ``min_windows``, ...).
+
+    Returns
+    -------
+    list of (int, dict)
+        ``(end of the interval in ns, report)``, oldest first; the last interval may be shorter.
+    """
+    from vims.avm.agent import Agent
+
+    if events.num_rows == 0:
+        raise InputError("no events to replay")
+    if not interval_s > 0:
+        raise InputError(f"the reporting interval must be positive, not {interval_s}")
+    events = events.sort_by("ts_ns")
+    reports: list[dict[str, Any]] = []
+    with Agent(model, vm_id=vm_id, workers=workers, interval_s=interval_s, **agent_options) as agent:
+        agent.sinks.append(reports.append)
+        replay(agent, events)
+        agent.report()
+    t0 = int(events["ts_ns"][0].as_py())
+    step = max(1, round(interval_s * 1e9))
+    return [(t0 + (k + 1) * step, r) for k, r in enumerate(reports)]
+
+
 def _sleep_until(deadline: float) -> None:
     lag = deadline - time.monotonic()
     if lag > 0:

@@ -4,9 +4,9 @@
 
 The data is a recording (:mod:`vims.collector.guest.recording`, cached under ``~/.cache/vims``): normal
 runs of the small-server workload and one run per attack scenario, each attack at a seeded moment of
-the workload, with its ground truth. Without ``--name`` a Debian guest is booted for it
-(``Guest.start`` through ``running_guest``) and stopped at the end. Two views, each for the default
-detector and for stide (the baseline) in the same run:
+the workload, with its ground truth. A recording in the cache needs no guest; else, without ``--name``,
+a Debian guest is booted for it (``Guest.start`` through ``running_guest``) and stopped at the end.
+Two views, each for the default detector and for stide (the baseline) in the same run:
 
 - **per trace**: ROC AUC and detection at 1% and 5% false alarms, held-out normal traces against each
   attack family's traces. Every choice made on training data (the models, their window thresholds) uses
@@ -33,16 +33,11 @@ from typing import Any
 
 import numpy as np
 
-QUICK_SCENARIOS = ("reverse-shell",)
-
 
 def _knobs(args: argparse.Namespace) -> Any:
-    from vims.collector.guest.attacks import SCENARIOS
-    from vims.collector.guest.recording import Knobs
+    from vims.collector.guest.recording import SMALL_KNOBS, standard_knobs
 
-    if args.quick:
-        return Knobs(normal_runs=2, seconds=25.0, scenarios=QUICK_SCENARIOS)
-    return Knobs(normal_runs=4, seconds=90.0, hours=args.hours, scenarios=tuple(SCENARIOS))
+    return SMALL_KNOBS if args.quick else standard_knobs(args.hours)
 
 
 def _models(table: Any) -> dict[str, Any]:
@@ -79,17 +74,9 @@ def _per_trace(table: Any, models: dict[str, Any]) -> dict[str, Any]:
 
 def _replay_run(model: Any, events: Any, interval_s: float) -> list[tuple[int, float | None]]:
     """Each report of ``events`` replayed at ``interval_s``: (end of its interval in ns, behaviour score)."""
-    from vims.avm.agent import Agent
-    from vims.avm.replay import replay
+    from vims.avm.replay import replay_reports
 
-    reports: list[Any] = []
-    with Agent(model, vm_id="bench", workers=1, interval_s=interval_s) as agent:
-        agent.sinks.append(reports.append)
-        replay(agent, events)
-        agent.report()
-    t0 = int(events["ts_ns"][0].as_py())
-    step = round(interval_s * 1e9)
-    return [(t0 + (k + 1) * step, r["behaviour"]["score"]) for k, r in enumerate(reports)]
+    return [(end, r["behaviour"]["score"]) for end, r in replay_reports(model, events, interval_s, vm_id="bench")]
 
 
 def _per_interval(folder: Any, read: dict[str, Any], models: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
@@ -170,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
 
-    from vims.collector.guest.recording import recording, running_guest, scenarios_from_attacks
+    from vims.collector.guest.recording import cached_recording, scenarios_from_attacks
     from vims.datasets.recorded import read_recording
     from vims.remote.policy import DEFAULT_POLICY
 
     knobs = _knobs(args)
-    with running_guest(args.name or f"bench-detection-{os.getpid()}", log=lambda m: print(m, file=sys.stderr)) as g:
-        folder = recording(g, knobs, scenarios_from_attacks(knobs.scenarios), progress=_progress(knobs))
+    folder = cached_recording(knobs, args.name or f"bench-detection-{os.getpid()}",
+                              scenarios_from_attacks(knobs.scenarios), progress=_progress(knobs),
+                              log=lambda m: print(m, file=sys.stderr))
     table, read = read_recording(folder)
     models = _models(table)
     result = {"recording": str(folder), "traces": table.num_rows, "policy": {

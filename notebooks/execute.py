@@ -1,7 +1,7 @@
 """Run notebooks top to bottom and save them with their outputs (``make notebooks``).
 
 ``python notebooks/execute.py [NOTEBOOK ...]`` (default: 01 and 02, which need only the data sets;
-03 boots the guest, so run it by name under the shared guest lock). Each is executed in a real kernel
+03 and 04 boot a guest, so run them by name under the shared guest lock). Each is executed in a real kernel
 from the notebooks folder on the full data sets (``VIMS_DATASETS``) and written back in place.
 """
 

@@ -45,8 +45,9 @@ from vims.paths import cache_dir
 if TYPE_CHECKING:
     from vims.collector.guest.qemu import Guest
 
-__all__ = ["Knobs", "Play", "RecordingError", "RunSpec", "Scenario", "cached", "default_folder", "image_key",
-           "play_run", "record", "recording", "running_guest", "scenarios_from_attacks"]
+__all__ = ["SMALL_KNOBS", "Knobs", "Play", "RecordingError", "RunSpec", "Scenario", "cached", "cached_recording",
+           "default_folder", "image_key", "play_run", "record", "recording", "running_guest",
+           "scenarios_from_attacks", "standard_knobs"]  # fmt: skip
 
 #: Bump when recordings change in a way the knobs do not show (the cache key holds it).
 RECORDING_VERSION = 1
@@ -120,17 +121,36 @@ class Knobs:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: A small recording (2 normal runs of 25 s, 1 attack): smoke runs (``bench_detection.py --quick``, the
+#: notebooks in the test suite) share it through the cache.
+SMALL_KNOBS = Knobs(normal_runs=2, seconds=25.0, scenarios=("reverse-shell",))
+
+
+def standard_knobs(hours: float | None = None) -> Knobs:
+    """The recording the figures are measured on: 4 normal runs of 90 s and every attack scenario."""
+    from vims.collector.guest.attacks import SCENARIOS
+
+    return Knobs(normal_runs=4, seconds=90.0, hours=hours, scenarios=tuple(SCENARIOS))
+
+
 def image_key(guest: Guest) -> str:
     """The build key of the guest's image (``build.json``), or its folder's name if it has none."""
+    return _folder_key(Path(guest.state.get("image", "")))
+
+
+def _folder_key(folder: Path) -> str:
     from vims.collector.guest.debian import DebianImage
 
-    folder = Path(guest.state.get("image", ""))
     return str(DebianImage.at(folder).info.get("key") or folder.name)
 
 
 def default_folder(guest: Guest, knobs: Knobs) -> Path:
     """Where a recording of ``knobs`` on ``guest``'s image is cached: ``datasets/vims-debian/<key>``."""
-    return cache_dir("datasets", "vims-debian") / knobs.key(image_key(guest))
+    return _cache_folder(image_key(guest), knobs)
+
+
+def _cache_folder(image: str, knobs: Knobs) -> Path:
+    return cache_dir("datasets", "vims-debian") / knobs.key(image)
 
 
 def scenarios_from_attacks(names: tuple[str, ...] | None = None) -> dict[str, Scenario]:
@@ -417,11 +437,15 @@ def _manifest(guest: Guest, knobs: Knobs, runs: list[dict[str, Any]], began: flo
 
 def cached(folder: Path, guest: Guest, knobs: Knobs) -> dict[str, Any] | None:
     """The manifest of a complete recording of ``knobs`` on this image in ``folder``, or None."""
+    return _complete(folder, knobs.key(image_key(guest)))
+
+
+def _complete(folder: Path, key: str) -> dict[str, Any] | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    fits = isinstance(manifest, dict) and manifest.get("key") == knobs.key(image_key(guest))
+    fits = isinstance(manifest, dict) and manifest.get("key") == key
     return manifest if fits and manifest.get("complete") else None
 
 
@@ -433,6 +457,28 @@ def recording(guest: Guest, knobs: Knobs, scenarios: Mapping[str, Scenario] | No
     if cached(folder, guest, knobs) is None:
         record(guest, folder, knobs, scenarios, progress=progress, force=True)
     return folder
+
+
+def cached_recording(knobs: Knobs, name: str, scenarios: Mapping[str, Scenario] | None = None,
+                     progress: Callable[[RunSpec, int, dict[str, Any]], Any] | None = None,
+                     log: Callable[[str], None] | None = None) -> Path:
+    """The cached recording of ``knobs`` on the Debian image, recorded first if the cache lacks it.
+
+    No guest is needed when the cache holds the recording complete: the image (built first if it is
+    not, :func:`~vims.collector.guest.debian.build_debian`) keys it. Otherwise the recording is made on
+    the running guest ``name``, or on one booted for it (:func:`running_guest`). What notebooks and
+    benchmarks call.
+    """
+    from vims.collector.guest.debian import build_debian
+
+    image = _folder_key(build_debian(log=log).directory)
+    folder = _cache_folder(image, knobs)
+    if _complete(folder, knobs.key(image)) is not None:
+        if log is not None:
+            log(f"recording found in the cache: {folder}")
+        return folder
+    with running_guest(name, log=log) as guest:
+        return recording(guest, knobs, scenarios, progress=progress)
 
 
 def _prepare(folder: Path, force: bool) -> None:
