@@ -284,3 +284,29 @@ def test_record_cli_refuses_contradicting_options(tmp_path: Path) -> None:
 def test_cli_a_folder_that_is_not_a_recording(tmp_path: Path) -> None:
     done = vims("datasets", "import", "vims", tmp_path, "-o", tmp_path / "t.parquet")
     assert done.returncode == 2 and "not a recording (no manifest.json)" in done.stderr
+
+
+def test_the_recorders_gate_service_runs_beside_a_callers_event_loop() -> None:
+    """A notebook's kernel runs an event loop of its own: the recorder's service must not need the thread's."""
+    import asyncio
+    import socket
+    import types
+
+    from vims.collector.guest.recording import _gate_service
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    guest = types.SimpleNamespace(gate_address=("127.0.0.1", port))
+
+    async def inside_a_loop() -> tuple[bool, bytes, bool]:
+        with _gate_service(guest) as up, socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"hello\n")
+            answer = c.recv(64)
+            with _gate_service(guest) as second:  # the port is taken: nothing more is started
+                pass
+        return up, answer, second
+
+    assert asyncio.run(inside_a_loop()) == (True, b"data: hello\n", False)
+    with socket.socket() as s:  # closed afterwards: the port is free again
+        s.bind(("127.0.0.1", port))

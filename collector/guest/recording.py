@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import math
+import queue
 import random
 import shutil
 import threading
@@ -288,23 +289,36 @@ def _gate_service(guest: Guest) -> Iterator[bool]:
     it); nothing if something already listens there. Yields whether it runs."""
     from vims.remote.service import start_line_service
 
+    # the service's event loop lives in its own thread from start to close, so that a caller that runs
+    # a loop of its own (a notebook's kernel) can record too
     loop = asyncio.new_event_loop()
-    try:
-        server = loop.run_until_complete(start_line_service("127.0.0.1", guest.gate_address[1]))
-    except OSError:
+    started: queue.Queue[Any] = queue.Queue()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            server = loop.run_until_complete(start_line_service("127.0.0.1", guest.gate_address[1]))
+        except OSError:
+            loop.close()
+            started.put(None)
+            return
+        started.put(server)
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
         loop.close()
+
+    thread = threading.Thread(target=serve, name="gate-service", daemon=True)
+    thread.start()
+    if started.get() is None:
+        thread.join(10)
         yield False
         return
-    thread = threading.Thread(target=loop.run_forever, name="gate-service", daemon=True)
-    thread.start()
     try:
         yield True
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
 
 
 def _trace_run(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, interrupted: threading.Event,
