@@ -196,25 +196,36 @@ def test_duty_cycle_and_filters(guest: Guest, view: KernelView) -> None:
 
 
 def test_policy_changed_while_tracing_takes_effect(guest: Guest, view: KernelView) -> None:
-    busy = "timeout 4 dd if=/dev/zero of=/dev/null bs=1 count=100000000"
+    busy = "timeout 8 dd if=/dev/zero of=/dev/null bs=1 count=100000000"
     switched: list[int] = []
+    dd_seen, stop = threading.Event(), threading.Event()
+
+    def look(batch: pa.RecordBatch) -> None:
+        if "dd" in batch.column("comm").to_pylist():
+            dd_seen.set()
+
     with QemuBackend.from_guest(guest) as backend:
-        tracer = SyscallTracer(backend, "test-vm")
+        tracer = SyscallTracer(backend, "test-vm", on_batch=look)
 
         def change() -> None:
-            # As REM-S would: a new policy arrives while the trace runs (here: stop tracing dd).
-            wait_for_events(tracer, 50)
-            time.sleep(0.5)
-            switched.append(time.time_ns())
-            tracer.set_policy(Policy(exclude=("dd",)))
+            # As REM-S would: a new policy arrives while the trace runs (here: stop tracing dd). It waits
+            # for dd's calls to be delivered, not for a time: a loaded host starts dd late.
+            try:
+                dd_seen.wait(60)
+                switched.append(time.time_ns())
+                tracer.set_policy(Policy(exclude=("dd",)))
+                time.sleep(3.0)  # the trace goes on under the new policy
+            finally:
+                stop.set()
 
-        player = threading.Thread(target=lambda: guest.execute(busy, timeout=30))
+        player = threading.Thread(target=lambda: guest.execute(busy, timeout=60))
         changer = threading.Thread(target=change)
         player.start()
         changer.start()
-        result = tracer.run(duration=5)
+        result = tracer.run(duration=90, stop=stop)
         player.join()
         changer.join()
+    assert dd_seen.is_set(), result.stats
     ts = result.events["ts_ns"].to_numpy()
     comm = result.events["comm"].to_numpy(zero_copy_only=False)
     dd = comm == "dd"
