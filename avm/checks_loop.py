@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vims.avm.agent import Agent
 
 
 def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, deep: bool,
-                state: dict[str, Any]) -> None:
+               state: dict[str, Any], kernel: Callable[[], Any] | None = None) -> None:
     """Run the static checks against ``guest`` every ``every`` seconds until ``stop``.
 
     Until REM-S's policy comes, every light check (and the deep ones with ``deep``) runs every ``every``
@@ -18,12 +19,20 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
     round first asks whether the guest's kernel is still where the checks look (a reboot in place moves
     it: KASLR); if not, the checks move to the new kernel, and while none runs the
     report carries an error row, never the last boot's rows.
+
+    ``kernel`` tells which kernel runs: the profile of the boot the tracer traces, ``None`` while
+    the guest reboots (:func:`~vims.avm.guest_source.trace_guest` gives it, as its watcher follows
+    reboots). Without it each round asks the guest (:attr:`Guest.profile`), which may watch the
+    kernels' clocks for seconds when RAM holds more than one copy.
     """
     from vims.collector.backends import QemuBackend
     from vims.collector.checks.base import Context
 
+    def running() -> Any:  # the profile of the kernel that runs now (None: it is rebooting)
+        return kernel() if kernel is not None else backend.guest.profile
+
     try:
-        backend = QemuBackend.from_guest(guest)
+        backend = QemuBackend.from_guest(guest, None if kernel is None else kernel())
         ctx = Context.of_guest(backend)
     except Exception as exc:  # no checks is reported, not fatal: behaviour still counts
         state["checks"] = f"cannot run: {type(exc).__name__}: {exc}"
@@ -34,11 +43,18 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
         while not stop.is_set():
             start = time.monotonic()
             try:
-                if backend.guest.profile.symbol("_text") != backend.profile.symbol("_text"):
+                profile = running()
+                if profile is None:
+                    agent.set_checks([_error_row("checks", "the guest is rebooting: no kernel to check until "
+                                                           "the new one runs")])
+                    stop.wait(min(every, 1.0))
+                    continue
+                if profile.symbol("_text") != backend.profile.symbol("_text"):
                     backend.close()
-                    backend = QemuBackend.from_guest(backend.guest)  # the kernel of the new boot
+                    backend = QemuBackend.from_guest(backend.guest, profile)  # the kernel of the new boot
                     ctx = Context.of_guest(backend)
                     ran.clear()
+                    latest.clear()
                 periods = _schedule(agent.check_plan, deep, every)
                 due = _due(periods, ran, start)
                 for name, check in due:

@@ -15,6 +15,9 @@ from vims.errors import VimsError
 
 #: Seconds between two looks at whether the guest's kernel is still the one traced.
 REBOOT_WATCH_S = 2.0
+#: Seconds the traced kernel's clock must stand still, with no running kernel found elsewhere, before
+#: the watcher calls it a reboot (a new kernel found elsewhere, or a clock that leaps, is one at once).
+STILL_S = 30.0
 
 
 def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = None, vm_id: str | None = None,
@@ -52,11 +55,15 @@ def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = N
         last[:] = [time.monotonic()]
         return agent.send(batch)
 
+    def traced_kernel() -> Any:  # the checks look at the kernel the tracer traces (None: rebooting)
+        return None if state["state"] == "rebooting" else current["backend"].profile
+
     agent.collector_health = health
+    current["backend"] = backend
     checker = None
     if checks_every is not None:
-        checker = threading.Thread(target=check_loop, args=(agent, guest, stop, checks_every, deep_checks, state),
-                                   name="vims-checks", daemon=True)
+        checker = threading.Thread(target=check_loop, args=(agent, guest, stop, checks_every, deep_checks, state,
+                                                            traced_kernel), name="vims-checks", daemon=True)
         checker.start()
     try:
         while True:
@@ -71,7 +78,7 @@ def trace_guest(agent: Agent, guest: Any, stop: threading.Event, policy: Any = N
             attached = _attach_new_boot(guest, stop, watch_every)
             if attached is None:
                 break
-            backend = attached
+            backend = current["backend"] = attached
     finally:
         backend.close()
         if checker is not None:
@@ -130,21 +137,28 @@ def _watch_boot(backend: Any, stop: threading.Event, ended: threading.Event, reb
     Two signs, at each look: the traced kernel's clock (``jiffies_64``, read where the traced profile
     says) went back or leapt (the next boot is writing over the old kernel's memory:
     :func:`~vims.collector.kaslr.at_clock_pace`), or the guest's profile, looked up again, places the
-    kernel elsewhere or finds none running.
+    kernel elsewhere, or finds none running while the traced clock has stood still for :data:`STILL_S`
+    (a guest that merely runs slowly lets every clock stand for a few seconds).
     """
     text = backend.profile.symbol("_text")
     jiffies = backend.profile.symbol("jiffies_64")
     last, then = _clock(backend, jiffies), time.monotonic()
+    ticked = then  # when the traced kernel's clock last moved
     while not ended.is_set():
         if stop.wait(every):
             break
         now, at = _clock(backend, jiffies), time.monotonic()
         leapt = now is None or last is None or not at_clock_pace(now - last, at - then)
+        if now != last:
+            ticked = at
         last, then = now, at
         try:
             moved = leapt or backend.guest.profile.symbol("_text") != text
-        except VimsError:  # no kernel runs right now: it is going down or coming up
-            moved = True
+        except VimsError:
+            # No copy's clock moved while the guest was looked at: the kernel is going down or coming
+            # up, or the guest runs slowly (a tickless idle kernel, or one the tracer holds halted).
+            # A reboot only once the traced kernel's own clock has stood still for long.
+            moved = at - ticked >= STILL_S
         if moved:
             state["state"] = "rebooting"  # at once: the tracer may take a while to let go of the old boot
             reboot.set()

@@ -62,9 +62,12 @@ class QemuBackend(Backend):
         self.guest: Any = None
 
     @classmethod
-    def from_guest(cls, guest: Any) -> QemuBackend:
+    def from_guest(cls, guest: Any, profile: Any = None) -> QemuBackend:
         """The backend of a running guest: a :class:`vims.collector.guest.Guest`, the name of one
         started by ``vims guest up``, or an :class:`~vims.collector.attach.AttachedVm`.
+
+        ``profile``: the kernel's profile when the caller knows it already (the one a tracer of this
+        boot traces), not looked up in the guest's RAM again (a lookup watches the kernels' clocks).
 
         Maps its memory at once; connects to its GDB stub only when registers, pause/resume or
         :attr:`gdb` are first used (the stub serves one client at a time: memory-only users such as
@@ -79,7 +82,7 @@ class QemuBackend(Backend):
         if not guest.running:
             raise VimsError(f"the guest {guest.name!r} is not running (QEMU pid {guest.pid} is gone): "
                             f"`vims guest down --name {guest.name}`, then `vims guest up`")
-        backend = cls(guest.memory_path, guest.profile, tuple(guest.gdb_address))
+        backend = cls(guest.memory_path, guest.profile if profile is None else profile, tuple(guest.gdb_address))
         backend.guest = guest
         return backend
 
