@@ -3,7 +3,7 @@
 The agent traces the guest itself (the watchpoint tracer through QEMU's GDB stub), scores every call
 in a scorer worker process and reports every ``INTERVAL`` seconds. After the webshell scenario the
 behaviour score must fall below the threshold (how soon is measured by the benchmarks: a traced guest
-on a loaded machine scores late, not wrongly), and the report must name a process
+on a loaded machine scores late, not wrongly) in a report that names a process
 of the attack (the shell, or the listener it started) with its ancestry: back to the web server
 (``httpd``), or, for the listener the shell double-forked, init when the guest had already handed it over.
 """
@@ -49,6 +49,15 @@ def _below(report: dict[str, Any]) -> bool:
     return b["score"] is not None and b["score"] < b["threshold"]
 
 
+def _is_attack(process: dict[str, Any]) -> bool:
+    return process["name"] in ATTACK_PROGRAMS or (process.get("cmdline") or "").startswith("sh ")
+
+
+def _blames_attack(report: dict[str, Any]) -> bool:
+    """Whether the report calls the VM anomalous and names a process of the attack among the most anomalous."""
+    return _below(report) and any(_is_attack(p) for p in report["behaviour"]["top_processes"])
+
+
 def _names(process: dict[str, Any]) -> str:
     return " ".join(str(process.get(k) or "") for k in ("comm", "name", "parent", "cmdline")) + " " + \
         " ".join(process.get("evidence", []))
@@ -89,7 +98,7 @@ def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> No
                 # benchmarks' to measure (bench_detection.py), not a test's on a shared machine
                 deadline = time.monotonic() + ATTACK_WAIT_S
                 while time.monotonic() < deadline:
-                    hits = [k for k, (t, r) in enumerate(list(reports)) if t >= started and _below(r)]
+                    hits = [k for k, (t, r) in enumerate(list(reports)) if t >= started and _blames_attack(r)]
                     if hits and len(reports) > hits[0] + 1:
                         break
                     time.sleep(0.2)
@@ -111,18 +120,16 @@ def test_webshell_drives_the_behaviour_score_below_threshold(guest: Guest) -> No
     assert last_normal["score"] >= last_normal["threshold"], [
         (p["pid"], p["name"], p["windows"], p["windows_above"], p["lineage"], p["evidence"])
         for p in last_normal["top_processes"]]
-    hit = next((r for r in after if _below(r)), None)
-    assert hit is not None, [(r["behaviour"]["score"], r["events"]) for r in after]
-    top = hit["behaviour"]["top_processes"]
-    # the shell the web server ran, or what it started (its listener under timeout, nc), is named ...
-    attack = [p for p in top if p["name"] in ATTACK_PROGRAMS or (p.get("cmdline") or "").startswith("sh ")]
-    assert attack, top
+    # a report below the threshold that names the shell the web server ran, or what it started (its
+    # listener under timeout, nc); a report that the attack's web request alone made low may come first
+    hit = next((r for r in after if _blames_attack(r)), None)
+    assert hit is not None, [(r["behaviour"]["score"], [p["name"] for p in r["behaviour"]["top_processes"][:5]])
+                             for r in after]
     # ... with the ancestry the guest had when the A-VM first saw it: back to the web server
     # (... <- sh <- exec.cgi <- httpd) for the shell and what it ran while it lived; the listener is
     # double-forked (its parent ends at once), and when its first traced call came after that, the guest
     # itself knows only init as its parent. Never a parent outside the attack.
-    named = [p for r in after[after.index(hit):][:2] for p in r["behaviour"]["top_processes"]
-             if p["name"] in ATTACK_PROGRAMS or (p.get("cmdline") or "").startswith("sh ")]
+    named = [p for r in after[after.index(hit):][:2] for p in r["behaviour"]["top_processes"] if _is_attack(p)]
     for p in named:
         from_web = "httpd" in _names(p) or any(a.startswith("httpd[") for a in p["lineage"])
         orphaned = bool(p["lineage"]) and p["lineage"][-1].endswith("[1]") and all(
