@@ -183,8 +183,25 @@ def _attach_new_boot(guest: Any, stop: threading.Event, every: float) -> Any:
         if not guest.running:
             return None
         try:
-            return QemuBackend.from_guest(guest)
+            backend = QemuBackend.from_guest(guest)
         except VimsError:  # no kernel runs yet (each look scans the guest's RAM: back off, to 8 s)
-            stop.wait(wait)
-            wait = min(2 * wait, 8.0)
+            backend = None
+        if backend is not None:
+            if _kernel_ready(backend):
+                return backend
+            # Found while the new kernel still sets itself up: its offsets may not hold. Look again.
+            backend.close()
+            forget = getattr(guest, "forget_profile", None)
+            if forget is not None:
+                forget()
+        stop.wait(wait)
+        wait = min(2 * wait, 8.0)
     return None
+
+
+def _kernel_ready(backend: Any) -> bool:
+    """Whether the kernel ``backend`` places has set itself up: its process list reads, with init."""
+    try:
+        return any(t.pid == 1 for t in backend.kernel.tasks())
+    except VimsError:
+        return False

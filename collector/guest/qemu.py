@@ -501,6 +501,10 @@ class Guest:
             self._profile = profile
         return self._profile
 
+    def forget_profile(self) -> None:
+        """Find the kernel in RAM again at the next :attr:`profile` (one found during a boot may not hold)."""
+        self._profile = None
+
     def _profile_holds(self, profile: KernelProfile) -> bool:
         """Whether the relocated ``profile`` still fits this boot: the kernel it places runs
         (:func:`~vims.collector.kaslr.is_live`; a reboot leaves the old kernel's copy in RAM)."""
