@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from vims.avm.pipeline import Pipeline
+from vims.avm.pipeline import Pipeline, load_model_any
 from vims.avm.report import ReportBuilder
 from vims.avm.stamp import LocalStamp, Report, Stamp
 
@@ -70,6 +70,8 @@ class Agent:
                  horizon: int = 5, **pipeline: Any) -> None:
         self.builder = ReportBuilder(vm_id, avm_id, interval_s, threshold, min_windows, top, horizon)
         self.builder.model = model_digest(model)
+        # A model set's lineage judges process starts, in the builder, which sees every worker's processes.
+        self.builder.lineage = getattr(load_model_any(model), "unseen_start", None)
         self.pipeline = Pipeline(model, workers=workers, on_result=self.builder.add, **pipeline)
         self.interval_s = interval_s
         self.sinks: list[Callable[[Report], None]] = []

@@ -34,6 +34,7 @@ and ``vims avm replay --json`` print one per line (with REM-S, the very document
             "max_window": 0.85,     # its rarest window: mean surprise of `window` consecutive calls
             "threshold": 0.1,       # the window threshold of its program's model
             "trace_score": 0.31,    # its whole-trace anomaly so far (as batch scoring gives it)
+            "unseen_start": null,   # why its start is out of line with the training data (then score 0)
             "evidence": ["40 of 50 windows above threshold 0.1 (model: sh)",
                          "command line: sh -c cat /etc/shadow",
                          "started by exec.cgi[700] <- httpd[312] <- init[1]",
@@ -69,6 +70,13 @@ short-lived processes counts as one):
 (missing data is never normal: with no scored window in the horizon, ``score`` and ``anomalous`` are
 null and ``windows`` 0; REM-S refuses such a report's VM).
 
+A process whose start the model set's lineage rules out
+(:meth:`~vims.models.modelset.ModelSet.unseen_start`: what started it, by ``execve`` in its own task or
+as its parent, ran a program that made many calls in training and never started a program; a web
+server's PHP worker starting ``sh``) counts with normality 0 whatever its windows, listed first with
+``unseen_start`` saying why: the sequence models see a web shell's ``sh`` and ``ps`` as an ordinary
+shell and ``ps``, but no PHP worker of the training data ever started one.
+
 One process behaving abnormally most of the time (a web server's shell reading ``/etc/shadow``) pulls
 the score under the threshold (default 0.5: more than half of a process's windows are rare), however
 much normal work the rest of the VM does; a scattering of rare windows across normal processes
@@ -80,7 +88,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -139,6 +147,9 @@ class ReportBuilder:
         self.interval_s = interval_s
         #: ``{"sha256", "path"}`` of the model file that scores, carried by every report (None: not a file).
         self.model: dict[str, str] | None = None
+        #: ``(parent program, program) -> reason or None``: a start the model's training never saw the
+        #: like of (:meth:`vims.models.modelset.ModelSet.unseen_start`); None: no lineage is judged.
+        self.lineage: Callable[[str, str], str | None] | None = None
         self.threshold = threshold
         self.min_windows = min_windows
         self.top = top
@@ -150,6 +161,7 @@ class ReportBuilder:
         self._scores: OrderedDict[tuple[int, str], tuple[float, int, str]] = OrderedDict()
         self._last_counts: dict[str, int] = {}
         self._names: OrderedDict[int, tuple[str, int | None]] = OrderedDict()  # pid -> (program, ppid)
+        self._starters: OrderedDict[tuple[int, str], str] = OrderedDict()  # (pid, program) -> the one it replaced
         self._lock = threading.Lock()
         self._stamp = LocalStamp(vm_id, avm_id, lambda: self.interval_s)  # report()'s, not an agent's
 
@@ -166,6 +178,9 @@ class ReportBuilder:
                 if p is None:
                     p = self._interval[key] = _Interval(cols["tgid"][i], cols["program"][i])
                 ppid = self._parent(cols["pid"][i], cols["name"][i], cols["ppid"][i])
+                before = self._names.get(cols["pid"][i])
+                if before is not None and before[0] != cols["name"][i] and cols["cmdline"][i] is not None:
+                    self._starters[key] = before[0]  # an execve put this program in place of that one
                 p.comm, p.ppid, p.cmdline = cols["comm"][i], ppid, cols["cmdline"][i]
                 self._names[cols["pid"][i]] = (cols["name"][i], ppid)
                 self._names.move_to_end(cols["pid"][i])
@@ -184,6 +199,8 @@ class ReportBuilder:
                 self._scores.popitem(last=False)
             while len(self._names) > 65536:
                 self._names.popitem(last=False)
+            while len(self._starters) > 65536:
+                self._starters.popitem(last=False)
 
     def _parent(self, pid: int, name: str, ppid: int | None) -> int | None:
         """The parent a process is reported with: the one that started it.
@@ -199,6 +216,25 @@ class ReportBuilder:
             if known is not None and known[0] == name and known[1] is not None and known[1] > 1:
                 return known[1]
         return ppid
+
+    def _unseen_starts(self, interval: Mapping[tuple[int, str], _Interval],
+                       names: Mapping[int, tuple[str, int | None]]) -> dict[tuple[int, str], str]:
+        """The processes of ``interval`` whose start the model's lineage rules out, with the reason.
+
+        What started a process: the program its task ran before an ``execve`` put it in place, else
+        the program of its parent (as the capture importer names a trace's ``parent``)."""
+        if self.lineage is None:
+            return {}
+        out = {}
+        with self._lock:
+            starters = dict(self._starters)
+        for (pid, name), p in interval.items():
+            known = names.get(p.ppid) if p.ppid is not None else None
+            starter = starters.get((pid, name), known[0] if known is not None else None)
+            reason = self.lineage(starter, name) if starter is not None else None
+            if reason is not None:
+                out[(pid, name)] = reason
+        return out
 
     def set_checks(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Record static check results (CHECK_SCHEMA rows); the latest per (check, target) is reported."""
@@ -230,15 +266,24 @@ class ReportBuilder:
         short = [p for p in interval.values() if 0 < p.windows < self.min_windows]
         if short:
             groups.append(1.0 - sum(p.above for p in short) / sum(p.windows for p in short))
-        score = min(groups) if groups else None  # no scored windows: no evidence, never "normal"
-        # least normal first; among equals, the one with more rare windows (more evidence) first
-        ranked = sorted(((k, p) for k, p in interval.items() if p.above > 0),
-                        key=lambda kp: ((kp[1].windows - kp[1].above) / kp[1].windows, -kp[1].above))
-        top = []
         with self._lock:
             names = dict(self._names)
+        unseen = self._unseen_starts(interval, names)
+        if unseen:
+            groups.append(0.0)
+        score = min(groups) if groups else None  # no scored windows: no evidence, never "normal"
+
+        def normality(key: tuple[int, str], p: _Interval) -> float:
+            return 0.0 if key in unseen else 1.0 - p.above / p.windows
+
+        # least normal first; among equals, the one with more rare windows (more evidence) first
+        ranked = sorted(((k, p) for k, p in interval.items() if p.above > 0 or k in unseen),
+                        key=lambda kp: (normality(*kp), -kp[1].above))
+        top = []
         for (pid, name), p in ranked[:self.top]:
             evidence = [f"{p.above} of {p.windows} windows above threshold {p.threshold:.3g} (model: {p.program})"]
+            if (pid, name) in unseen:
+                evidence.insert(0, f"started out of line: {unseen[(pid, name)]}")
             lineage = _lineage(names, p.ppid)
             parent = lineage[0][0] if lineage else None
             if p.cmdline:
@@ -251,7 +296,8 @@ class ReportBuilder:
             top.append({"pid": int(pid), "tgid": int(p.tgid), "comm": p.comm, "name": name, "model": p.program,
                         "ppid": p.ppid, "parent": parent, "cmdline": p.cmdline,
                         "lineage": [f"{n or '?'}[{q}]" for n, q in lineage],
-                        "score": round(1.0 - p.above / p.windows, 6), "windows": p.windows,
+                        "score": round(normality((pid, name), p), 6), "windows": p.windows,
+                        "unseen_start": unseen.get((pid, name)),
                         "windows_above": p.above, "max_window": round(p.max_window, 6),
                         "threshold": p.threshold, "trace_score": round(p.trace_score, 6), "evidence": evidence})
         return {"score": None if score is None else round(score, 6), "threshold": self.threshold,

@@ -5,7 +5,11 @@ cut into program runs and named as :mod:`vims.runs` says (the A-VM's scorer cuts
 streams the same way). ``pid`` is the kernel's task id (a thread), so threads of one process give
 separate traces. Trace ids are ``vims:<vm_id>:<pid>:<seq of the first event>``, stable across
 re-imports of the same capture (with ``capture``, ``vims:<capture>:<vm_id>:<pid>:<seq>``: the runs of a
-recording each start their ``seq`` at 0).
+recording each start their ``seq`` at 0). ``parent`` is the program that started the trace: the one
+its parent (its first event's ``ppid``) ran when the trace began (the parent's latest program run that
+began before it, the first one if all began later; null when the capture holds no call of the
+parent), or, for a program that a task's ``execve`` put in place of another, that other one: a shell
+that runs its last command in its own task starts it as surely as one that forks first.
 
 With ground truths (:mod:`vims.datasets.truth`), every trace that holds an event of an attack's
 processes inside its window is ``label=attack``, ``family`` the truth's, ``split=attack``; the others
@@ -14,6 +18,7 @@ keep the ``label``, ``split`` and ``family`` given.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,6 +65,8 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     >>> t.select(["trace_id", "program", "syscalls"]).to_pylist()  # doctest: +NORMALIZE_WHITESPACE
     [{'trace_id': 'vims:vm:7:0', 'program': 'cat', 'syscalls': [59, 257, 0, 231]},
      {'trace_id': 'vims:vm:8:3', 'program': 'sh', 'syscalls': [1]}]
+    >>> t["parent"].to_pylist()  # example_events gives no ppid
+    [None, None]
     """
     events = conform(events, EVENT_SCHEMA, where=where)
     n = events.num_rows
@@ -87,14 +94,41 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     vm_names = vm_codes.dictionary.to_pylist()
     prefix = f"{source}:{capture}:" if capture else f"{source}:"
     attack = np.maximum.reduceat(marks, runs.starts) if len(runs.starts) else marks[:0]
+    ppid = pc.fill_null(events["ppid"], -1).to_numpy()[order]
+    programs = []
+    for g, start in enumerate(runs.starts.tolist()):
+        r = runs.exec_row(g)
+        programs.append(comm[start] if r is None else program_name(comm[start], path[r], argv[r]))
+    parents = _parents(vm[runs.starts], pid[runs.starts], seq[runs.starts], ppid[runs.starts], programs)
+    for g in range(1, len(programs)):  # an execve in a task that ran another program: that one started it
+        same_task = vm[runs.starts[g]] == vm[runs.starts[g - 1]] and pid[runs.starts[g]] == pid[runs.starts[g - 1]]
+        if same_task and runs.exec_row(g) is not None and not runs.is_exit[runs.ends[g - 1] - 1]:
+            parents[g] = programs[g - 1]
     traces = []
     for g, (start, end) in enumerate(zip(runs.starts.tolist(), runs.ends.tolist(), strict=True)):
-        r = runs.exec_row(g)
-        program = comm[start] if r is None else program_name(comm[start], path[r], argv[r])
         hit = truths[attack[g]] if attack[g] >= 0 else None
         traces.append(Trace(
             trace_id=f"{prefix}{vm_names[vm[start]]}:{pid[start]}:{seq[start]}",
-            source=source, syscalls=nr[start:end], label="attack" if hit else label, program=program,
-            split="attack" if hit else split, family=hit.family if hit else family,
+            source=source, syscalls=nr[start:end], label="attack" if hit else label, program=programs[g],
+            split="attack" if hit else split, family=hit.family if hit else family, parent=parents[g],
         ))
     return trace_table(traces).cast(TRACE_SCHEMA)
+
+
+def _parents(vm: np.ndarray, pid: np.ndarray, seq: np.ndarray, ppid: np.ndarray,
+             programs: list[str]) -> list[str | None]:
+    """Per program run (in ``(vm, pid, seq)`` order), the program its parent ran when it began."""
+    runs_of: dict[tuple[int, int], tuple[list[int], list[str]]] = {}
+    for v, p, s, name in zip(vm.tolist(), pid.tolist(), seq.tolist(), programs, strict=True):
+        starts, names = runs_of.setdefault((v, p), ([], []))
+        starts.append(s)  # in seq order within a task
+        names.append(name)
+    out: list[str | None] = []
+    for v, s, pp in zip(vm.tolist(), seq.tolist(), ppid.tolist(), strict=True):
+        known = runs_of.get((v, pp)) if pp > 0 else None
+        if known is None:
+            out.append(None)
+            continue
+        i = bisect.bisect_right(known[0], s) - 1
+        out.append(known[1][max(i, 0)])
+    return out

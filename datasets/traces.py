@@ -22,6 +22,7 @@ class Trace:
     program: str | None = None
     split: str | None = None
     family: str | None = None
+    parent: str | None = None
 
 
 def trace_table(traces: Sequence[Trace]) -> pa.Table:
@@ -41,6 +42,7 @@ def trace_table(traces: Sequence[Trace]) -> pa.Table:
         "trace_id": pa.array([t.trace_id for t in traces], pa.string()),
         "source": pa.array([t.source for t in traces], pa.string()),
         "program": pa.array([t.program for t in traces], pa.string()),
+        "parent": pa.array([t.parent for t in traces], pa.string()),
         "split": pa.array([t.split for t in traces], pa.string()),
         "label": pa.array([t.label for t in traces], pa.string()),
         "family": pa.array([t.family for t in traces], pa.string()),

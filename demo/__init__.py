@@ -174,16 +174,19 @@ def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path
     """A per-program model set of the guest's normal behaviour, cached beside the image."""
     from vims.collector.backends import QemuBackend
     from vims.collector.tracer import SyscallTracer
-    from vims.datasets.capture import traces_from_events
-    from vims.models.persist import save_model
-    from vims.tables import write_table
-    from vims.training.per_program import fit_model_set
+    from vims.models.persist import read_card
+    from vims.schemas import EVENT_SCHEMA
+    from vims.tables import read_table, write_table
 
     folder = Path(image.directory) / "demo-model"
     model = folder / "model-set.skops"
+    events = folder / "normal-events.parquet"
     if model.exists() and not refit:
-        err.print(f"using the model set learned earlier: {model}", highlight=False)
-        return model
+        if read_card(model).get("lineage") is not None:
+            err.print(f"using the model set learned earlier: {model}", highlight=False)
+            return model
+        if events.is_file():  # learned before model sets kept their lineage: fit again from the same calls
+            return _fit_demo_model(read_table(events, EVENT_SCHEMA), model)
     err.print(f"learning the guest's normal behaviour for {capture_s:g} s ...", highlight=False)
     stop = threading.Event()
     failures: list[str] = []
@@ -204,12 +207,21 @@ def _learn_normal(guest: Any, image: Any, capture_s: float, refit: bool) -> Path
     if result.events.num_rows == 0:
         raise DemoStepError(f"tracing the guest for {capture_s:g} s caught no system call ({result.reason})")
     folder.mkdir(parents=True, exist_ok=True)
-    write_table(result.events, folder / "normal-events.parquet")
-    traces = traces_from_events(result.events)
+    write_table(result.events, events)
+    return _fit_demo_model(result.events, model)
+
+
+def _fit_demo_model(events: Any, model: Path) -> Path:
+    """Fit the demo's model set on captured normal ``events`` and save it to ``model``."""
+    from vims.datasets.capture import traces_from_events
+    from vims.models.persist import save_model
+    from vims.training.per_program import fit_model_set
+
+    traces = traces_from_events(events)
     model_set, card = fit_model_set(traces, min_traces=10)  # a threshold from fewer traces is noise
     save_model(model_set, model, card)
     err.print(f"learned {len(model_set.programs())} program models from {traces.num_rows} traces "
-              f"({result.events.num_rows:,} events): {model}", highlight=False)
+              f"({events.num_rows:,} events): {model}", highlight=False)
     return model
 
 

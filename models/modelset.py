@@ -9,6 +9,13 @@ threshold on the mean surprise of a window of calls that the A-VM pipeline uses
 (:func:`vims.models.persist.save_model`, skops, trusted types only); fit one with
 :func:`vims.training.per_program.fit_model_set`.
 
+``lineage`` is what the training data said of which programs start which: per program, the calls of
+it seen and the programs it started (a child process running another program, or the program an
+``execve`` put in its place in the same task; a fork that keeps the program is no start). :meth:`ModelSet.unseen_start` names the one
+start that this lineage rules out: a program that made at least ``lineage_min_calls`` calls in training
+and never started any program (a web server's PHP workers) starting one now (a web shell's ``sh``).
+A program that started others in training may start new ones: no claim is made there.
+
 >>> from vims.models.stide import Stide
 >>> ms = ModelSet({"httpd": Stide(k=2).fit([[1, 2, 1, 2]])}, fallback=Stide(k=2).fit([[3, 4, 3, 4]]))
 >>> ms.for_program("httpd")[0], ms.for_program("cron")[0]
@@ -17,6 +24,13 @@ threshold on the mean surprise of a window of calls that the A-VM pipeline uses
 >>> t = pa.table({"program": ["httpd", "cron"], "syscalls": [[1, 2, 1], [1, 2, 1]]})
 >>> ms.anomaly_score(t).tolist()
 [0.0, 1.0]
+>>> ms.set_params(lineage={"httpd": {"calls": 5000, "children": {}},
+...                        "sshd": {"calls": 900, "children": {"bash": 3}}})  # doctest: +ELLIPSIS
+ModelSet(...)
+>>> print(ms.unseen_start("httpd", "sh"))
+httpd started no program in training (5,000 of its calls seen); here it started sh
+>>> ms.unseen_start("sshd", "ls") is None, ms.unseen_start("httpd", "httpd") is None  # starts: a claim
+(True, True)
 """
 
 from __future__ import annotations
@@ -48,13 +62,21 @@ class ModelSet(BaseEstimator):
     window_thresholds : dict of str to float, optional
         Calibrated window thresholds by program key (``"*"`` for the fallback; ``"*:NAME"`` for a program
         NAME without a model of its own that the fallback scores with a threshold of its own).
+    lineage : dict, optional
+        ``{program: {"calls": calls seen, "children": {program started: times}}}`` from the training
+        data (:func:`lineage_of`); None: the data did not say (traces without a ``parent`` column).
+    lineage_min_calls : int
+        Calls a program must have made in training, starting nothing, for a start by it to be ruled out.
     """
 
     def __init__(self, models: dict[str, Any] | None = None, fallback: Any = None,
-                 window_thresholds: dict[str, float] | None = None) -> None:
+                 window_thresholds: dict[str, float] | None = None,
+                 lineage: dict[str, dict[str, Any]] | None = None, lineage_min_calls: int = 1000) -> None:
         self.models = models
         self.fallback = fallback
         self.window_thresholds = window_thresholds
+        self.lineage = lineage
+        self.lineage_min_calls = lineage_min_calls
 
     def _check(self) -> None:
         if self.fallback is None or not hasattr(self.fallback, "offset_"):
@@ -84,6 +106,25 @@ class ModelSet(BaseEstimator):
                 key = hits[0]
                 return (key if key in (self.models or {}) else FALLBACK_PREFIX + key), every[key]
         return FALLBACK, self.fallback
+
+    def unseen_start(self, parent: str | None, child: str | None) -> str | None:
+        """Why a process of ``parent`` starting ``child`` is out of line with the training data, or None.
+
+        Out of line: ``parent`` made at least ``lineage_min_calls`` calls in training and never started
+        a program. The names match as :meth:`for_program`'s do (a 15-character ``comm`` matches the
+        longer name). No claim (None) without a lineage, for an unknown parent, or a child running its
+        parent's program.
+        """
+        if not self.lineage or not parent or not child or child == parent:
+            return None
+        seen = self.lineage.get(parent)
+        if seen is None:
+            hits = [v for k, v in self.lineage.items() if len(k) > COMM_LEN and k[:COMM_LEN] == parent]
+            seen = hits[0] if hits else None
+        if seen is None or seen["children"] or int(seen["calls"]) < self.lineage_min_calls:
+            return None
+        calls = int(seen["calls"])
+        return f"{parent} started no program in training ({calls:,} of its calls seen); here it started {child}"
 
     def window_threshold(self, key: str) -> float | None:
         """The calibrated window threshold of program ``key`` (None: not calibrated)."""
@@ -117,3 +158,31 @@ class ModelSet(BaseEstimator):
         every = self.programs()
         thr = np.array([-every[self.for_program(p)[0]].offset_ for p in X.column("program").to_pylist()])
         return np.where(scores > thr, -1, 1)
+
+
+def lineage_of(table: Any) -> dict[str, dict[str, Any]] | None:
+    """Which programs started which in a trace table (its ``program``, ``parent`` and ``length``
+    columns): ``{program: {"calls": calls of its traces, "children": {program: traces it started}}}``.
+    None when the table has no parent for any trace (ADFA-LD, UNM, captures from before the column).
+
+    >>> import pyarrow as pa
+    >>> t = pa.table({"program": ["sshd", "bash", "ls", "nginx"], "parent": [None, "sshd", "bash", "nginx"],
+    ...               "length": [40, 30, 20, 900]})
+    >>> lineage_of(t)["bash"], lineage_of(t)["nginx"]
+    ({'calls': 30, 'children': {'ls': 1}}, {'calls': 900, 'children': {}})
+    """
+    names = set(getattr(table, "column_names", ()))
+    if not {"program", "parent", "length"} <= names or table.column("parent").null_count == table.num_rows:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    rows = zip(table.column("program").to_pylist(), table.column("parent").to_pylist(),
+               table.column("length").to_pylist(), strict=True)
+    for program, parent, length in rows:
+        if program is None:
+            continue
+        own = out.setdefault(program, {"calls": 0, "children": {}})
+        own["calls"] += int(length)
+        if parent is not None and parent != program:
+            started = out.setdefault(parent, {"calls": 0, "children": {}})["children"]
+            started[program] = started.get(program, 0) + 1
+    return out

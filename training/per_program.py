@@ -14,6 +14,9 @@ threshold at which at most ``far`` of the held-out normal traces, judged as the 
 more than its windows show (UNM's ``login``) would otherwise keep the whole VM near a false cut. A
 program the fallback scores gets a floor of its own, from its held-out traces under the fallback (key
 ``"*:NAME"`` in the model set's window thresholds) where that is above the fallback's threshold.
+Where the traces name their parent's program (VIMS captures), the model set also keeps which programs
+started which (:func:`~vims.models.modelset.lineage_of`; the card lists under ``lineage`` the programs
+that started nothing).
 
 >>> import pyarrow as pa
 >>> t = pa.table({"program": ["a"] * 6 + ["b"] * 4, "label": ["normal"] * 10,
@@ -138,7 +141,7 @@ def fit_model_set(table: pa.Table, detector: str | None = None, params: list[str
     ``table`` needs ``syscalls`` and ``program`` (and ``label``: only ``normal`` rows are used).
     Returns the model set and its card fields (programs, traces, thresholds).
     """
-    from vims.models.modelset import FALLBACK, FALLBACK_PREFIX, ModelSet
+    from vims.models.modelset import FALLBACK, FALLBACK_PREFIX, ModelSet, lineage_of
     from vims.models.persist import data_digest
     from vims.models.registry import make_detector
     from vims.training.core import pack_keys, trace_keys
@@ -197,7 +200,8 @@ def fit_model_set(table: pa.Table, detector: str | None = None, params: list[str
     card_programs[FALLBACK] = {"n_traces": flat.n_traces, "n_calls": len(flat.values),
                                "threshold": float(fallback.threshold_), "window_threshold": wthr,
                                "process_floor": floor, "window_quantile": quantile}
-    model_set = ModelSet(models, fallback, thresholds)
+    lineage = lineage_of(table)
+    model_set = ModelSet(models, fallback, thresholds, lineage=lineage)
     card = {
         "kind": "model-set",
         "threshold": float(fallback.threshold_),
@@ -208,6 +212,11 @@ def fit_model_set(table: pa.Table, detector: str | None = None, params: list[str
                      "fit_seconds": round(time.perf_counter() - start, 3)},
         "calibration": {"method": "out-of-fold", "cv": cv, "far": far},
         "programs": card_programs,
+        "lineage": None if lineage is None else {
+            "min_calls": model_set.lineage_min_calls,
+            "start_nothing": sorted(p for p, v in lineage.items()
+                                    if not v["children"] and v["calls"] >= model_set.lineage_min_calls),
+            "starts": sum(sum(v["children"].values()) for v in lineage.values())},
     }
     return model_set, card
 

@@ -25,6 +25,8 @@ TRACE_SCHEMA = _named(
         pa.field("trace_id", pa.string(), nullable=False),  # stable: source + path or capture + pid
         pa.field("source", pa.string(), nullable=False),  # adfa-ld | unm | vims
         pa.field("program", pa.string()),
+        # The program the trace's parent ran when the trace began (VIMS captures; null where unknown)
+        pa.field("parent", pa.string()),
         pa.field("split", pa.string()),  # train | validation | attack
         pa.field("label", pa.string(), nullable=False),  # normal | attack
         pa.field("family", pa.string()),  # attack family, e.g. Hydra_FTP

@@ -2,7 +2,8 @@
 
 Its own boot, REM-S and A-VM, as a user's ``make demo`` runs it; the client reaches the gate by TCP
 through QEMU's ``guestfwd``, the webshell is PHP run by the web server, the kernel patch lands where
-KASLR put the function.
+KASLR put the function. The web shell's commands look like any shell's to the sequence models; what
+cuts it is the lineage: no PHP worker of the training data ever started a program.
 """
 
 from __future__ import annotations
@@ -12,23 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-#: The known gap (issue 14's note, 2026-12-03): the per-program sequence models score the webshell's
-#: commands (sh, ps, cat run by php-fpm) as ordinary shells and tools, so whether it is cut depends on
-#: which calls the watchpoint tracer catches; on this wave's workload most runs miss it. What would
-#: catch it is the lineage itself (php-fpm never starts a shell in normal life): not built yet. Only
-#: this step's miss is an expected failure; any other (no allow, no refusal after the kernel patch, a
-#: traceback) fails the test.
-MISSED_CUT = "step 'connection cut' did not happen"
-
 
 def test_demo_story_holds_on_debian(tmp_path: Path) -> None:
     output = tmp_path / "report"
     result = subprocess.run([sys.executable, "-m", "vims.cli", "demo", "--json", "-o", str(output)],
                             capture_output=True, text=True, timeout=1500)
-    if result.returncode != 0 and MISSED_CUT in result.stderr:
-        pytest.xfail("the Debian webshell was not cut (no lineage signal yet): " + result.stderr[-600:])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["image"] == "debian"
