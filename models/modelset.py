@@ -11,9 +11,10 @@ threshold on the mean surprise of a window of calls that the A-VM pipeline uses
 
 ``lineage`` is what the training data said of which programs start which: per program, the calls of
 it seen and the programs it started (a child process running another program, or the program an
-``execve`` put in its place in the same task; a fork that keeps the program is no start). :meth:`ModelSet.unseen_start` names the one
-start that this lineage rules out: a program that made at least ``lineage_min_calls`` calls in training
-and never started any program (a web server's PHP workers) starting one now (a web shell's ``sh``).
+``execve`` put in its place in the same task; a fork that keeps the program is no start).
+:meth:`ModelSet.unseen_start` names the one start that this lineage rules out: a program that made at
+least ``lineage_min_calls`` calls in training and never started any program (a web server's PHP
+workers) starting one now (a web shell's ``sh``).
 A program that started others in training may start new ones: no claim is made there.
 
 >>> from vims.models.stide import Stide
