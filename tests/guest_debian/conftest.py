@@ -2,7 +2,8 @@
 
 ``debian_image`` builds the Debian image (mmdebstrap, about 80 s; then cached); ``debian`` boots it
 once with the distribution's default command line (KASLR on) and stops it at the end of the session;
-``debian_pti`` boots a second one with ``pti=on`` for the tests that run under both. Every test here
+``debian_pti`` boots a second one with ``pti=on`` for the tests that run under both; ``debian_qemu64``
+a third on another CPU model, booted at the first test that asks for it. Every test here
 is marked ``guest``; tests marked ``reboots`` (they reboot the shared guests) run after all others.
 While developing, ``VIMS_TEST_DEBIAN=NAME`` uses the detached guest ``NAME``
 (`vims guest up --image debian --name NAME`) instead of booting one.
@@ -63,6 +64,22 @@ def debian(debian_image: DebianImage) -> Iterator[Guest]:
 def debian_pti(debian_image: DebianImage) -> Iterator[Guest]:
     """A running Debian guest booted with ``pti=on`` (the one option added to the default line)."""
     yield from _boot(debian_image, "vims-test-debian-pti", ("pti=on",))
+
+
+@pytest.fixture(scope="session")
+def debian_qemu64(debian_image: DebianImage) -> Iterator[Guest]:
+    """The same image on QEMU's ``qemu64`` CPU model: other CPU features (the kernel patches itself
+    otherwise at boot), no LA57 (4-level page tables, which Volatility 3 reads: it has no 5-level
+    Intel layer), and a boot of its own (a new KASLR offset). ``VIMS_TEST_DEBIAN_QEMU64=NAME`` attaches."""
+    attached = os.environ.get("VIMS_TEST_DEBIAN_QEMU64")
+    if attached:
+        yield Guest.attach(attached)
+        return
+    running = Guest.start(debian_image, name=f"vims-test-debian-qemu64-{os.getpid()}", cpu="qemu64")
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(params=["default", "pti"])
