@@ -70,8 +70,10 @@ class Agent:
                  horizon: int = 5, **pipeline: Any) -> None:
         self.builder = ReportBuilder(vm_id, avm_id, interval_s, threshold, min_windows, top, horizon)
         self.builder.model = model_digest(model)
+        #: The fitted model, loaded once in this process (the scorer workers load their own).
+        self.model = load_model_any(model)
         # A model set's lineage judges process starts, in the builder, which sees every worker's processes.
-        self.builder.lineage = getattr(load_model_any(model), "unseen_start", None)
+        self.builder.lineage = getattr(self.model, "unseen_start", None)
         self.pipeline = Pipeline(model, workers=workers, on_result=self.builder.add, **pipeline)
         self.interval_s = interval_s
         self.sinks: list[Callable[[Report], None]] = []

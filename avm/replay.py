@@ -228,9 +228,7 @@ def score_table(agent: Any, traces: pa.Table | None, base_pid: int = 1000) -> pa
 
 def _thresholds(agent: Any) -> dict[str, float]:
     """Trace-score threshold of each program key the model knows (``*``: the single or fallback model)."""
-    from vims.avm.pipeline import load_model_any
-
-    model = load_model_any(agent.pipeline.spec.model)
+    model = agent.model
     if hasattr(model, "for_program") and hasattr(model, "programs"):
         out = {key: float(-det.offset_) for key, det in model.programs().items()}
         return out

@@ -218,7 +218,8 @@ class ReportBuilder:
         return ppid
 
     def _unseen_starts(self, interval: Mapping[tuple[int, str], _Interval],
-                       names: Mapping[int, tuple[str, int | None]]) -> dict[tuple[int, str], str]:
+                       names: Mapping[int, tuple[str, int | None]],
+                       starters: Mapping[tuple[int, str], str]) -> dict[tuple[int, str], str]:
         """The processes of ``interval`` whose start the model's lineage rules out, with the reason.
 
         What started a process: the program its task ran before an ``execve`` put it in place, else
@@ -226,8 +227,6 @@ class ReportBuilder:
         if self.lineage is None:
             return {}
         out = {}
-        with self._lock:
-            starters = dict(self._starters)
         for (pid, name), p in interval.items():
             known = names.get(p.ppid) if p.ppid is not None else None
             starter = starters.get((pid, name), known[0] if known is not None else None)
@@ -267,8 +266,8 @@ class ReportBuilder:
         if short:
             groups.append(1.0 - sum(p.above for p in short) / sum(p.windows for p in short))
         with self._lock:
-            names = dict(self._names)
-        unseen = self._unseen_starts(interval, names)
+            names, starters = dict(self._names), dict(self._starters)
+        unseen = self._unseen_starts(interval, names, starters)
         if unseen:
             groups.append(0.0)
         score = min(groups) if groups else None  # no scored windows: no evidence, never "normal"

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from vims.datasets.traces import Trace, trace_table
 from vims.datasets.truth import GRACE_NS, Truth, attack_marks
-from vims.runs import cut_runs, program_name
+from vims.runs import Runs, cut_runs, program_name
 from vims.schemas import EVENT_SCHEMA, TRACE_SCHEMA, conform
 
 __all__ = ["traces_from_events"]
@@ -99,11 +99,7 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     for g, start in enumerate(runs.starts.tolist()):
         r = runs.exec_row(g)
         programs.append(comm[start] if r is None else program_name(comm[start], path[r], argv[r]))
-    parents = _parents(vm[runs.starts], pid[runs.starts], seq[runs.starts], ppid[runs.starts], programs)
-    for g in range(1, len(programs)):  # an execve in a task that ran another program: that one started it
-        same_task = vm[runs.starts[g]] == vm[runs.starts[g - 1]] and pid[runs.starts[g]] == pid[runs.starts[g - 1]]
-        if same_task and runs.exec_row(g) is not None and not runs.is_exit[runs.ends[g - 1] - 1]:
-            parents[g] = programs[g - 1]
+    parents = _parents(runs, vm, pid, seq, ppid, programs)
     traces = []
     for g, (start, end) in enumerate(zip(runs.starts.tolist(), runs.ends.tolist(), strict=True)):
         hit = truths[attack[g]] if attack[g] >= 0 else None
@@ -115,16 +111,23 @@ def traces_from_events(events: pa.Table, label: str = "normal", split: str | Non
     return trace_table(traces).cast(TRACE_SCHEMA)
 
 
-def _parents(vm: np.ndarray, pid: np.ndarray, seq: np.ndarray, ppid: np.ndarray,
+def _parents(runs: Runs, vm: np.ndarray, pid: np.ndarray, seq: np.ndarray, ppid: np.ndarray,
              programs: list[str]) -> list[str | None]:
-    """Per program run (in ``(vm, pid, seq)`` order), the program its parent ran when it began."""
+    """Per program run (rows in ``(vm, pid, seq)`` order), the program that started it (the module
+    docstring's ``parent``): the one its task ran before its ``execve``, else its parent's."""
+    firsts = runs.starts
+    v_run, p_run, s_run = vm[firsts].tolist(), pid[firsts].tolist(), seq[firsts].tolist()
     runs_of: dict[tuple[int, int], tuple[list[int], list[str]]] = {}
-    for v, p, s, name in zip(vm.tolist(), pid.tolist(), seq.tolist(), programs, strict=True):
+    for v, p, s, name in zip(v_run, p_run, s_run, programs, strict=True):
         starts, names = runs_of.setdefault((v, p), ([], []))
         starts.append(s)  # in seq order within a task
         names.append(name)
     out: list[str | None] = []
-    for v, s, pp in zip(vm.tolist(), seq.tolist(), ppid.tolist(), strict=True):
+    for g, (v, p, s, pp) in enumerate(zip(v_run, p_run, s_run, ppid[firsts].tolist(), strict=True)):
+        if (g and (v, p) == (v_run[g - 1], p_run[g - 1]) and runs.exec_row(g) is not None
+                and not runs.is_exit[runs.ends[g - 1] - 1]):
+            out.append(programs[g - 1])  # an execve put this program in place of the task's previous one
+            continue
         known = runs_of.get((v, pp)) if pp > 0 else None
         if known is None:
             out.append(None)

@@ -100,12 +100,9 @@ class ModelSet(BaseEstimator):
         self._check()
         every = {**(self.models or {}), **{k[len(FALLBACK_PREFIX):]: self.fallback
                                            for k in (self.window_thresholds or {}) if k.startswith(FALLBACK_PREFIX)}}
-        if name is not None:
-            hits = [key for key in every if key == name] or \
-                [key for key in every if len(key) > COMM_LEN and key[:COMM_LEN] == name]  # comm: 15 characters
-            if hits:
-                key = hits[0]
-                return (key if key in (self.models or {}) else FALLBACK_PREFIX + key), every[key]
+        key = _named(every, name)
+        if key is not None:
+            return (key if key in (self.models or {}) else FALLBACK_PREFIX + key), every[key]
         return FALLBACK, self.fallback
 
     def unseen_start(self, parent: str | None, child: str | None) -> str | None:
@@ -118,14 +115,17 @@ class ModelSet(BaseEstimator):
         """
         if not self.lineage or not parent or not child or child == parent:
             return None
-        seen = self.lineage.get(parent)
-        if seen is None:
-            hits = [v for k, v in self.lineage.items() if len(k) > COMM_LEN and k[:COMM_LEN] == parent]
-            seen = hits[0] if hits else None
-        if seen is None or seen["children"] or int(seen["calls"]) < self.lineage_min_calls:
+        key = _named(self.lineage, parent)
+        if key is None or key not in self.starting_nothing():
             return None
-        calls = int(seen["calls"])
+        calls = int(self.lineage[key]["calls"])
         return f"{parent} started no program in training ({calls:,} of its calls seen); here it started {child}"
+
+    def starting_nothing(self) -> list[str]:
+        """The programs of the lineage that made at least ``lineage_min_calls`` calls in training and
+        started no program (those whose starts :meth:`unseen_start` rules out), sorted."""
+        return sorted(p for p, v in (self.lineage or {}).items()
+                      if not v["children"] and int(v["calls"]) >= self.lineage_min_calls)
 
     def window_threshold(self, key: str) -> float | None:
         """The calibrated window threshold of program ``key`` (None: not calibrated)."""
@@ -159,6 +159,16 @@ class ModelSet(BaseEstimator):
         every = self.programs()
         thr = np.array([-every[self.for_program(p)[0]].offset_ for p in X.column("program").to_pylist()])
         return np.where(scores > thr, -1, 1)
+
+
+def _named(keys: Any, name: str | None) -> str | None:
+    """The key among ``keys`` that names program ``name``: itself, or a longer name whose first 15
+    characters it is (Linux keeps that much of a name in ``comm``); None if none does."""
+    if name is None:
+        return None
+    if name in keys:
+        return name
+    return next((key for key in keys if len(key) > COMM_LEN and key[:COMM_LEN] == name), None)
 
 
 def lineage_of(table: Any) -> dict[str, dict[str, Any]] | None:

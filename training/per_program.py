@@ -214,8 +214,7 @@ def fit_model_set(table: pa.Table, detector: str | None = None, params: list[str
         "programs": card_programs,
         "lineage": None if lineage is None else {
             "min_calls": model_set.lineage_min_calls,
-            "start_nothing": sorted(p for p, v in lineage.items()
-                                    if not v["children"] and v["calls"] >= model_set.lineage_min_calls),
+            "start_nothing": model_set.starting_nothing(),
             "starts": sum(sum(v["children"].values()) for v in lineage.values())},
     }
     return model_set, card
