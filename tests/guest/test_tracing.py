@@ -198,11 +198,14 @@ def test_duty_cycle_and_filters(guest: Guest, view: KernelView) -> None:
 def test_policy_changed_while_tracing_takes_effect(guest: Guest, view: KernelView) -> None:
     busy = "timeout 8 dd if=/dev/zero of=/dev/null bs=1 count=100000000"
     switched: list[int] = []
-    dd_seen, stop = threading.Event(), threading.Event()
+    dd_seen, dd_done, others_after, stop = threading.Event(), threading.Event(), threading.Event(), threading.Event()
 
     def look(batch: pa.RecordBatch) -> None:
-        if "dd" in batch.column("comm").to_pylist():
+        comms = batch.column("comm").to_pylist()
+        if "dd" in comms:
             dd_seen.set()
+        if dd_done.is_set() and any(c != "dd" for c in comms):
+            others_after.set()
 
     with QemuBackend.from_guest(guest) as backend:
         tracer = SyscallTracer(backend, "test-vm", on_batch=look)
@@ -214,11 +217,20 @@ def test_policy_changed_while_tracing_takes_effect(guest: Guest, view: KernelVie
                 dd_seen.wait(60)
                 switched.append(time.time_ns())
                 tracer.set_policy(Policy(exclude=("dd",)))
-                time.sleep(3.0)  # the trace goes on under the new policy
+                # The trace goes on under the new policy until dd has ended and other calls came in
+                # (while dd runs it may hold the vCPU: the others' calls can wait for its end).
+                player.join()
+                others_after.wait(60)
             finally:
                 stop.set()
 
-        player = threading.Thread(target=lambda: guest.execute(busy, timeout=60))
+        def play() -> None:
+            try:
+                guest.execute(busy, timeout=60)
+            finally:
+                dd_done.set()
+
+        player = threading.Thread(target=play)
         changer = threading.Thread(target=change)
         player.start()
         changer.start()
