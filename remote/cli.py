@@ -277,11 +277,20 @@ def _when(t: float | None) -> str:
     return "-" if t is None else datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _age(seconds: float | None) -> str:
+    """A duration for a table: ``4.2 s``, ``3.5 min``, ``2.0 h``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    sign, s = ("-" if seconds < 0 else ""), abs(seconds)
+    return sign + (f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
 @remote_app.command("status")
 def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
            store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
            json_out: bool = typer.Option(False, "--json", metavar="", help="Print as JSON.")) -> None:
-    """Every enrolled A-VM: its VM, gate port, policy, last report and last decision; and totals."""
+    """Every enrolled A-VM: its VM, gate port, policy, last report, last decision and the verifier holding
+    its lease; the verifiers sharing the store; and totals."""
     from rich.table import Table
 
     from vims.console import out, print_json
@@ -293,17 +302,30 @@ def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     if json_out:
         print_json(view)
         return
-    table = Table("A-VM", "VM", "state", "gate", "policy", "acked", "last seq", "last report", "last decision")
+    table = Table("A-VM", "VM", "state", "gate", "policy", "acked", "last seq", "last report", "last decision",
+                  "verifier", "lease age", "expires in")
     for r in rows:
         rep = r["last_report"]
         dec = r["last_decision"]
+        lease = r["lease"]
         table.add_row(
             r["avm_id"] + (" [red](revoked)[/]" if r["revoked"] else ""), r["vm_id"], r["state"],
             str(r["gate_port"]),
             f"v{r['policy_version']}", f"v{r['acked_version']}" if r["acked_version"] else "-", str(r["last_seq"]),
             "-" if rep is None else f"{_when(rep['received_at'])} {rep['status']} {rep['reason'] or ''}",
-            "-" if dec is None else f"{_when(dec['time'])} {dec['kind']}: {dec['reason']}")
+            "-" if dec is None else f"{_when(dec['time'])} {dec['kind']}: {dec['reason']}",
+            "-" if lease is None else lease["verifier_id"] + (" (expired)" if lease["expired"] else ""),
+            "-" if lease is None else _age(lease["age_s"]),
+            "-" if lease is None else _age(lease["expires_in_s"]))
     out.print(table)
+    if view["verifiers"]:
+        verifiers = Table("verifier", "state", "control", "host", "pid", "heartbeat", "lease period", "leases",
+                          title="verifiers")
+        for v in view["verifiers"]:
+            verifiers.add_row(v["verifier_id"], v["state"], v["endpoint"] or "-", v["host"] or "-",
+                              str(v["pid"] or "-"), f"{_age(v['heartbeat_s_ago'])} ago", _age(v["lease_s"]),
+                              str(v["leases"]))
+        out.print(verifiers)
     out.print(f"reports: {counts['reports']}  decisions: {counts['decisions']}")
 
 
