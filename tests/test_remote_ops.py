@@ -86,3 +86,107 @@ def test_status_shows_which_verifier_holds_which_avm_and_lease_ages(location, tm
     assert not any(v in row["avm-4"] for v in ("alpha", "beta", "gamma", "delta"))
     assert any(" gamma " in line and "silent" in line for line in lines)
     assert any(" delta " in line and "stopped" in line for line in lines)
+
+
+# -- bulk enrolment from a file ---------------------------------------------------------------------------
+
+
+def _line(avm: AvmIdentity, vm_id: str, port: int) -> dict:
+    return {"avm_id": avm.avm_id, "vm_id": vm_id, "gate_port": port, "curve_public": avm.curve_public,
+            "sign_public": avm.sign_public}
+
+
+def _csv(rows: list[dict], header: tuple[str, ...] = ("vm_id", "avm_id", "gate_port", "sign_public",
+                                                     "curve_public")) -> str:
+    return "\n".join([",".join(header), *(",".join(str(r[h]) for h in header) for r in rows)]) + "\n"
+
+
+def enrol_error(location: str, home: Path, path: Path, *extra: str) -> str:
+    """The user error of ``vims remote enroll --from PATH`` (raised as the CLI's main turns it into one line)."""
+    result = CliRunner().invoke(app, ["remote", "enroll", "--from", str(path), "--store", location,
+                                      "--home", str(home), *extra])
+    assert result.exit_code != 0 and result.exception is not None, result.output
+    from vims.errors import VimsError
+
+    assert isinstance(result.exception, VimsError), repr(result.exception)
+    return str(result.exception)
+
+
+def test_bulk_enrolment_from_json_lines_and_csv(location, tmp_path):
+    home = tmp_path / "home"
+    avms = [AvmIdentity.generate(f"avm-{i}") for i in range(6)]
+    jsonl = tmp_path / "fleet.jsonl"
+    first = {**_line(avms[0], "vm-0", 42000), "kind": "vims-avm-public"}  # an avm.public.json, plus vm and port
+    jsonl.write_text("# the first three\n" + json.dumps(first) + "\n\n"
+                     + "\n".join(json.dumps(_line(a, f"vm-{i}", 42000 + i)) for i, a in enumerate(avms[1:3], 1)) + "\n")
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"threshold": 0.75}))
+    done = json.loads(cli("remote", "enroll", "--from", str(jsonl), "--policy", str(policy), "--json",
+                          "--store", location, home=home))
+    assert [(r["avm_id"], r["vm_id"], r["gate_port"]) for r in done["enrolled"]] == [
+        ("avm-0", "vm-0", 42000), ("avm-1", "vm-1", 42001), ("avm-2", "vm-2", 42002)]
+    csv_file = tmp_path / "fleet.csv"
+    csv_file.write_text(_csv([_line(a, f"vm-{i}", 42000 + i) for i, a in enumerate(avms[3:], 3)]))
+    assert "enrolled 3 A-VMs" in cli("remote", "enroll", "--from", str(csv_file), "--store", location, home=home)
+    with Store(location) as s:
+        enrolled = {a["avm_id"]: a for a in s.avms()}
+        assert sorted(enrolled) == [f"avm-{i}" for i in range(6)]
+        for i, avm in enumerate(avms):
+            row = enrolled[avm.avm_id]
+            assert (row["vm_id"], row["gate_port"], row["curve_public"], row["sign_public"]) == (
+                f"vm-{i}", 42000 + i, avm.curve_public, avm.sign_public)
+        assert [s.policy(f"vm-{i}")["threshold"] for i in range(6)] == [0.75] * 3 + [s.policy("vm-3")["threshold"]] * 3
+        assert s.policy("vm-3")["threshold"] != 0.75  # the CSV's VMs got the default policy
+
+
+def test_a_malformed_line_enrols_nothing_and_is_named(location, tmp_path):
+    home = tmp_path / "home"
+    avms = [AvmIdentity.generate(f"avm-{i}") for i in range(4)]
+    rows = [_line(a, f"vm-{i}", 43000 + i) for i, a in enumerate(avms)]
+    path = tmp_path / "fleet.csv"
+    cases = [
+        ({**rows[2], "curve_public": "short"}, ":4: curve_public: not a Z85 CURVE key"),
+        ({**rows[2], "sign_public": "ab" * 31}, ":4: sign_public: not a 32-byte hex key"),
+        ({**rows[2], "gate_port": "70000"}, ":4: gate_port '70000' is not a TCP port"),
+        ({**rows[2], "vm_id": "vm 2"}, ":4: not a valid VM id: 'vm 2'"),
+        ({**rows[2], "vm_id": "vm-0"}, ":4: VM vm-0 is listed twice (also on line 2)"),
+        ({**rows[2], "avm_id": "avm-1"}, ":4: A-VM avm-1 is listed twice (also on line 3)"),
+    ]
+    for bad, message in cases:
+        path.write_text(_csv([rows[0], rows[1], bad, rows[3]]))
+        assert enrol_error(location, home, path).startswith(f"{path}{message}"), bad
+    path.write_text(_csv(rows[:2]) + "a,b\n")
+    assert enrol_error(location, home, path) == f"{path}:4: 2 fields, the header has 5"
+    path.write_text("avm_id,vm_id,port\n")
+    assert enrol_error(location, home, path).startswith(f"{path}:1: a CSV enrolment file starts with the header")
+    jsonl = tmp_path / "fleet.jsonl"
+    jsonl.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:-1] + "\n")
+    assert enrol_error(location, home, jsonl).startswith(f"{jsonl}:2: not a JSON object")
+    jsonl.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "vm": "x"}) + "\n")
+    assert enrol_error(location, home, jsonl).startswith(f"{jsonl}:2: unknown field 'vm'")
+    with Store(location) as s:
+        assert s.avms() == []
+
+    # A line that conflicts with what the store holds: the lines before it are not kept either.
+    with Store(location) as s:
+        s.enroll(AvmIdentity.generate("old").public, "vm-old", 43003)
+    path.write_text(_csv(rows))
+    assert enrol_error(location, home, path) == f"{path}:5: gate port 43003 already belongs to VM vm-old"
+    with Store(location) as s:
+        assert [a["avm_id"] for a in s.avms()] == ["old"]
+
+    # As a user sees it: one line, exit status 2, nothing enrolled.
+    path.write_text(_csv([rows[0], {**rows[1], "curve_public": "x"}]))
+    proc = cli_process("remote", "enroll", "--from", str(path), "--store", location, home=home)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: {path}:3: curve_public: not a Z85 CURVE key (40 characters)"]
+    with Store(location) as s:
+        assert [a["avm_id"] for a in s.avms()] == ["old"]
+
+
+def test_enroll_takes_a_file_or_one_avm_not_both(tmp_path):
+    home, path = tmp_path / "home", tmp_path / "fleet.csv"
+    path.write_text(_csv([_line(AvmIdentity.generate("a"), "vm-a", 44000)]))
+    for args in (["--from", str(path), "--vm", "v"], ["x.json"], []):
+        result = CliRunner().invoke(app, ["remote", "enroll", *args, "--home", str(home)])
+        assert result.exit_code != 0 and "--from" in str(result.exception), (args, result.output)
