@@ -256,6 +256,10 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
           lease_s: float = typer.Option(10.0, "--lease-s", help="Lease period (s): how long this verifier holds "
                                         "an A-VM after its last renewal; a killed verifier's A-VMs are taken "
                                         "over by another within about this much."),
+          keep_history: float | None = typer.Option(None, "--keep-history", min=0.0, metavar="DAYS",
+                                                    help="Prune history older than this many days (every "
+                                                    "minute), even where a VM's policy keeps it longer; "
+                                                    "the latest verdicts stay."),
           ) -> None:
     """Run REM-S: the control channel, one gate per enrolled VM and the metrics endpoint."""
     import asyncio
@@ -287,7 +291,7 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
         if verifier_id is not None:
             check_id(verifier_id, "verifier id")
         server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port,
-                            verifier_id=verifier_id, lease_s=lease_s)
+                            verifier_id=verifier_id, lease_s=lease_s, keep_history_days=keep_history)
         web = None
         if console_at is not None:  # before the server, so a console that cannot bind starts nothing
             from vims.remote.console import ConsoleServer
@@ -326,6 +330,33 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
             opened.close()
 
     asyncio.run(main())
+
+
+@remote_app.command("prune")
+def prune(older_than: float | None = typer.Option(None, "--older-than", min=0.0, metavar="DAYS",
+                                                  help="Also prune history older than this many days where a "
+                                                  "VM's policy keeps it longer."),
+          max_unattributed: int | None = typer.Option(None, "--max-unattributed", min=0,
+                                                      help="The most rows kept of refused unknown keys "
+                                                      "(default: as `serve` keeps)."),
+          home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+          store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
+          json_out: bool = typer.Option(False, "--json", metavar="", help="Print the counts as JSON.")) -> None:
+    """Prune the history now, as `serve` does every minute: each VM's reports and decisions older than its
+    policy's history_days (or --older-than), documents beyond its history_documents. The latest verdict of
+    every A-VM and the latest decision of every VM stay, however old."""
+    from vims.console import out, print_json
+    from vims.remote.policy import retention
+    from vims.remote.store import MAX_UNATTRIBUTED
+
+    with _store(_home(home), store) as opened:
+        limits = {a["vm_id"]: retention(opened.policy(a["vm_id"])) for a in opened.avms() if a["revoked_at"] is None}
+        pruned = opened.prune(limits, MAX_UNATTRIBUTED if max_unattributed is None else max_unattributed,
+                              max_days=older_than)
+    if json_out:
+        print_json({"older_than_days": older_than, "pruned": pruned})
+    else:
+        out.print("pruned " + ", ".join(f"{n} {what}" for what, n in pruned.items()))
 
 
 @remote_app.command("simulate")

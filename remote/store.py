@@ -51,6 +51,8 @@ from vims.remote.policy import normalise_policy
 from vims.remote.store_migrations import migrate
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: The most history rows kept that name no VM (refusals of unknown or revoked keys), unless told otherwise.
+MAX_UNATTRIBUTED = 10000
 
 
 class StoreError(VimsError, OSError):
@@ -448,32 +450,45 @@ class Store:
         row["holder"] = holder["verifier_id"] if holder else None
         return row
 
-    def prune(self, limits: dict[str, tuple[float, int]], max_unattributed: int,
-              now: float | None = None) -> dict[str, int]:
+    def prune(self, limits: dict[str, tuple[float, int]], max_unattributed: int = MAX_UNATTRIBUTED,
+              now: float | None = None, max_days: float | None = None) -> dict[str, int]:
         """Keep the history bounded: apply each VM's retention, cap the rows no VM owns.
 
         ``limits`` maps a vm_id to ``(days, documents)`` (its policy's ``history_days`` and
-        ``history_documents``): its reports and decisions older than ``days`` are deleted, and only its
-        latest ``documents`` reports keep their signed document (the rest keep their digest, verdict and
+        ``history_documents``; :func:`~vims.remote.policy.retention`): its reports and decisions older
+        than ``days`` (or ``max_days``, the operator's cap, when shorter) are deleted, and only its latest
+        ``documents`` reports keep their signed document (the rest keep their digest, verdict and
         reason). VMs with rows but not in ``limits`` (no longer enrolled) take the default policy's
         limits. Rows that name no VM (refused keys) are capped at the newest ``max_unattributed``.
-        Returns how many rows were deleted and documents dropped.
+
+        However old, what the gates and the status decide from is kept: the VM's latest accepted report
+        (:meth:`latest_verdict`) and, for each A-VM that reported on it, its latest accepted report and
+        its latest report of any status, and the VM's latest decision. Verifiers that stopped or fell
+        silent before the cut-off and hold no lease are forgotten. Returns how many rows were deleted
+        (``reports``, ``decisions``, ``unattributed``, ``verifiers``) and documents dropped.
         """
-        from vims.remote.policy import DEFAULT_POLICY
+        from vims.remote.policy import DEFAULT_POLICY, retention
 
         now = time.time() if now is None else now
-        default = (float(DEFAULT_POLICY["history_days"]), int(DEFAULT_POLICY["history_documents"]))
+        default = retention(DEFAULT_POLICY)
         vms = {r["vm_id"] for r in self._rows("SELECT DISTINCT vm_id FROM reports WHERE vm_id IS NOT NULL")}
         vms |= {r["vm_id"] for r in self._rows("SELECT DISTINCT vm_id FROM decisions")}
-        out = {"reports": 0, "decisions": 0, "documents": 0, "unattributed": 0}
+        out = {"reports": 0, "decisions": 0, "documents": 0, "unattributed": 0, "verifiers": 0}
+        longest = 0.0
         with self._transaction():
             for vm_id in sorted(vms):
                 days, documents = limits.get(vm_id, default)
+                days = days if max_days is None else min(days, max_days)
+                longest = max(longest, days)
                 before = now - days * 86400.0
-                out["reports"] += self._exec("DELETE FROM reports WHERE vm_id = ? AND received_at < ?",
-                                             (vm_id, before))
-                out["decisions"] += self._exec("DELETE FROM decisions WHERE vm_id = ? AND time < ?",
-                                               (vm_id, before))
+                out["reports"] += self._exec(
+                    "DELETE FROM reports WHERE vm_id = ? AND received_at < ? AND id NOT IN ("
+                    "SELECT MAX(id) FROM reports WHERE vm_id = ? AND status = 'accepted' GROUP BY avm_id "
+                    "UNION SELECT MAX(id) FROM reports WHERE vm_id = ? AND avm_id IS NOT NULL GROUP BY avm_id)",
+                    (vm_id, before, vm_id, vm_id))
+                out["decisions"] += self._exec(
+                    "DELETE FROM decisions WHERE vm_id = ? AND time < ? AND id < "
+                    "(SELECT MAX(id) FROM decisions WHERE vm_id = ?)", (vm_id, before, vm_id))
                 out["documents"] += self._exec(
                     "UPDATE reports SET document = NULL WHERE vm_id = ? AND document IS NOT NULL AND id <= "
                     "(SELECT id FROM reports WHERE vm_id = ? AND document IS NOT NULL ORDER BY id DESC "
@@ -481,6 +496,10 @@ class Store:
             out["unattributed"] = self._exec(
                 "DELETE FROM reports WHERE vm_id IS NULL AND id <= (SELECT id FROM reports WHERE vm_id IS NULL "
                 "ORDER BY id DESC LIMIT 1 OFFSET ?)", (max_unattributed,))
+            keep_s = max(longest, default[0] if max_days is None else min(default[0], max_days)) * 86400.0
+            out["verifiers"] = self._exec(
+                "DELETE FROM verifiers WHERE heartbeat_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM leases l WHERE l.verifier_id = verifiers.verifier_id)", (now - keep_s,))
         return out
 
     def seen_report(self, avm_id: str, seq: int, digest: str) -> bool:

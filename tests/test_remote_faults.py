@@ -365,7 +365,7 @@ def test_prune_applies_each_vms_retention(tmp_path):
                             document="{}", received_at=now - age_days * 86400)
         store.record_decision(vm_id=vm, conn_id="1", kind="deny", reason="x", at=now - age_days * 86400)
     out = store.prune({"vm-a": (5.0, 0), "vm-b": (30.0, 1)}, max_unattributed=0, now=now)
-    assert out == {"reports": 1, "decisions": 1, "documents": 1, "unattributed": 0}
+    assert out == {"reports": 1, "decisions": 1, "documents": 1, "unattributed": 0, "verifiers": 0}
     left = store.db.execute("SELECT vm_id, document FROM reports ORDER BY id").fetchall()
     assert [tuple(r) for r in left] == [("vm-a", None), ("vm-b", "{}")]
     store.close()

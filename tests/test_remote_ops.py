@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,107 @@ def test_enroll_takes_a_file_or_one_avm_not_both(tmp_path):
     for args in (["--from", str(path), "--vm", "v"], ["x.json"], []):
         result = CliRunner().invoke(app, ["remote", "enroll", *args, "--home", str(home)])
         assert result.exit_code != 0 and "--from" in str(result.exception), (args, result.output)
+
+
+# -- history retention ------------------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def _old_history(s: Store, now: float) -> None:
+    """vm-a: every report and decision old (the latest verdict 35 days old); vm-b: old and recent rows."""
+    s.enroll(AvmIdentity.generate("avm-a").public, "vm-a", 45001)
+    s.enroll(AvmIdentity.generate("avm-b").public, "vm-b", 45002)
+    reports = [("avm-a", "vm-a", 1, "accepted", 40), ("avm-a", "vm-a", None, "rejected", 39),
+               ("avm-a", "vm-a", 2, "accepted", 35), ("avm-a", "vm-a", None, "rejected", 34),
+               ("avm-b", "vm-b", 1, "accepted", 40), ("avm-b", "vm-b", 2, "accepted", 20),
+               ("avm-b", "vm-b", None, "rejected", 19), ("avm-b", "vm-b", 3, "accepted", 1)]
+    for avm, vm, seq, status, age in reports:
+        s.record_report(avm_id=avm, vm_id=vm, seq=seq, status=status, reason=None if seq else "stale",
+                        verdict="allow" if seq else None, digest=f"{avm}-{age}", document="{}",
+                        received_at=now - age * DAY)
+    for vm, age in (("vm-a", 40), ("vm-a", 35), ("vm-b", 20), ("vm-b", 1)):
+        s.record_decision(vm_id=vm, conn_id=f"{vm}#{age}", kind="allow", reason="ok", at=now - age * DAY)
+
+
+def _ages(s: Store, now: float) -> dict[str, list[tuple[str, int]]]:
+    """What is left: each VM's reports (status, age in days) and decisions (age in days)."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for r in s._rows("SELECT vm_id, status, received_at FROM reports ORDER BY id"):
+        out.setdefault(r["vm_id"], []).append((r["status"], round((now - r["received_at"]) / DAY)))
+    for d in s._rows("SELECT vm_id, time FROM decisions ORDER BY id"):
+        out.setdefault(d["vm_id"] + " decisions", []).append(("decision", round((now - d["time"]) / DAY)))
+    return out
+
+
+def test_prune_keeps_the_latest_verdicts_however_old(location):
+    now = 1_800_000_000.0
+    with Store(location) as s:
+        _old_history(s, now)
+        verdicts = {vm: s.latest_verdict(vm) for vm in ("vm-a", "vm-b")}
+        status = {r["vm_id"]: (r["last_report"], r["last_decision"]) for r in s.status()}
+        limits = {vm: (30.0, 1000) for vm in ("vm-a", "vm-b")}
+        out = s.prune(limits, now=now)
+        assert out == {"reports": 3, "decisions": 1, "documents": 0, "unattributed": 0, "verifiers": 0}
+        assert _ages(s, now) == {
+            "vm-a": [("accepted", 35), ("rejected", 34)],  # older than 30 days, but the latest of avm-a
+            "vm-b": [("accepted", 20), ("rejected", 19), ("accepted", 1)],
+            "vm-a decisions": [("decision", 35)], "vm-b decisions": [("decision", 20), ("decision", 1)]}
+        # The operator's cap (serve --keep-history, prune --older-than) is shorter than the policy's.
+        out = s.prune(limits, now=now, max_days=10.0)
+        assert out["reports"] == 2 and out["decisions"] == 1
+        assert _ages(s, now)["vm-b"] == [("accepted", 1)] and _ages(s, now)["vm-a"] == [("accepted", 35),
+                                                                                          ("rejected", 34)]
+        # Bounded: pruning again, even to nothing older than 0 days, deletes nothing more.
+        assert s.prune(limits, now=now, max_days=0.0) == dict.fromkeys(out, 0)
+        assert {vm: s.latest_verdict(vm) for vm in ("vm-a", "vm-b")} == verdicts
+        assert {r["vm_id"]: (r["last_report"], r["last_decision"]) for r in s.status()} == status
+        assert s.last_seq("avm-a") == 2 and s.last_seq("avm-b") == 3  # old reports stay unreplayable
+
+
+def test_prune_forgets_old_verifiers_without_leases(location):
+    with Store(location) as s:
+        s.enroll(AvmIdentity.generate("avm-a").public, "vm-a", 45001)
+        s.heartbeat("old", 10.0, [])
+        s.heartbeat("holding", 10.0, ["avm-a"])
+        s.heartbeat("recent", 10.0, [])
+        s._exec("UPDATE verifiers SET heartbeat_at = heartbeat_at - 40 * 86400 WHERE verifier_id != 'recent'")
+        s._exec("UPDATE leases SET expires_at = expires_at - 40 * 86400")  # long expired, still its row
+        assert s.prune({}, max_days=30.0)["verifiers"] == 1
+        assert [v["verifier_id"] for v in s.verifiers()] == ["holding", "recent"]
+
+
+def test_vims_remote_prune_uses_each_vms_policy(location, tmp_path):
+    home, now = tmp_path / "home", 1_800_000_000.0
+    with Store(location) as s:
+        _old_history(s, now)
+        s.set_policy("vm-b", {"history_days": 10.0})
+        # The rows' times are moved to now, so the command's clock applies.
+        shift = time.time() - now
+        s._exec("UPDATE reports SET received_at = received_at + ?", (shift,))
+        s._exec("UPDATE decisions SET time = time + ?", (shift,))
+    done = json.loads(cli("remote", "prune", "--json", "--store", location, home=home))
+    assert done["pruned"]["reports"] == 5 and done["pruned"]["decisions"] == 2  # vm-a at 30 days, vm-b at 10
+    assert "pruned 0 reports" in cli("remote", "prune", "--older-than", "5", "--store", location, home=home)
+    with Store(location) as s:
+        left = _ages(s, now + shift)
+        assert left["vm-a"] == [("accepted", 35), ("rejected", 34)] and left["vm-b"] == [("accepted", 1)]
+
+
+def test_serve_keep_history_caps_every_vms_retention(tmp_path):
+    from vims.remote.testing import Deployment, wait_until
+
+    d = Deployment(tmp_path, vms=1)
+    with d.store() as s:
+        for age in (20, 2):
+            s.record_decision(vm_id="vm-1", conn_id=f"c{age}", kind="deny", reason="x", at=time.time() - age * DAY)
+    d.start(prune_every_s=0.2, keep_history_days=5.0)
+    try:
+        def decisions() -> list[str]:
+            with d.store() as s:
+                return [r["conn_id"] for r in s._rows("SELECT conn_id FROM decisions ORDER BY id")]
+
+        wait_until(lambda: decisions() == ["c2"], what="the 20-day-old decision pruned (the policy keeps 30)")
+        assert d.metric("vims_history_pruned_total", what="decisions") == 1
+    finally:
+        d.stop()
