@@ -163,7 +163,7 @@ class RemsServer:
         if keep_history_days is not None and not keep_history_days >= 0:
             raise VimsError(f"keep history {keep_history_days} days: give a number of days (0 or more)")
         self.keep_history_days = keep_history_days
-        self.metrics = Metrics()
+        self.metrics = Metrics(labels={"verifier": self.verifier_id})
         self.avms: dict[str, AvmState] = {}
         self.by_key: dict[str, str] = {}  # CURVE public (Z85) of unrevoked A-VMs -> avm_id
         self.by_vm: dict[str, str] = {}  # vm_id -> unrevoked avm_id
@@ -289,7 +289,7 @@ class RemsServer:
                     reason = f"A-VM {avm_id}'s lease is no longer held by verifier {self.verifier_id}"
                 self.gate.cut_vm(st.vm_id, reason)
         self.leased, self.foreign, self.peers = held, others - held, peers
-        self.metrics.set("vims_leases_held", len(held), verifier=self.verifier_id)
+        self.metrics.set("vims_leases_held", len(held))
         await self._listen_gates()
 
     async def _lease_loop(self) -> None:

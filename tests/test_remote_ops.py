@@ -295,3 +295,48 @@ def test_serve_keep_history_caps_every_vms_retention(tmp_path):
         assert d.metric("vims_history_pruned_total", what="decisions") == 1
     finally:
         d.stop()
+
+
+# -- Prometheus metrics per verifier ----------------------------------------------------------------------
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a Prometheus text exposition: (name, labels, value)."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
+        assert m, line
+        labels = dict(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out.append((m.group(1), labels, float(m.group(3))))
+    return out
+
+
+def test_every_series_on_the_metrics_endpoint_names_its_verifier(tmp_path):
+    from vims.remote.simavm import SimulatedAvm
+    from vims.remote.testing import Deployment, read_line, wait_until
+
+    d = Deployment(tmp_path, vms=2, policy={"interval_s": 0.3, "deadline_s": 1.5, "attest_timeout_s": 5.0})
+    d.start(verifier_id="ver-7", lease_s=3.0)
+    try:
+        with SimulatedAvm(d.avms["vm-1"], d.endpoint, d.keys.public) as avm:
+            avm.wait_policy(20)
+            wait_until(lambda: avm.session.accepted >= 1, what="an accepted report")
+            with d.connect("vm-1") as client:
+                client.sendall(b"hello\n")
+                assert read_line(client) == b"data: hello\n"
+            wait_until(lambda: d.metric("vims_leases_held") == 1, what="a heartbeat holding avm-1's lease")
+            samples = _samples(d.scrape())
+    finally:
+        d.stop()
+    assert samples and all(labels.get("verifier") == "ver-7" for _, labels, _ in samples), [
+        s for s in samples if s[1].get("verifier") != "ver-7"]
+    value = {(name, tuple(sorted((k, v) for k, v in labels.items() if k != "verifier"))): v
+             for name, labels, v in samples}
+    assert value[("vims_reports_accepted_total", (("vm", "vm-1"),))] >= 1
+    assert value[("vims_decisions_total", (("kind", "allow"),))] == 1
+    assert value[("vims_leases_held", ())] == 1
+    assert value[("vims_decision_latency_seconds_count", ())] == 1
+    assert value[("vims_decision_latency_seconds_bucket", (("le", "+Inf"),))] == 1
+    assert value[("vims_gate_listening", (("vm", "vm-2"),))] == 1
