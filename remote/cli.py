@@ -115,7 +115,8 @@ def _read_enrolments(path: Path) -> list[Any]:
         if sorted(header) != sorted(ENROL_FIELDS):
             raise InputError(f"a CSV enrolment file starts with the header {','.join(ENROL_FIELDS)} "
                              f"(any order), not {line.strip()!r}", where=f"{path}:{n}")
-    entries, seen = [], {}
+    entries: list[Enrolment] = []
+    seen: dict[tuple[str, object], int] = {}
     for n, line in numbered:
         where = f"{path}:{n}"
         if header is None:
