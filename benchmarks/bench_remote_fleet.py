@@ -48,6 +48,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from measure import cpu_seconds, pct  # benchmarks/measure.py (this script's folder)
 
 from vims.net import free_port, free_ports
 from vims.remote.client import AvmSession
@@ -61,18 +62,6 @@ UNHEALTHY_EVERY = 10
 
 def healthy(vm_id: str) -> bool:
     return int(vm_id.split("-")[1]) % UNHEALTHY_EVERY != 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 @dataclass

@@ -41,6 +41,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from measure import cpu_seconds, pct  # benchmarks/measure.py (this script's folder)
 
 from vims.net import free_port
 from vims.remote.client import AvmSession
@@ -144,18 +145,6 @@ async def attempt(vm_id: str, port: int, out: list[Attempt]) -> None:
         rec.outcome = f"error {exc.__class__.__name__}"
     finally:
         writer.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 async def phase(name: str, avms: list[SimAvm], ports: dict[str, int], rate: float, seconds: float,

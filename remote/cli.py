@@ -80,29 +80,122 @@ def init(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
         out.print(f"REM-S keys in {folder}; give A-VMs [bold]{public}[/]")
 
 
+#: The fields of each line of a bulk enrolment file (``vims remote enroll --from FILE``).
+ENROL_FIELDS = ("avm_id", "vm_id", "gate_port", "curve_public", "sign_public")
+
+
+def _read_enrolments(path: Path) -> list[Any]:
+    """Every A-VM a bulk enrolment file lists, each checked; the first malformed line is a user error
+    naming it (``FILE:LINE: ...``), so nothing is enrolled from a file with one.
+
+    The file is JSON lines (one object a line, with :data:`ENROL_FIELDS`; an ``avm.public.json``'s own
+    ``kind`` may stay) or CSV whose first line names the same columns (in any order). Blank lines and
+    lines starting with ``#`` are skipped. An A-VM, VM, gate port or CURVE key listed twice is refused.
+    """
+    import csv
+    import json
+
+    from vims.remote.keys import AvmPublic, check_id
+    from vims.remote.store import Enrolment
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise VimsError(f"{path}: no such enrolment file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the enrolment file: {exc}", where=path) from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not numbered:
+        raise InputError("no A-VMs in the enrolment file (JSON lines or CSV with a header line "
+                         f"{','.join(ENROL_FIELDS)})", where=path)
+    header: list[str] | None = None
+    if not numbered[0][1].lstrip().startswith("{"):
+        n, line = numbered.pop(0)
+        header = [h.strip() for h in next(csv.reader([line]))]
+        if sorted(header) != sorted(ENROL_FIELDS):
+            raise InputError(f"a CSV enrolment file starts with the header {','.join(ENROL_FIELDS)} "
+                             f"(any order), not {line.strip()!r}", where=f"{path}:{n}")
+    entries: list[Enrolment] = []
+    seen: dict[tuple[str, object], int] = {}
+    for n, line in numbered:
+        where = f"{path}:{n}"
+        if header is None:
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise InputError(f"not a JSON object: {exc}", where=where) from None
+            if not isinstance(obj, dict):
+                raise InputError("not a JSON object", where=where)
+            extra = sorted(set(obj) - set(ENROL_FIELDS) - {"kind"})
+            if extra:
+                raise InputError(f"unknown field {extra[0]!r} (fields: {', '.join(ENROL_FIELDS)})", where=where)
+        else:
+            cells = next(csv.reader([line]))
+            if len(cells) != len(header):
+                raise InputError(f"{len(cells)} fields, the header has {len(header)}", where=where)
+            obj = {h: c.strip() for h, c in zip(header, cells, strict=True)}
+        pub = AvmPublic.parse(obj, where)
+        if "vm_id" not in obj:
+            raise InputError("missing field 'vm_id'", where=where)
+        try:
+            vm_id = check_id(obj["vm_id"], "VM id")
+        except InputError as exc:
+            raise InputError(exc.message, where=where) from None
+        port = obj.get("gate_port")
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InputError(f"gate_port {obj.get('gate_port')!r} is not a TCP port", where=where)
+        for key in (("A-VM", pub.avm_id), ("VM", vm_id), ("gate port", port), ("CURVE key", pub.curve_public)):
+            if key in seen:
+                raise InputError(f"{key[0]} {key[1]} is listed twice (also on line {seen[key]})", where=where)
+            seen[key] = n
+        entries.append(Enrolment(pub, vm_id, port, where))
+    return entries
+
+
 @remote_app.command("enroll")
-def enroll(public_file: Path = typer.Argument(..., help="The A-VM's avm.public.json (from `vims avm init`)."),
-           vm: str = typer.Option(..., "--vm", help="The id of the VM this A-VM watches."),
-           gate_port: int = typer.Option(..., "--gate-port", help="The loopback port the VM's client "
-                                         "connections arrive on (for the bundled guest: its serial line)."),
+def enroll(public_file: Path | None = typer.Argument(None, help="The A-VM's avm.public.json (from `vims avm "
+                                                     "init`); or give --from."),
+           vm: str | None = typer.Option(None, "--vm", help="The id of the VM this A-VM watches."),
+           gate_port: int | None = typer.Option(None, "--gate-port", help="The loopback port the VM's client "
+                                                "connections arrive on (for the bundled guest: its serial line)."),
+           from_file: Path | None = typer.Option(None, "--from", help="Enrol every A-VM this file lists, all or "
+                                                 "none: JSON lines or CSV with a header line, fields avm_id, "
+                                                 "vm_id, gate_port, curve_public, sign_public."),
            policy: Path | None = typer.Option(None, "--policy", help="A policy JSON file (default policy "
-                                              "otherwise)."),
+                                              "otherwise); with --from, every VM's."),
            force: bool = typer.Option(False, "--force", metavar="", help="Replace an enrolment of the same A-VM id."),
            home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
            store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
            json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON.")) -> None:
-    """Register an A-VM: its id, the VM it watches, its public keys and the VM's gate port."""
+    """Register an A-VM (its id, the VM it watches, its public keys and the VM's gate port), or every A-VM
+    a file lists (--from)."""
     from vims.console import out, print_json
     from vims.remote.keys import AvmPublic
+    from vims.remote.store import Enrolment
 
-    pub = AvmPublic.load(public_file)
-    with _store(_home(home), store) as opened:
-        result = opened.enroll(pub, vm, gate_port, _read_policy(policy) if policy else None, force=force)
-    if json_out:
-        print_json(result)
+    if from_file is not None:
+        if public_file is not None or vm is not None or gate_port is not None:
+            raise InputError("give --from FILE, or an avm.public.json with --vm and --gate-port, not both")
+        entries = _read_enrolments(from_file)
     else:
-        out.print(f"enrolled A-VM {pub.avm_id} for VM {vm}, gate port {gate_port}, "
-                  f"policy v{result['policy_version']}")
+        if public_file is None or vm is None or gate_port is None:
+            raise InputError("give an avm.public.json with --vm and --gate-port (or --from FILE)")
+        entries = [Enrolment(AvmPublic.load(public_file), vm, gate_port)]
+    with _store(_home(home), store) as opened:
+        results = opened.enroll_many(entries, _read_policy(policy) if policy else None, force=force)
+    if from_file is not None:
+        if json_out:
+            print_json({"file": str(from_file), "enrolled": results})
+        else:
+            out.print(f"enrolled {len(results)} A-VMs from {from_file}")
+    elif json_out:
+        print_json(results[0])
+    else:
+        r = results[0]
+        out.print(f"enrolled A-VM {r['avm_id']} for VM {r['vm_id']}, gate port {r['gate_port']}, "
+                  f"policy v{r['policy_version']}")
 
 
 @remote_app.command("revoke")
@@ -164,6 +257,10 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
           lease_s: float = typer.Option(10.0, "--lease-s", help="Lease period (s): how long this verifier holds "
                                         "an A-VM after its last renewal; a killed verifier's A-VMs are taken "
                                         "over by another within about this much."),
+          keep_history: float | None = typer.Option(None, "--keep-history", min=0.0, metavar="DAYS",
+                                                    help="Prune history older than this many days (every "
+                                                    "minute), even where a VM's policy keeps it longer; "
+                                                    "the latest verdicts stay."),
           ) -> None:
     """Run REM-S: the control channel, one gate per enrolled VM and the metrics endpoint."""
     import asyncio
@@ -195,7 +292,7 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
         if verifier_id is not None:
             check_id(verifier_id, "verifier id")
         server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port,
-                            verifier_id=verifier_id, lease_s=lease_s)
+                            verifier_id=verifier_id, lease_s=lease_s, keep_history_days=keep_history)
         web = None
         if console_at is not None:  # before the server, so a console that cannot bind starts nothing
             from vims.remote.console import ConsoleServer
@@ -234,6 +331,33 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
             opened.close()
 
     asyncio.run(main())
+
+
+@remote_app.command("prune")
+def prune(older_than: float | None = typer.Option(None, "--older-than", min=0.0, metavar="DAYS",
+                                                  help="Also prune history older than this many days where a "
+                                                  "VM's policy keeps it longer."),
+          max_unattributed: int | None = typer.Option(None, "--max-unattributed", min=0,
+                                                      help="The most rows kept of refused unknown keys "
+                                                      "(default: as `serve` keeps)."),
+          home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+          store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
+          json_out: bool = typer.Option(False, "--json", metavar="", help="Print the counts as JSON.")) -> None:
+    """Prune the history now, as `serve` does every minute: each VM's reports and decisions older than its
+    policy's history_days (or --older-than), documents beyond its history_documents. The latest verdict of
+    every A-VM and the latest decision of every VM stay, however old."""
+    from vims.console import out, print_json
+    from vims.remote.policy import retention
+    from vims.remote.store import MAX_UNATTRIBUTED
+
+    with _store(_home(home), store) as opened:
+        limits = {a["vm_id"]: retention(opened.policy(a["vm_id"])) for a in opened.avms() if a["revoked_at"] is None}
+        pruned = opened.prune(limits, MAX_UNATTRIBUTED if max_unattributed is None else max_unattributed,
+                              max_days=older_than)
+    if json_out:
+        print_json({"older_than_days": older_than, "pruned": pruned})
+    else:
+        out.print("pruned " + ", ".join(f"{n} {what}" for what, n in pruned.items()))
 
 
 @remote_app.command("simulate")
@@ -277,11 +401,20 @@ def _when(t: float | None) -> str:
     return "-" if t is None else datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _age(seconds: float | None) -> str:
+    """A duration for a table: ``4.2 s``, ``3.5 min``, ``2.0 h``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    sign, s = ("-" if seconds < 0 else ""), abs(seconds)
+    return sign + (f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
 @remote_app.command("status")
 def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
            store: str | None = typer.Option(None, "--store", envvar=STORE_ENV, help=STORE_HELP),
            json_out: bool = typer.Option(False, "--json", metavar="", help="Print as JSON.")) -> None:
-    """Every enrolled A-VM: its VM, gate port, policy, last report and last decision; and totals."""
+    """Every enrolled A-VM: its VM, gate port, policy, last report, last decision and the verifier holding
+    its lease; the verifiers sharing the store; and totals."""
     from rich.table import Table
 
     from vims.console import out, print_json
@@ -293,17 +426,30 @@ def status(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
     if json_out:
         print_json(view)
         return
-    table = Table("A-VM", "VM", "state", "gate", "policy", "acked", "last seq", "last report", "last decision")
+    table = Table("A-VM", "VM", "state", "gate", "policy", "acked", "last seq", "last report", "last decision",
+                  "verifier", "lease age", "expires in")
     for r in rows:
         rep = r["last_report"]
         dec = r["last_decision"]
+        lease = r["lease"]
         table.add_row(
             r["avm_id"] + (" [red](revoked)[/]" if r["revoked"] else ""), r["vm_id"], r["state"],
             str(r["gate_port"]),
             f"v{r['policy_version']}", f"v{r['acked_version']}" if r["acked_version"] else "-", str(r["last_seq"]),
             "-" if rep is None else f"{_when(rep['received_at'])} {rep['status']} {rep['reason'] or ''}",
-            "-" if dec is None else f"{_when(dec['time'])} {dec['kind']}: {dec['reason']}")
+            "-" if dec is None else f"{_when(dec['time'])} {dec['kind']}: {dec['reason']}",
+            "-" if lease is None else lease["verifier_id"] + (" (expired)" if lease["expired"] else ""),
+            "-" if lease is None else _age(lease["age_s"]),
+            "-" if lease is None else _age(lease["expires_in_s"]))
     out.print(table)
+    if view["verifiers"]:
+        verifiers = Table("verifier", "state", "control", "host", "pid", "heartbeat", "lease period", "leases",
+                          title="verifiers")
+        for v in view["verifiers"]:
+            verifiers.add_row(v["verifier_id"], v["state"], v["endpoint"] or "-", v["host"] or "-",
+                              str(v["pid"] or "-"), f"{_age(v['heartbeat_s_ago'])} ago", _age(v["lease_s"]),
+                              str(v["leases"]))
+        out.print(verifiers)
     out.print(f"reports: {counts['reports']}  decisions: {counts['decisions']}")
 
 

@@ -115,7 +115,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _field(obj: dict[str, Any], name: str, path: Path) -> Any:
+def _field(obj: dict[str, Any], name: str, path: str | Path) -> Any:
     if name not in obj:
         raise InputError(f"missing field {name!r}", where=path)
     return obj[name]
@@ -179,14 +179,19 @@ class AvmPublic:
 
     @classmethod
     def load(cls, path: Path) -> AvmPublic:
-        obj = read_json(path)
-        avm_id = _field(obj, "avm_id", path)
+        return cls.parse(read_json(path), path)
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any], where: str | Path) -> AvmPublic:
+        """The keys in ``obj`` (``avm_id``, ``curve_public``, ``sign_public``), checked; a user error
+        names ``where`` (a file, or ``file:line``)."""
+        avm_id = _field(obj, "avm_id", where)
         try:
             check_id(avm_id, "A-VM id")
         except InputError as exc:
-            raise InputError(exc.message, where=path) from None
-        return cls(avm_id, check_z85(_field(obj, "curve_public", path), f"{path}: curve_public"),
-                   check_hex32(_field(obj, "sign_public", path), f"{path}: sign_public"))
+            raise InputError(exc.message, where=where) from None
+        return cls(avm_id, check_z85(_field(obj, "curve_public", where), f"{where}: curve_public"),
+                   check_hex32(_field(obj, "sign_public", where), f"{where}: sign_public"))
 
 
 @dataclass(frozen=True)

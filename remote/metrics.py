@@ -12,14 +12,21 @@ Series:
 - ``vims_gate_listening{vm}`` (1/0), ``vims_gate_bind_failures_total{vm}``: a gate whose port is taken
 - ``vims_gate_refused_total{reason}``: gate connections refused before any decision (``busy``: the VM's cap)
 - ``vims_history_pruned_total{what}``: rows deleted and documents dropped by the retention policy
+- ``vims_leases_held``: the A-VMs whose lease this verifier holds
 
->>> m = Metrics()
+Every series of a verifier carries its ``verifier`` label (``Metrics(labels={"verifier": ID})``, as
+REM-S makes it), so the metrics of several verifiers over one store add up and compare in Prometheus
+without relying on the scrape target's ``instance``.
+
+>>> m = Metrics(labels={"verifier": "v1"})
 >>> m.inc("vims_reports_rejected_total", reason="replayed")
 >>> m.observe("vims_report_latency_seconds", 0.003)
 >>> text = m.render()
->>> 'vims_reports_rejected_total{reason="replayed"} 1' in text
+>>> 'vims_reports_rejected_total{reason="replayed",verifier="v1"} 1' in text
 True
->>> 'vims_report_latency_seconds_bucket{le="0.005"} 1' in text
+>>> 'vims_report_latency_seconds_bucket{le="0.005",verifier="v1"} 1' in text
+True
+>>> m.line("vims_open_connections") + " 0" in text
 True
 """
 
@@ -49,6 +56,7 @@ HELP = {
     "vims_gate_bind_failures_total": ("counter", "Gate ports that could not be bound, by VM (once per error)."),
     "vims_gate_refused_total": ("counter", "Gate connections refused before a decision, by reason."),
     "vims_history_pruned_total": ("counter", "History rows deleted and documents dropped by retention."),
+    "vims_leases_held": ("gauge", "A-VMs whose lease this verifier holds."),
     "vims_report_latency_seconds": ("histogram", "Nonce request to accepted report carrying it."),
     "vims_decision_latency_seconds": ("histogram", "Client connect to gate decision."),
 }
@@ -66,9 +74,22 @@ def _escape(value: str) -> str:
 
 
 class Metrics:
-    """Counters, gauges and histograms kept in memory (one REM-S process)."""
+    """Counters, gauges and histograms kept in memory (one REM-S process).
 
-    def __init__(self, max_clients: int = 32, request_timeout_s: float = 5.0) -> None:
+    Parameters
+    ----------
+    max_clients : int
+        The most scrapers served at once; more are closed at once (``vims_metrics_refused_total``).
+    request_timeout_s : float
+        How long one scrape may take.
+    labels : dict of str to str, optional
+        Labels every series carries (REM-S: ``verifier``), added when rendered; :meth:`inc`, :meth:`set`
+        and :meth:`get` name only a series' own labels.
+    """
+
+    def __init__(self, max_clients: int = 32, request_timeout_s: float = 5.0,
+                 labels: dict[str, str] | None = None) -> None:
+        self.labels = dict(labels or {})
         self.max_clients = max_clients
         self.request_timeout_s = request_timeout_s
         self._clients = 0
@@ -94,6 +115,10 @@ class Metrics:
         h[-2] += value
         h[-1] += 1
 
+    def line(self, name: str, **labels: str) -> str:
+        """How the series ``name`` with ``labels`` (and :attr:`labels`) starts its line in :meth:`render`."""
+        return f"{name}{_labels({**labels, **self.labels})}"
+
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
         lines: list[str] = []
@@ -105,13 +130,13 @@ class Metrics:
                 running = 0.0
                 for bound, count in zip(BUCKETS, h, strict=False):
                     running += count
-                    lines.append(f'{name}_bucket{{le="{bound}"}} {running:g}')
-                lines += [f'{name}_bucket{{le="+Inf"}} {h[-1]:g}', f"{name}_sum {h[-2]:.6f}",
-                          f"{name}_count {h[-1]:g}"]
+                    lines.append(f"{self.line(name + '_bucket', le=str(bound))} {running:g}")
+                lines += [f"{self.line(name + '_bucket', le='+Inf')} {h[-1]:g}",
+                          f"{self.line(name + '_sum')} {h[-2]:.6f}", f"{self.line(name + '_count')} {h[-1]:g}"]
                 continue
             series = self.values.get(name) or ({(): 0.0} if name in UNLABELLED else {})
             for key, value in sorted(series.items()):
-                lines.append(f"{name}{_labels(dict(key))} {value:g}")
+                lines.append(f"{self.line(name, **dict(key))} {value:g}")
         return "\n".join(lines) + "\n"
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:

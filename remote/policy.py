@@ -128,6 +128,16 @@ def normalise_policy(policy: Any, where: str = "policy") -> dict[str, Any]:
     return out
 
 
+def retention(policy: dict[str, Any]) -> tuple[float, int]:
+    """How long a VM's history is kept and how many signed documents: ``(history_days, history_documents)``
+    of its (normalised) policy, as :meth:`~vims.remote.store.Store.prune` takes them.
+
+    >>> retention(DEFAULT_POLICY)
+    (30.0, 1000)
+    """
+    return float(policy["history_days"]), int(policy["history_documents"])
+
+
 def evaluate(report: dict[str, Any], policy: dict[str, Any], now: float | None = None) -> tuple[bool, str]:
     """The gate's verdict on an accepted report: ``(allowed, reason)``; ``reason`` is one line.
 

@@ -51,7 +51,7 @@ from vims.remote.gate import RECORD_WAIT_S, Gate
 from vims.remote.history import HistoryWriter
 from vims.remote.keys import ServerKeys, verify_key
 from vims.remote.metrics import Metrics
-from vims.remote.policy import evaluate, one_line
+from vims.remote.policy import evaluate, one_line, retention
 from vims.remote.protocol import (
     MAX_MESSAGE,
     SERVER_ID,
@@ -63,7 +63,7 @@ from vims.remote.protocol import (
     parse_envelope,
     verify_report,
 )
-from vims.remote.store import Store, StoreError
+from vims.remote.store import MAX_UNATTRIBUTED, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +130,17 @@ class RemsServer:
         The lease period: a verifier holds an A-VM for this long after its last renewal (a heartbeat
         every third of it, or an accepted report). A killed verifier's A-VMs are taken over by another
         one within about this much after they move to it.
+    keep_history_days : float, optional
+        The operator's cap on every VM's retention: history older than this many days is pruned even
+        when a VM's policy keeps it longer (never the latest verdicts a gate decides from).
     """
 
     def __init__(self, store: Store, keys: ServerKeys, control: str = "tcp://127.0.0.1:0",
                  service: tuple[str, int] | None = None, gate_host: str = "127.0.0.1",
                  metrics_port: int | None = 0, poll_s: float = 0.1, prune_every_s: float = 60.0,
-                 max_unattributed: int = 10000, max_connections_per_vm: int = 256,
-                 verifier_id: str | None = None, lease_s: float = 10.0) -> None:
+                 max_unattributed: int = MAX_UNATTRIBUTED, max_connections_per_vm: int = 256,
+                 verifier_id: str | None = None, lease_s: float = 10.0,
+                 keep_history_days: float | None = None) -> None:
         if not lease_s > 0:
             raise VimsError(f"lease period {lease_s} s: give a positive number of seconds")
         self.store = store
@@ -156,7 +160,10 @@ class RemsServer:
         self.poll_s = poll_s
         self.prune_every_s = prune_every_s
         self.max_unattributed = max_unattributed
-        self.metrics = Metrics()
+        if keep_history_days is not None and not keep_history_days >= 0:
+            raise VimsError(f"keep history {keep_history_days} days: give a number of days (0 or more)")
+        self.keep_history_days = keep_history_days
+        self.metrics = Metrics(labels={"verifier": self.verifier_id})
         self.avms: dict[str, AvmState] = {}
         self.by_key: dict[str, str] = {}  # CURVE public (Z85) of unrevoked A-VMs -> avm_id
         self.by_vm: dict[str, str] = {}  # vm_id -> unrevoked avm_id
@@ -282,7 +289,7 @@ class RemsServer:
                     reason = f"A-VM {avm_id}'s lease is no longer held by verifier {self.verifier_id}"
                 self.gate.cut_vm(st.vm_id, reason)
         self.leased, self.foreign, self.peers = held, others - held, peers
-        self.metrics.set("vims_leases_held", len(held), verifier=self.verifier_id)
+        self.metrics.set("vims_leases_held", len(held))
         await self._listen_gates()
 
     async def _lease_loop(self) -> None:
@@ -479,8 +486,9 @@ class RemsServer:
 
     def _prune(self) -> None:
         """Queue a pruning of the history (in the writer's thread) to every VM's retention policy."""
-        limits = {vm: (float(p["history_days"]), int(p["history_documents"])) for vm, p in self.policies.items()}
-        future = self.history.submit("prune", retry=False, limits=limits, max_unattributed=self.max_unattributed)
+        limits = {vm: retention(p) for vm, p in self.policies.items()}
+        future = self.history.submit("prune", retry=False, limits=limits, max_unattributed=self.max_unattributed,
+                                     max_days=self.keep_history_days)
 
         def done(f: Any) -> None:
             if f.exception() is None:

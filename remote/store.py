@@ -41,6 +41,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -50,6 +51,8 @@ from vims.remote.policy import normalise_policy
 from vims.remote.store_migrations import migrate
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: The most history rows kept that name no VM (refusals of unknown or revoked keys), unless told otherwise.
+MAX_UNATTRIBUTED = 10000
 
 
 class StoreError(VimsError, OSError):
@@ -85,6 +88,19 @@ def backend(location: str | Path) -> type[Store]:
     if not scheme and text.lower().startswith(tuple(f"{s}:/" for s in POSTGRES_SCHEMES)):
         raise InputError(f"{mask_location(text)!r} is a PostgreSQL URL that lost a '/' (made a path?)")
     return SqliteStore
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """One A-VM to enrol: its public keys, the VM it watches and that VM's gate port.
+
+    ``where`` names it in errors (``file:line`` for an entry of a bulk enrolment file).
+    """
+
+    pub: AvmPublic
+    vm_id: str
+    gate_port: int
+    where: str | None = None
 
 
 class Store:
@@ -176,32 +192,57 @@ class Store:
     def enroll(self, pub: AvmPublic, vm_id: str, gate_port: int, policy: dict[str, Any] | None = None,
                force: bool = False) -> dict[str, Any]:
         """Register an A-VM watching ``vm_id``, whose clients connect through ``gate_port``."""
+        return self.enroll_many([Enrolment(pub, vm_id, gate_port)], policy, force)[0]
+
+    def enroll_many(self, entries: Sequence[Enrolment], policy: dict[str, Any] | None = None,
+                    force: bool = False) -> list[dict[str, Any]]:
+        """Register several A-VMs in one transaction: all of them, or (on the first conflict) none.
+
+        ``policy`` (default: the default policy for a VM that has none, its current one otherwise) is
+        given to every VM. A conflict (an A-VM enrolled already without ``force``, a VM, gate port or
+        CURVE key taken, by an enrolled A-VM or an earlier entry) raises naming the entry's ``where``.
+        """
+        pol = normalise_policy(policy or {})
+        out = []
+        with self._transaction(lock=True):
+            for entry in entries:
+                try:
+                    out.append(self._enroll(entry, pol, policy is not None, force))
+                except VimsError as exc:
+                    if entry.where is None:
+                        raise
+                    raise type(exc)(exc.message, where=entry.where) from None
+            self._changed()
+        return out
+
+    def _enroll(self, entry: Enrolment, policy: dict[str, Any], set_policy: bool, force: bool) -> dict[str, Any]:
+        """One enrolment, inside the caller's locking transaction; ``policy`` (normalised) becomes the VM's
+        new version when ``set_policy`` or the VM has none."""
+        pub, vm_id, gate_port = entry.pub, entry.vm_id, entry.gate_port
         check_id(vm_id, "VM id")
         if not 0 < gate_port < 65536:
             raise InputError(f"gate port {gate_port} is not a TCP port")
-        pol = normalise_policy(policy or {})
-        with self._transaction(lock=True):
-            old = self._one("SELECT * FROM avms WHERE avm_id = ?", (pub.avm_id,))
-            if old is not None and not force:
-                raise VimsError(f"A-VM {pub.avm_id} is already enrolled; pass --force to replace it")
-            for row in self._rows("SELECT avm_id, vm_id, gate_port, curve_public FROM avms "
-                                  "WHERE revoked_at IS NULL AND avm_id != ?", (pub.avm_id,)):
-                if row["vm_id"] == vm_id:
-                    raise VimsError(f"VM {vm_id} is already watched by A-VM {row['avm_id']} (revoke it first)")
-                if row["gate_port"] == gate_port:
-                    raise VimsError(f"gate port {gate_port} already belongs to VM {row['vm_id']}")
-                if row["curve_public"] == pub.curve_public:
-                    raise VimsError(f"this CURVE key is already enrolled as A-VM {row['avm_id']}")
-            self._exec("DELETE FROM avms WHERE avm_id = ?", (pub.avm_id,))
-            # A re-enrolled A-VM keeps its sequence number: its old reports must stay unreplayable.
-            self._exec(
-                "INSERT INTO avms (avm_id, vm_id, curve_public, sign_public, gate_port, enrolled_at, last_seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (pub.avm_id, vm_id, pub.curve_public, pub.sign_public, gate_port, time.time(),
-                 old["last_seq"] if old is not None else 0))
-            latest = self._latest(vm_id)
-            version = self._add_policy(vm_id, pol) if policy is not None or latest is None else latest
-            self._changed()
+        old = self._one("SELECT * FROM avms WHERE avm_id = ?", (pub.avm_id,))
+        if old is not None and not force:
+            raise VimsError(f"A-VM {pub.avm_id} is already enrolled; pass --force to replace it")
+        for row in self._rows("SELECT avm_id, vm_id, gate_port, curve_public FROM avms WHERE revoked_at IS NULL "
+                              "AND avm_id != ? AND (vm_id = ? OR gate_port = ? OR curve_public = ?)",
+                              (pub.avm_id, vm_id, gate_port, pub.curve_public)):
+            if row["vm_id"] == vm_id:
+                raise VimsError(f"VM {vm_id} is already watched by A-VM {row['avm_id']} (revoke it first)")
+            if row["gate_port"] == gate_port:
+                raise VimsError(f"gate port {gate_port} already belongs to VM {row['vm_id']}")
+            if row["curve_public"] == pub.curve_public:
+                raise VimsError(f"this CURVE key is already enrolled as A-VM {row['avm_id']}")
+        self._exec("DELETE FROM avms WHERE avm_id = ?", (pub.avm_id,))
+        # A re-enrolled A-VM keeps its sequence number: its old reports must stay unreplayable.
+        self._exec(
+            "INSERT INTO avms (avm_id, vm_id, curve_public, sign_public, gate_port, enrolled_at, last_seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (pub.avm_id, vm_id, pub.curve_public, pub.sign_public, gate_port, time.time(),
+             old["last_seq"] if old is not None else 0))
+        latest = self._latest(vm_id)
+        version = self._add_policy(vm_id, policy) if set_policy or latest is None else latest
         return {"avm_id": pub.avm_id, "vm_id": vm_id, "gate_port": gate_port, "policy_version": version}
 
     def revoke(self, avm_id: str) -> None:
@@ -409,32 +450,45 @@ class Store:
         row["holder"] = holder["verifier_id"] if holder else None
         return row
 
-    def prune(self, limits: dict[str, tuple[float, int]], max_unattributed: int,
-              now: float | None = None) -> dict[str, int]:
+    def prune(self, limits: dict[str, tuple[float, int]], max_unattributed: int = MAX_UNATTRIBUTED,
+              now: float | None = None, max_days: float | None = None) -> dict[str, int]:
         """Keep the history bounded: apply each VM's retention, cap the rows no VM owns.
 
         ``limits`` maps a vm_id to ``(days, documents)`` (its policy's ``history_days`` and
-        ``history_documents``): its reports and decisions older than ``days`` are deleted, and only its
-        latest ``documents`` reports keep their signed document (the rest keep their digest, verdict and
+        ``history_documents``; :func:`~vims.remote.policy.retention`): its reports and decisions older
+        than ``days`` (or ``max_days``, the operator's cap, when shorter) are deleted, and only its latest
+        ``documents`` reports keep their signed document (the rest keep their digest, verdict and
         reason). VMs with rows but not in ``limits`` (no longer enrolled) take the default policy's
         limits. Rows that name no VM (refused keys) are capped at the newest ``max_unattributed``.
-        Returns how many rows were deleted and documents dropped.
+
+        However old, what the gates and the status decide from is kept: the VM's latest accepted report
+        (:meth:`latest_verdict`) and, for each A-VM that reported on it, its latest accepted report and
+        its latest report of any status, and the VM's latest decision. Verifiers that stopped or fell
+        silent before the cut-off and hold no lease are forgotten. Returns how many rows were deleted
+        (``reports``, ``decisions``, ``unattributed``, ``verifiers``) and documents dropped.
         """
-        from vims.remote.policy import DEFAULT_POLICY
+        from vims.remote.policy import DEFAULT_POLICY, retention
 
         now = time.time() if now is None else now
-        default = (float(DEFAULT_POLICY["history_days"]), int(DEFAULT_POLICY["history_documents"]))
+        default = retention(DEFAULT_POLICY)
         vms = {r["vm_id"] for r in self._rows("SELECT DISTINCT vm_id FROM reports WHERE vm_id IS NOT NULL")}
         vms |= {r["vm_id"] for r in self._rows("SELECT DISTINCT vm_id FROM decisions")}
-        out = {"reports": 0, "decisions": 0, "documents": 0, "unattributed": 0}
+        out = {"reports": 0, "decisions": 0, "documents": 0, "unattributed": 0, "verifiers": 0}
+        longest = 0.0
         with self._transaction():
             for vm_id in sorted(vms):
                 days, documents = limits.get(vm_id, default)
+                days = days if max_days is None else min(days, max_days)
+                longest = max(longest, days)
                 before = now - days * 86400.0
-                out["reports"] += self._exec("DELETE FROM reports WHERE vm_id = ? AND received_at < ?",
-                                             (vm_id, before))
-                out["decisions"] += self._exec("DELETE FROM decisions WHERE vm_id = ? AND time < ?",
-                                               (vm_id, before))
+                out["reports"] += self._exec(
+                    "DELETE FROM reports WHERE vm_id = ? AND received_at < ? AND id NOT IN ("
+                    "SELECT MAX(id) FROM reports WHERE vm_id = ? AND status = 'accepted' GROUP BY avm_id "
+                    "UNION SELECT MAX(id) FROM reports WHERE vm_id = ? AND avm_id IS NOT NULL GROUP BY avm_id)",
+                    (vm_id, before, vm_id, vm_id))
+                out["decisions"] += self._exec(
+                    "DELETE FROM decisions WHERE vm_id = ? AND time < ? AND id < "
+                    "(SELECT MAX(id) FROM decisions WHERE vm_id = ?)", (vm_id, before, vm_id))
                 out["documents"] += self._exec(
                     "UPDATE reports SET document = NULL WHERE vm_id = ? AND document IS NOT NULL AND id <= "
                     "(SELECT id FROM reports WHERE vm_id = ? AND document IS NOT NULL ORDER BY id DESC "
@@ -442,6 +496,10 @@ class Store:
             out["unattributed"] = self._exec(
                 "DELETE FROM reports WHERE vm_id IS NULL AND id <= (SELECT id FROM reports WHERE vm_id IS NULL "
                 "ORDER BY id DESC LIMIT 1 OFFSET ?)", (max_unattributed,))
+            keep_s = max(longest, default[0] if max_days is None else min(default[0], max_days)) * 86400.0
+            out["verifiers"] = self._exec(
+                "DELETE FROM verifiers WHERE heartbeat_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM leases l WHERE l.verifier_id = verifiers.verifier_id)", (now - keep_s,))
         return out
 
     def seen_report(self, avm_id: str, seq: int, digest: str) -> bool:

@@ -85,6 +85,11 @@ class Deployment:
         server = self.thread.server
         return float(self.thread.call(lambda: server.metrics.get(name, **labels)))
 
+    def line(self, name: str, **labels: str) -> str:
+        """How the series starts its line in :meth:`scrape` (with the verifier's label)."""
+        assert self.thread is not None
+        return self.thread.server.metrics.line(name, **labels)
+
     def scrape(self) -> str:
         """The Prometheus text, fetched over HTTP like Prometheus would."""
         assert self.thread is not None and self.thread.server.metrics_bound

@@ -1,7 +1,8 @@
 """What REM-S's history shows, built once: the CLI's ``--json`` and the web console both call these.
 
 - :func:`fleet`: every enrolled A-VM with its state (``allowed``/``refused``/``revoked``/``unknown``),
-  last report, last decision, and the totals (``vims remote status --json``);
+  last report, last decision and its lease (which verifier holds it, since when), the verifiers sharing
+  the store, and the totals (``vims remote status --json``);
 - :func:`history`: one VM's latest reports and decisions, paged by id (``vims remote history --json``);
 - :func:`vm_detail`: one VM's latest signed evidence (its least normal processes, its check results);
 - :func:`decisions`: the decisions on every VM, searchable (``vims remote decisions --json``).
@@ -30,12 +31,36 @@ def _state(row: dict[str, Any]) -> str:
     return "allowed"
 
 
+#: What each A-VM's ``lease`` shows of :meth:`Store.leases`'s row (ages by the database's clock).
+LEASE_FIELDS = ("verifier_id", "endpoint", "generation", "age_s", "renewed_s_ago", "expires_in_s", "expired")
+
+
+def _verifier_state(row: dict[str, Any]) -> str:
+    """live / stopped (cleanly, leases given up) / silent (no heartbeat within its lease period)."""
+    if row["stopped_at"] is not None:
+        return "stopped"
+    return "live" if row["heartbeat_s_ago"] <= row["lease_s"] else "silent"
+
+
 def fleet(store: Store) -> dict[str, Any]:
-    """Every enrolled A-VM (``avms``, each with its ``state``) and the ``totals`` of reports and decisions."""
+    """Every enrolled A-VM (``avms``), the verifier processes sharing the store (``verifiers``) and the
+    ``totals`` of reports and decisions.
+
+    Each A-VM row has its ``state`` and its ``lease``: the verifier holding it (``verifier_id``, its
+    ``endpoint``), ``generation`` (changes of holder), ``age_s`` (held by that verifier since),
+    ``renewed_s_ago``, ``expires_in_s`` and ``expired``; None when no verifier ever took it. Each verifier
+    row: ``verifier_id``, ``endpoint``, ``host``, ``pid``, ``lease_s``, ``heartbeat_s_ago``, ``stopped_at``,
+    ``leases`` (held unexpired) and ``state`` (``live``, ``stopped`` or ``silent``).
+    """
     rows = store.status()
+    leases = {r["avm_id"]: {k: r[k] for k in LEASE_FIELDS} for r in store.leases()}
     for r in rows:
         r["state"] = _state(r)
-    return {"avms": rows, "totals": store.counts()}
+        r["lease"] = leases.get(r["avm_id"])
+    verifiers = store.verifiers()
+    for v in verifiers:
+        v["state"] = _verifier_state(v)
+    return {"avms": rows, "verifiers": verifiers, "totals": store.counts()}
 
 
 def history(store: Store, vm_id: str, limit: int = 50, before: int | None = None) -> dict[str, Any]:

@@ -32,3 +32,29 @@ def test_benchmark_quick_mode_prints_a_table(bench: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if any(c.isdigit() for c in line)]
     assert len(rows) >= 2, f"no table on stdout:\n{done.stdout}"
+
+
+def test_the_shared_measurements_of_the_benchmarks(tmp_path: Path) -> None:
+    """``benchmarks/measure.py``: nearest-rank quantiles, and a process's CPU time read from /proc (a
+    command name with spaces and parentheses too)."""
+    import os
+    import shutil
+
+    from benchmarks.measure import cpu_seconds, pct
+
+    values = [float(v) for v in range(100, 0, -1)]  # 100 ... 1, unsorted
+    assert (pct(values, 0.0), pct(values, 0.5), pct(values, 0.99), pct(values, 1.0)) == (1.0, 51.0, 99.0, 100.0)
+    assert pct([], 0.5) is None and pct([7.0], 0.99) == 7.0
+    before = os.times()
+    own = cpu_seconds(os.getpid())
+    after = os.times()
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert before.user + before.system - tick <= own <= after.user + after.system + tick
+    odd = tmp_path / "a) b (c"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", odd)
+    proc = subprocess.Popen([str(odd), "30"])
+    try:
+        assert 0.0 <= cpu_seconds(proc.pid) < 5.0  # parsed past the odd name: utime and stime, not its text
+    finally:
+        proc.kill()
+        proc.wait()

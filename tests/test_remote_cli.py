@@ -62,7 +62,8 @@ def test_init_enroll_serve_status_history(tmp_path):
             with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
                 conn.sendall(b"over the gate\n")
                 assert read_line(conn) == b"data: over the gate\n"
-        wait_until(lambda: "vims_open_connections 0" in _scrape(info["metrics"]), what="the relay to end")
+        idle = f'vims_open_connections{{verifier="{info["verifier_id"]}"}} 0'
+        wait_until(lambda: idle in _scrape(info["metrics"]), what="the relay to end")
         sim = run("remote", "simulate", "--control", info["control"], "--seconds", "1", "--json", env=env)
         assert sim["accepted"] >= 1 and sim["rejected"] == {}
     finally:

@@ -54,7 +54,7 @@ def test_locked_history_cuts_the_open_connection_and_refuses_new_ones(dep):
             assert dep.metric("vims_open_connections") == 0
             wait_until(lambda: dep.metric("vims_history_writable") == 0, what="the history to count as unwritable")
             assert dep.metric("vims_history_write_failures_total") >= 1
-            assert 'vims_history_writable 0' in dep.scrape()
+            assert dep.line("vims_history_writable") + " 0" in dep.scrape()
             assert read_all(dep.connect()).startswith(b"VIMS DENY history cannot be written")
             assert dep.metric("vims_reports_rejected_total", reason="unrecorded") >= 1
         finally:
@@ -365,7 +365,7 @@ def test_prune_applies_each_vms_retention(tmp_path):
                             document="{}", received_at=now - age_days * 86400)
         store.record_decision(vm_id=vm, conn_id="1", kind="deny", reason="x", at=now - age_days * 86400)
     out = store.prune({"vm-a": (5.0, 0), "vm-b": (30.0, 1)}, max_unattributed=0, now=now)
-    assert out == {"reports": 1, "decisions": 1, "documents": 1, "unattributed": 0}
+    assert out == {"reports": 1, "decisions": 1, "documents": 1, "unattributed": 0, "verifiers": 0}
     left = store.db.execute("SELECT vm_id, document FROM reports ORDER BY id").fetchall()
     assert [tuple(r) for r in left] == [("vm-a", None), ("vm-b", "{}")]
     store.close()

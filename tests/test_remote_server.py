@@ -54,7 +54,7 @@ def test_healthy_vm_client_is_let_through(dep):
     history = dep.store().history("vm-1")
     assert history["decisions"][-1]["kind"] == "allow"
     assert history["decisions"][-1]["report_seq"] is not None
-    assert 'vims_decisions_total{kind="allow"} 1' in dep.scrape()
+    assert dep.line("vims_decisions_total", kind="allow") + " 1" in dep.scrape()
 
 
 def test_unhealthy_vm_is_refused_with_a_readable_reason(dep):
@@ -158,7 +158,7 @@ def test_unenrolled_key_is_refused_at_the_handshake_and_counted(dep):
         assert read_all(dep.connect("vm-1")).startswith(b"VIMS DENY")
     finally:
         rogue.stop()
-    assert 'vims_reports_rejected_total{reason="unenrolled"}' in dep.scrape()
+    assert dep.line("vims_reports_rejected_total", reason="unenrolled") in dep.scrape()
 
 
 def test_silent_avm_gets_its_connection_cut_within_the_deadline(dep):

@@ -109,7 +109,7 @@ def test_prune_applies_each_vms_retention(store):
     for _ in range(3):
         store.record_report(avm_id=None, vm_id=None, seq=None, status="rejected", reason="unenrolled")
     out = store.prune({"vm-a": (5.0, 0), "vm-b": (30.0, 1)}, max_unattributed=1, now=now)
-    assert out == {"reports": 1, "decisions": 1, "documents": 1, "unattributed": 2}
+    assert out == {"reports": 1, "decisions": 1, "documents": 1, "unattributed": 2, "verifiers": 0}
     left = store._rows("SELECT vm_id, document FROM reports WHERE vm_id IS NOT NULL ORDER BY id")
     assert [(r["vm_id"], r["document"]) for r in left] == [("vm-a", None), ("vm-b", "{}")]
 
