@@ -51,7 +51,7 @@ import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
 from vims.collector.plugin import FLAG_ARGV, FLAG_IDENTITY, FLAG_PATH, FLAG_TASK_UNREAD, Rings
-from vims.collector.recorder import EXECVE, EventRecorder, GuestUnreadableError, TraceResult
+from vims.collector.recorder import EXECVE, EventRecorder, GuestUnreadableError, RecordingTracer, TraceResult
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
 from vims.syscalls import EXECVE_CALLS
@@ -60,7 +60,7 @@ from vims.tracing_policy import Policy
 __all__ = ["PluginTracer"]
 
 
-class PluginTracer:
+class PluginTracer(RecordingTracer):
     """Take the QEMU plugin's ring records and turn them into event rows.
 
     Parameters
@@ -118,7 +118,6 @@ class PluginTracer:
         self.policy = policy or Policy()
         self.poll_ns = int(poll_ms * 1e6)
         self.recorder = EventRecorder(view, vm_id, self.policy, callsites, batch_rows, batch_ms, on_batch, keep)
-        self._new_policy: Policy | None = None
         qemu = getattr(getattr(backend, "guest", None), "state", {}).get("qemu_version", "?")
         #: Notes for the user.
         self.notes: list[str] = [f"QEMU {qemu} TCG plugin vims_syscall: every syscall instruction, "
@@ -131,17 +130,8 @@ class PluginTracer:
         self._base = {name: [self.rings.counter(v, name) for v in range(self.rings.vcpus)]
                       for name in ("seen", "dropped", "capped")}
 
-    def set_policy(self, policy: Policy) -> None:
-        """Trace by ``policy`` from now on (safe from another thread; applied at the next batch)."""
-        self._new_policy = policy
-
-    def _apply_new_policy(self, now: int) -> None:
-        policy, self._new_policy = self._new_policy, None
-        assert policy is not None
-        self.policy = policy
-        self.recorder.switch_policy(policy, now)
+    def _policy_switched(self) -> None:
         self._write_cap()
-        self.notes.append(f"policy changed while tracing: {policy.to_dict()}")
 
     def _write_cap(self) -> None:
         p = self.policy
@@ -184,8 +174,7 @@ class PluginTracer:
                 if max_events is not None and self.stats["events"] >= max_events:
                     reason = "max-events"
                     break
-                if self._new_policy is not None:
-                    self._apply_new_policy(now)
+                self._apply_new_policy(now)  # one REM-S gave meanwhile (set_policy)
                 want = rec.sampler.armed(now)
                 if want != armed:
                     rings.control(enabled=want)
@@ -266,7 +255,3 @@ class PluginTracer:
         """Switch the plugin off and unmap its rings."""
         self.rings.control(enabled=False)
         self.rings.close()
-
-    def syscall_name(self, nr: int) -> str:
-        """The name of call ``nr`` in the guest's table (``nr`` itself as text if unknown)."""
-        return self.recorder.syscall_name(nr)

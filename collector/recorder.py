@@ -8,7 +8,8 @@ command line of an ``execve`` and the call site token (:mod:`vims.collector.call
 the policy's program filter and rate cap, and gathers rows into Arrow record batches of
 :data:`vims.schemas.EVENT_SCHEMA`, handed to ``on_batch`` (e.g.
 :meth:`vims.collector.stream.BatchSender.send`) every ``batch_rows`` events or ``batch_ms``
-milliseconds.
+milliseconds. :class:`RecordingTracer` is what every tracer that owns such a recorder shares: the
+policy REM-S may change while it runs, and the guest's call names.
 """
 
 from __future__ import annotations
@@ -381,3 +382,44 @@ class EventRecorder:
     def syscall_name(self, nr: int) -> str:
         """The name of call ``nr`` in the guest's table (``nr`` itself as text if unknown)."""
         return self.names.get(nr, str(nr))
+
+
+class RecordingTracer:
+    """The part every tracer built on an :class:`EventRecorder` shares (the GDB stub's, the QEMU
+    plugin's, LibVMI's): a policy that may change while it traces, and the call names.
+
+    A subclass sets :attr:`recorder`, :attr:`policy` and :attr:`notes` in its ``__init__`` and calls
+    :meth:`_apply_new_policy` in its loop, where it is safe to switch (between two trapped calls);
+    :meth:`_policy_switched` is where it applies what only it can (the plugin's cap in its control area).
+    """
+
+    recorder: EventRecorder
+    policy: Policy
+    #: Notes for the user.
+    notes: list[str]
+    _new_policy: Policy | None = None
+
+    def set_policy(self, policy: Policy) -> None:
+        """Trace by ``policy`` from now on (safe from another thread; applied at the loop's next turn).
+
+        REM-S may change the tracing policy at any time; the running trace takes it at its next look-up,
+        keeping what it counted so far.
+        """
+        self._new_policy = policy
+
+    def _apply_new_policy(self, now: int) -> None:
+        """Switch to the policy given to :meth:`set_policy` since the last call, if any (``now``: monotonic ns)."""
+        policy, self._new_policy = self._new_policy, None
+        if policy is None:
+            return
+        self.policy = policy
+        self.recorder.switch_policy(policy, now)
+        self._policy_switched()
+        self.notes.append(f"policy changed while tracing: {policy.to_dict()}")
+
+    def _policy_switched(self) -> None:
+        """What the tracer itself does when :attr:`policy` changed (the recorder has switched already)."""
+
+    def syscall_name(self, nr: int) -> str:
+        """The name of call ``nr`` in the guest's table (``nr`` itself as text if unknown)."""
+        return self.recorder.syscall_name(nr)

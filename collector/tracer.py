@@ -56,7 +56,7 @@ import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
 from vims.collector.gdbstub import GdbError, GdbStub, GuestGoneError, StopEvent
-from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
+from vims.collector.recorder import EventRecorder, GuestUnreadableError, RecordingTracer, TraceResult
 from vims.errors import VimsError
 from vims.tracing_policy import Policy
 
@@ -148,7 +148,7 @@ class _Run:
     gone: bool = False
 
 
-class SyscallTracer:
+class SyscallTracer(RecordingTracer):
     """Trap the guest's system calls through its GDB stub and turn them into event rows.
 
     Parameters
@@ -192,7 +192,6 @@ class SyscallTracer:
             self.entry = EntryCheck("breakpoint", self.entry.slot, self.entry.breakpoint,
                                     "execution breakpoint at entry_SYSCALL_64_after_hwframe, as asked (slow)")
         self.recorder = EventRecorder(view, vm_id, self.policy, callsites, batch_rows, batch_ms, on_batch, keep)
-        self._new_policy: Policy | None = None
         #: Notes for the user: the method chosen and why, fallbacks taken.
         self.notes: list[str] = [self.entry.detail, *self.recorder.notes]
         self.names = self.recorder.names
@@ -209,21 +208,6 @@ class SyscallTracer:
     def gdb(self) -> GdbStub:
         """The backend's GDB stub connection."""
         return self.backend.gdb
-
-    def set_policy(self, policy: Policy) -> None:
-        """Trace by ``policy`` from now on (safe from another thread; applied within 0.2 s).
-
-        REM-S may change the tracing policy at any time; the running trace takes it at its next look-up,
-        keeping what it counted so far.
-        """
-        self._new_policy = policy
-
-    def _apply_new_policy(self, now: int) -> None:
-        policy, self._new_policy = self._new_policy, None
-        assert policy is not None
-        self.policy = policy
-        self.recorder.switch_policy(policy, now)
-        self.notes.append(f"policy changed while tracing: {policy.to_dict()}")
 
     # -- traps -----------------------------------------------------------------------------------
     def _trap_list(self) -> list[tuple[str, int, int]]:
@@ -312,8 +296,7 @@ class SyscallTracer:
         reason = self._ending(run, now)
         if reason is not None:
             return reason
-        if self._new_policy is not None:
-            self._apply_new_policy(now)
+        self._apply_new_policy(now)  # one REM-S gave meanwhile (set_policy; within 0.2 s)
         rec.due(now)
         if run.progress is not None and now - run.last_progress >= run.progress_ns:
             run.last_progress = now
@@ -425,7 +408,3 @@ class SyscallTracer:
             gdb.clear_breakpoint(kind, addr, size)
         if resume:
             gdb.resume()
-
-    def syscall_name(self, nr: int) -> str:
-        """The name of call ``nr`` in the guest's table (``nr`` itself as text if unknown)."""
-        return self.recorder.syscall_name(nr)

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from vims.collector.backends.libvmi import LibvmiBackend
-from vims.collector.recorder import EventRecorder, GuestUnreadableError, TraceResult
+from vims.collector.recorder import EventRecorder, GuestUnreadableError, RecordingTracer, TraceResult
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
 from vims.tracing_policy import Policy
@@ -37,7 +37,7 @@ from vims.tracing_policy import Policy
 INT3 = b"\xcc"
 
 
-class LibvmiSyscallTracer:
+class LibvmiSyscallTracer(RecordingTracer):
     """Trap the guest's system calls through LibVMI events.
 
     Parameters
@@ -161,6 +161,7 @@ class LibvmiSyscallTracer:
         """Arm or disarm as the policy says, deliver pending events (up to ``timeout_ms``), batch rows."""
         rec = self.recorder
         now = time.monotonic_ns()
+        self._apply_new_policy(now)  # one REM-S gave meanwhile (set_policy)
         if rec.sampler.armed(now):
             self._arm()
         else:
@@ -211,7 +212,3 @@ class LibvmiSyscallTracer:
         except self._libvmi_error as exc:  # the domain went away
             reason = f"guest-gone: LibVMI: {exc}"
         return self.finish(reason)
-
-    def syscall_name(self, nr: int) -> str:
-        """The name of call ``nr``."""
-        return self.recorder.syscall_name(nr)

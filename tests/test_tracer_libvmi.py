@@ -124,6 +124,28 @@ def test_rate_cap_takes_the_breakpoint_out(toy: tuple[Any, Any, Any]) -> None:
     assert result.stats["capped"] == 1 and result.events["nr"].to_pylist() == [1, 2]
 
 
+def test_a_policy_given_while_tracing_applies_at_the_next_poll(toy: tuple[Any, Any, Any]) -> None:
+    """set_policy (REM-S changing the policy of a running trace: the one RecordingTracer switch every
+    tracer shares) takes effect at the next poll, keeping the counts so far."""
+    from vims.collector.tracer_libvmi import LibvmiSyscallTracer
+
+    backend, dom, _ = toy
+    tracer = LibvmiSyscallTracer(backend, "toy")
+    tracer.start()
+    tracer.poll(0)
+    _syscall(dom, 1)
+    tracer.poll(0)
+    tracer.set_policy(Policy(exclude=("httpd",)))
+    assert tracer.policy.exclude == ()  # not yet: only at the loop's next turn
+    tracer.poll(0)
+    _syscall(dom, 2)
+    tracer.poll(0)
+    result = tracer.finish("done")
+    assert tracer.policy.exclude == ("httpd",) and tracer.recorder.policy is tracer.policy
+    assert result.events["nr"].to_pylist() == [1] and result.stats["filtered"] == 1
+    assert any(n.startswith("policy changed while tracing") for n in tracer.notes)
+
+
 def test_finish_keeps_pending_hits_and_a_vanished_domain_ends_run(toy: tuple[Any, Any, Any]) -> None:
     from vims.collector.tracer_libvmi import LibvmiSyscallTracer
 
