@@ -13,6 +13,8 @@ Series:
 - ``vims_gate_refused_total{reason}``: gate connections refused before any decision (``busy``: the VM's cap)
 - ``vims_history_pruned_total{what}``: rows deleted and documents dropped by the retention policy
 - ``vims_leases_held``: the A-VMs whose lease this verifier holds
+- ``vims_store_listening`` (1/0), ``vims_store_notifications_total``: the store's notifications
+  (PostgreSQL), and how many arrived
 
 Every series of a verifier carries its ``verifier`` label (``Metrics(labels={"verifier": ID})``, as
 REM-S makes it), so the metrics of several verifiers over one store add up and compare in Prometheus
@@ -57,6 +59,8 @@ HELP = {
     "vims_gate_refused_total": ("counter", "Gate connections refused before a decision, by reason."),
     "vims_history_pruned_total": ("counter", "History rows deleted and documents dropped by retention."),
     "vims_leases_held": ("gauge", "A-VMs whose lease this verifier holds."),
+    "vims_store_listening": ("gauge", "1 while the store's notifications arrive; 0: data_version is polled."),
+    "vims_store_notifications_total": ("counter", "Notifications of the store (PostgreSQL) received."),
     "vims_report_latency_seconds": ("histogram", "Nonce request to accepted report carrying it."),
     "vims_decision_latency_seconds": ("histogram", "Client connect to gate decision."),
 }

@@ -9,7 +9,10 @@ One asyncio event loop serves everything:
   or fail;
 - the Prometheus endpoint (:mod:`vims.remote.metrics`);
 - a watcher of the database: policies set and A-VMs enrolled or revoked with the CLI while the server
-  runs take effect at once (a new policy is pushed to the A-VM);
+  runs take effect at once (a new policy is pushed to the A-VM). Over PostgreSQL it listens for the
+  store's notifications (:meth:`vims.remote.store.Store.notifications`, on a thread of its own): a change
+  of enrolments or policies, and a lease of one of its A-VMs taken by another verifier, which it cuts at
+  once; it reads ``data_version`` every half second only while it cannot listen (and over SQLite);
 - a heartbeat (every third of ``lease_s``) that keeps this verifier's leases on the A-VMs talking to it
   (:meth:`vims.remote.store.Store.heartbeat`), so that several verifier processes can share one store.
 
@@ -152,6 +155,12 @@ class RemsServer:
         self._lease_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rem-s-lease")
         self._lease_store: Store | None = None
         self._last_beat: float | None = None
+        self._listening = False  # the store's notifications arrive (then data_version is not polled)
+        self._stopping = threading.Event()
+        self._listener: threading.Thread | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._spawned: set[asyncio.Task[None]] = set()
         self.keys = keys
         self.control = control
         self.service = service
@@ -208,13 +217,21 @@ class RemsServer:
             self.metrics_bound = self._metrics_server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         await self._beat()
+        self._listener = threading.Thread(target=self._listen_thread, args=(loop,), daemon=True,
+                                          name="rem-s-notifications")
+        self._listener.start()
         for coro in (self._zap_loop(), self._control_loop(), self._watch_loop(), self._lease_loop()):
             self._tasks.append(loop.create_task(coro))
         self.ready.set()
         log.info("REM-S control channel at %s, metrics on port %s", self.endpoint, self.metrics_bound)
 
     async def stop(self) -> None:
+        self._stopping.set()
         await self.gate.close("REM-S shutting down")
+        if self._listener is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 5.0)
+        for spawned in list(self._spawned):
+            spawned.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -313,6 +330,102 @@ class RemsServer:
         return {"now": time.time(), "vms": {
             st.vm_id: {"open_connections": open_by_vm.get(st.vm_id, 0), "avm_connected": st.rid is not None}
             for st in list(self.avms.values())}}
+
+    # -- the store's notifications --------------------------------------------------------------------
+
+    def _listen_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the store's notices to the loop; listen again (after a second) when the connection is lost."""
+        while not self._stopping.is_set():
+            try:
+                feed = self.store.notifications()
+            except Exception as exc:
+                loop.call_soon_threadsafe(self._listening_changed, False, one_line(str(exc)))
+                self._stopping.wait(1.0)
+                continue
+            if feed is None:
+                return
+            loop.call_soon_threadsafe(self._listening_changed, True, "")
+            try:
+                while not self._stopping.is_set():
+                    notices = feed.wait(0.5)
+                    if notices:
+                        loop.call_soon_threadsafe(self._on_notices, notices)
+            except Exception as exc:
+                loop.call_soon_threadsafe(self._listening_changed, False, one_line(str(exc)))
+                self._stopping.wait(1.0)
+            finally:
+                feed.close()
+
+    def _listening_changed(self, up: bool, why: str) -> None:
+        if up == self._listening and (up or not why):
+            return
+        self.metrics.set("vims_store_listening", 1 if up else 0)
+        if up:
+            log.info("verifier %s listens for the store's notifications", self.verifier_id)
+            self._listening = True
+            self._want_reload()  # what changed while nobody listened
+        else:
+            if self._listening:
+                log.error("store notifications lost (reading data_version until they are back): %s", why)
+            self._listening = False
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    def _on_notices(self, notices: list[dict[str, Any]]) -> None:
+        """Act on notices: read enrolments and policies again; check the leases of this verifier's A-VMs
+        said to have another holder now."""
+        self.metrics.inc("vims_store_notifications_total", len(notices))
+        if any(n.get("kind") != "lease" for n in notices):
+            self._want_reload()
+        taken = sorted({str(n.get("avm_id")) for n in notices if n.get("kind") == "lease"
+                        and n.get("avm_id") in self.leased and n.get("holder") not in (None, self.verifier_id)})
+        if taken:
+            self._spawn(self._lease_taken(taken))
+
+    def _want_reload(self) -> None:
+        """Read enrolments and policies again, once more after a reload that is under way."""
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_until_settled())
+
+    async def _reload_until_settled(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self._reload()
+            except Exception:
+                log.exception("reload after a notification")
+            if not self._reload_again:
+                return
+
+    async def _lease_taken(self, avm_ids: list[str]) -> None:
+        """The store says another verifier took these A-VMs' leases: where the store still says so, cut
+        their VMs' connections here and stop listening at their gates (the holder listens)."""
+        try:
+            holders = await asyncio.get_running_loop().run_in_executor(
+                self._lease_pool, lambda: {a: self._lease_db().lease_holder(a) for a in avm_ids})
+        except Exception as exc:  # the next heartbeat decides; an allow needs the store anyway
+            log.error("lease lookup after a notification failed: %s", one_line(str(exc)))
+            return
+        lost = False
+        for avm_id in avm_ids:
+            holder = holders.get(avm_id)
+            if holder is None or holder["verifier_id"] == self.verifier_id or avm_id not in self.leased:
+                continue
+            self.leased.discard(avm_id)
+            self.foreign.add(avm_id)
+            lost = True
+            st = self.avms.get(avm_id)
+            log.info("lease of A-VM %s taken by verifier %s", avm_id, holder["verifier_id"])
+            if st is not None:
+                self.gate.cut_vm(st.vm_id, f"A-VM {avm_id}'s lease was taken by verifier {holder['verifier_id']}")
+        if lost:
+            self.metrics.set("vims_leases_held", len(self.leased))
+            await self._listen_gates()
 
     # -- decisions ------------------------------------------------------------------------------------
 
@@ -476,7 +589,7 @@ class RemsServer:
                     self._prune()
                 if now - last_db >= 0.5:
                     last_db = now
-                    if self.store.data_version() != self._data_version:
+                    if not self._listening and self.store.data_version() != self._data_version:
                         await self._reload()
                     elif self.gate_errors and now - last_retry >= 1.0:
                         last_retry = now
@@ -729,8 +842,10 @@ class RemsServer:
             await self._reject(st, refused, why, seq=seq, nonce=nonce, received=received)
             self._answer_refusal(st, seq, nonce, refused, why)
             return
-        self.leased.add(st.avm_id)
-        self.foreign.discard(st.avm_id)
+        if st.avm_id not in self.leased:  # taken here (from another verifier, or a free lease): its gate is here
+            self.leased.add(st.avm_id)
+            self.foreign.discard(st.avm_id)
+            self._spawn(self._listen_gates())
         self.metrics.inc("vims_reports_accepted_total", vm=st.vm_id)
         st.last_seq = body["seq"]
         st.last_ok = time.monotonic()

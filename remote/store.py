@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 from vims.errors import InputError, VimsError
 from vims.remote.keys import AvmPublic, check_id
@@ -54,6 +54,25 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 #: The most history rows kept that name no VM (refusals of unknown or revoked keys), unless told otherwise.
 MAX_UNATTRIBUTED = 10000
 
+
+
+class Notifications(Protocol):
+    """What :meth:`Store.notifications` gives: the store's notices, as another process commits them.
+
+    A notice is a dict: ``{"kind": "changes"}`` (an enrolment, revocation or policy changed: what
+    :meth:`Store.data_version` counts) or ``{"kind": "lease", "avm_id": ..., "holder": ...}`` (the A-VM's
+    lease changed holder; ``holder`` None: given up). Renewals say nothing. A lost connection raises
+    :class:`StoreError` from :meth:`wait`; notices sent meanwhile are lost, so the reader must read the
+    store again once it listens again.
+    """
+
+    def wait(self, timeout: float) -> list[dict[str, Any]]:
+        """The notices that arrive within ``timeout`` seconds (returns at the first batch)."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening and close the connection."""
+        ...
 
 class StoreError(VimsError, OSError):
     """The store cannot be reached, read or written now (a lost connection, a refused write).
@@ -168,6 +187,11 @@ class Store:
     def set_busy_timeout(self, seconds: float) -> None:
         """How long one statement waits for a lock held by another connection before it fails."""
         raise NotImplementedError
+
+    def notifications(self) -> Notifications | None:
+        """A feed of the changes other processes make, on a connection of its own, or None when the
+        backend has none (SQLite: a verifier reads :meth:`data_version` instead)."""
+        return None
 
     def close(self) -> None:
         raise NotImplementedError

@@ -191,9 +191,42 @@ _POSTGRESQL_V2 = (
     "CREATE INDEX reports_vm_latest ON reports (vm_id, status, id)",
 )
 
+# Version 3, PostgreSQL only: notifications on the channel ``vims_rems`` (what a verifier LISTENs to,
+# :class:`vims.remote.store_postgres.Notifications`), sent on commit by triggers: a change of enrolments,
+# revocations or policies (the counter ``data_version`` reads), and a lease that changes holder or is
+# given up (a renewal says nothing). The payload is JSON and names the table's schema, so that stores in
+# several schemas of one database hear only their own. No ``%`` or ``?`` in these bodies: the store's
+# statement text goes through the driver's placeholder syntax. SQLite has no notifications: a verifier
+# over SQLite reads ``PRAGMA data_version`` instead.
+_POSTGRESQL_V3 = (
+    """CREATE FUNCTION vims_notify_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('vims_rems', json_build_object('schema', TG_TABLE_SCHEMA, 'kind', 'changes')::text);
+    RETURN NULL;
+END
+$$""",
+    """CREATE FUNCTION vims_notify_lease() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('vims_rems', json_build_object('schema', TG_TABLE_SCHEMA, 'kind', 'lease',
+                                                         'avm_id', OLD.avm_id, 'holder', NULL)::text);
+    ELSIF TG_OP = 'INSERT' OR OLD.verifier_id IS DISTINCT FROM NEW.verifier_id THEN
+        PERFORM pg_notify('vims_rems', json_build_object('schema', TG_TABLE_SCHEMA, 'kind', 'lease',
+                                                         'avm_id', NEW.avm_id, 'holder', NEW.verifier_id)::text);
+    END IF;
+    RETURN NULL;
+END
+$$""",
+    "CREATE TRIGGER rems_changes_notify AFTER UPDATE ON rems_changes FOR EACH ROW "
+    "EXECUTE FUNCTION vims_notify_changes()",
+    "CREATE TRIGGER leases_notify AFTER INSERT OR UPDATE OR DELETE ON leases FOR EACH ROW "
+    "EXECUTE FUNCTION vims_notify_lease()",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "A-VMs, policies, reports, decisions", _SQLITE_V1, _POSTGRESQL_V1),
     Migration(2, "verifiers, leases on A-VMs, the verifier of each report", _SQLITE_V2, _POSTGRESQL_V2),
+    Migration(3, "notifications of changes and of leases changing holder (PostgreSQL)", (), _POSTGRESQL_V3),
 )
 
 _VERSIONS = ("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "

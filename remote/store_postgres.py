@@ -8,6 +8,9 @@ transactions, and what differs in PostgreSQL's dialect:
   so they are serialised across every process on the database, as SQLite's ``BEGIN IMMEDIATE`` is;
 - :meth:`PostgresStore.data_version` reads a counter that enrolments, revocations and policies bump in
   their own transaction (SQLite's ``PRAGMA data_version`` changes on any other connection's commit);
+- :meth:`PostgresStore.notifications` LISTENs on the channel the schema's triggers notify on commit
+  (migration 3): enrolments, revocations and policies changed, and leases that change holder, so a
+  verifier learns of them at once instead of polling (:class:`Notifications`);
 - text cannot hold NUL in PostgreSQL: a NUL in a stored string (only the undecodable garbage of a
   refused message has one) is stored as U+FFFD, so such a row is kept, not refused.
 
@@ -20,6 +23,7 @@ history writer decides, and REM-S fails closed meanwhile).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,8 @@ from psycopg.rows import dict_row
 from vims.remote.store import Store, StoreError, mask_location
 from vims.remote.store_migrations import migrate
 
+#: The channel the schema's triggers notify on (store_migrations, version 3).
+CHANNEL = "vims_rems"
 #: The advisory lock of locking transactions (any fixed 64-bit key; "VIMSREMS" in ASCII).
 LOCK_KEY = 0x56494D5352454D53
 #: libpq parameters given unless the URL sets them: a server that stops answering fails an operation in
@@ -154,8 +160,60 @@ class PostgresStore(Store):
         self._lock_timeout_ms = max(1, int(seconds * 1000))
         self._exec(f"SET lock_timeout = {self._lock_timeout_ms}")
 
+    def notifications(self) -> Notifications:
+        """LISTEN on :data:`CHANNEL` on a new connection (:class:`Notifications`)."""
+        return Notifications(self)
+
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
+
+
+class Notifications:
+    """The notices of one store (its schema), on a connection of their own that LISTENs.
+
+    PostgreSQL delivers a notification when the transaction that sent it commits, in commit order.
+    Notices of other schemas on the same database (other stores) are passed over; a payload that cannot
+    be read counts as ``{"kind": "changes"}`` (the reader reads the store again: nothing is missed).
+
+    Parameters
+    ----------
+    store : PostgresStore
+        The store whose notices to hear (its URL, with the same libpq defaults).
+    """
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        try:
+            self.conn = psycopg.connect(store._url, autocommit=True, **store._extra)
+            row = self.conn.execute("SELECT current_schema()").fetchone()
+            self.schema = str(row[0]) if row else "public"
+            self.conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            raise store._say("cannot listen for notifications", exc) from None
+
+    def wait(self, timeout: float) -> list[dict[str, Any]]:
+        """The notices that arrive within ``timeout`` seconds (returns at the first batch)."""
+        try:
+            got = list(self.conn.notifies(timeout=timeout, stop_after=1))
+            if got:  # whatever came in the same burst
+                got += self.conn.notifies(timeout=0.005)
+        except psycopg.Error as exc:
+            raise self.store._say("notifications lost (listening again)", exc) from None
+        notices = []
+        for note in got:
+            try:
+                notice = json.loads(note.payload)
+                if not isinstance(notice, dict) or "kind" not in notice:
+                    raise ValueError("no kind")
+            except ValueError:
+                notice = {"kind": "changes", "schema": self.schema}
+            if notice.get("schema") == self.schema:
+                notices.append(notice)
+        return notices
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()

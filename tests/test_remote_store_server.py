@@ -1,5 +1,7 @@
-"""REM-S serving from PostgreSQL: forged and replayed reports are still refused, and a killed database
-connection fails closed (the report it could not record is refused, naming why), then REM-S reconnects.
+"""REM-S serving from PostgreSQL: forged and replayed reports are still refused, a killed database
+connection fails closed (the report it could not record is refused, naming why), then REM-S reconnects,
+and the store's notifications (LISTEN/NOTIFY, not polling) carry a revocation and a lease taken by another
+verifier to the open connections they cut.
 
 Real CURVE sockets, a real PostgreSQL server (tests/postgres_fixture.py). Nothing here asserts a duration.
 """
@@ -31,7 +33,7 @@ def content() -> dict:
 class PgDeployment:
     """One VM with its A-VM enrolled in a PostgreSQL store, and REM-S serving from it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **server: object) -> None:
         self.url = url
         self.keys = ServerKeys.generate()
         self.avm = AvmIdentity.generate("avm-1")
@@ -39,7 +41,8 @@ class PgDeployment:
         store = Store(url)
         store.enroll(self.avm.public, "vm-1", self.gate_port, FAST)
         store.close()
-        self.thread = ServerThread(url, self.keys, demo_service=True, control=f"tcp://127.0.0.1:{control}").start()
+        self.thread = ServerThread(url, self.keys, demo_service=True, control=f"tcp://127.0.0.1:{control}",
+                                   **server).start()
         self.raw = RawAvm(self.avm, self.thread.server.endpoint, self.keys.public)
         wait_until(lambda: self.store_read(lambda s: s.avms()[0]["acked_version"]) == 1, what="the ack recorded")
 
@@ -54,9 +57,28 @@ class PgDeployment:
         self.raw.send(self.raw.session.report(content(), nonce=nonce))
         return self.raw.expect("ack")
 
+    def metric(self, name: str) -> float:
+        return float(self.thread.call(lambda: self.thread.server.metrics.get(name)))
+
+    def let_in(self) -> socket.socket:
+        """A client connection through the gate, allowed on a fresh report (relay checked)."""
+        client = socket.create_connection(("127.0.0.1", self.gate_port), timeout=20)
+        client.settimeout(20)
+        assert self.report(nonce=self.raw.expect("nonce")["nonce"])["accepted"] is True
+        client.sendall(b"hello\n")
+        assert read_line(client) == b"data: hello\n"
+        return client
+
     def close(self) -> None:
         self.raw.close()
         self.thread.stop()
+
+
+def last_word(client: socket.socket) -> bytes:
+    """The gate's ``VIMS ...`` line, past what the demo service sent before it."""
+    while (line := read_line(client)) and not line.startswith(b"VIMS"):
+        pass
+    return line
 
 
 @pytest.fixture
@@ -95,6 +117,7 @@ def test_a_killed_database_connection_fails_closed_then_reconnects(dep):
     assert dep.report()["accepted"] is True  # the next write reconnected
     wait_until(lambda: dep.thread.call(lambda: dep.thread.server.metrics.get("vims_history_writable")) == 1,
                what="the history writable again")
+    wait_until(lambda: dep.metric("vims_store_listening") == 1, what="the notifications heard again")
     assert dep.thread.call(lambda: dep.thread.server.metrics.get("vims_history_write_failures_total")) >= 1
     with socket.create_connection(("127.0.0.1", dep.gate_port), timeout=20) as client:
         client.settimeout(20)
@@ -106,6 +129,47 @@ def test_a_killed_database_connection_fails_closed_then_reconnects(dep):
                          what="the allow recorded")
     assert [(r["seq"], r["status"]) for r in history["reports"]] == [(4, "accepted"), (3, "accepted"), (1, "accepted")]
     assert history["decisions"][0]["kind"] == "allow"
+
+
+def test_a_revocation_reaches_the_verifier_by_notification(dep):
+    """Revoked by another process (the CLI's store connection): the open connection is cut by the
+    notification; while it listens, the verifier does not poll the store for changes at all."""
+    wait_until(lambda: dep.metric("vims_store_listening") == 1, what="the verifier listening")
+    client = dep.let_in()
+    with client:
+        before = dep.metric("vims_store_notifications_total")
+        dep.store_read(lambda s: s.revoke("avm-1"))
+        assert last_word(client) == b"VIMS CUT A-VM avm-1 revoked\n"
+    assert dep.metric("vims_store_notifications_total") > before
+
+
+def test_a_lease_taken_by_another_verifier_cuts_here_at_once(postgres_url):  # noqa: F811
+    """Another verifier took this one's A-VM (as a takeover writes the lease row): the notification makes
+    this verifier cut the VM's open connection, naming the new holder, and stop listening at its gate,
+    long before its own heartbeat (a third of a 60 s lease) would have found out."""
+    dep = PgDeployment(postgres_url, lease_s=60.0)
+    try:
+        wait_until(lambda: dep.metric("vims_store_listening") == 1, what="the verifier listening")
+        client = dep.let_in()
+        with client:
+            assert dep.store_read(lambda s: s.lease_holder("avm-1"))["verifier_id"] == dep.thread.server.verifier_id
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                conn.execute("UPDATE leases SET verifier_id = 'v-other', generation = generation + 1, "
+                             "renewed_at = EXTRACT(EPOCH FROM clock_timestamp()), "
+                             "expires_at = EXTRACT(EPOCH FROM clock_timestamp()) + 60 WHERE avm_id = 'avm-1'")
+            assert last_word(client) == b"VIMS CUT A-VM avm-1's lease was taken by verifier v-other\n"
+
+        def gate_closed() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", dep.gate_port), timeout=5).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_until(gate_closed, what="the gate closed here (the holder listens)")
+        assert dep.metric("vims_leases_held") == 0
+    finally:
+        dep.close()
 
 
 def test_serve_with_a_postgresql_store(tmp_path, postgres_url):  # noqa: F811
