@@ -16,7 +16,8 @@ def ingest(agent: Agent, endpoint: str, stop: threading.Event, secret_key: str |
     """Receive a remote collector's batches at ``endpoint`` until ``stop``; returns the receiver's counts.
 
     ``event`` batches go to the pipeline, ``check`` batches to the report. Sets the agent's collector
-    health to the receiver's view (senders, gaps, the senders' own drops, whether batches still come).
+    health to the receiver's view (senders, gaps, the senders' own drops and those of their sources, such
+    as the plugin tracer's full rings, whether batches still come).
     A message that cannot be read or used is counted in ``bad`` by reason, never fatal.
 
     Parameters
@@ -42,7 +43,8 @@ def ingest(agent: Agent, endpoint: str, stop: threading.Event, secret_key: str |
     def health() -> dict[str, Any]:
         senders = rx.stats()
         return {**state, "senders": senders, "gaps": rx.gaps, "rejected": rx.rejected,
-                "dropped": sum(s["dropped_rows"] for s in senders.values()),
+                "dropped": sum(s["dropped_rows"] + s["source_dropped"] for s in senders.values()),
+                "source_dropped": sum(s["source_dropped"] for s in senders.values()),
                 **liveness(not stop.is_set(), last, agent.interval_s)}
 
     agent.collector_health = health

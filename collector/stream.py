@@ -4,12 +4,15 @@ The wire format is one ZeroMQ multipart message per batch::
 
     frame 0  b"vims/1"                         protocol tag
     frame 1  JSON header                       {"sender": str, "seq": int, "kind": str, "rows": int,
-                                                "dropped_batches": int, "dropped_rows": int, "ts_ns": int}
+                                                "dropped_batches": int, "dropped_rows": int,
+                                                "source_dropped": int, "ts_ns": int}
     frame 2  Arrow IPC stream (schema + batch)
 
 ``seq`` counts the batches a sender has *accepted* (0, 1, 2, ...), so a batch that the sender had to
 drop because its queue was full shows at the receiver as a gap in ``seq``; the header also carries
-the sender's running totals of dropped batches and rows, so the receiver can report them by name.
+the sender's running totals of dropped batches and rows, so the receiver can report them by name, and
+``source_dropped``: the records its source lost before they became batches (the QEMU plugin tracer's
+full rings, counted per vCPU there), when the sender was given that count (``upstream_dropped``).
 
 :class:`BatchSender` (a PUSH socket) is what a VMI callback uses: :meth:`BatchSender.send` puts the
 batch in a bounded queue and returns at once; a thread drains the queue onto the socket. When the
@@ -25,7 +28,7 @@ key is counted as ``unknown_key``).
 A message that is not a VIMS batch never makes :meth:`BatchReceiver.recv` raise: it is dropped and
 counted by reason in :attr:`BatchReceiver.refused` (``not_vims``: wrong tag or frame count;
 ``bad_header``: not a JSON object with ``sender`` (a name) and ``seq`` (an integer >= 0), and integer
-``rows``/``dropped_batches``/``dropped_rows``/``ts_ns`` and a text ``kind`` when present;
+``rows``/``dropped_batches``/``dropped_rows``/``source_dropped``/``ts_ns`` and a text ``kind`` when present;
 ``bad_payload``: not an Arrow IPC stream, or not ``rows`` rows; ``unknown_key``).
 
 >>> import pyarrow as pa
@@ -49,6 +52,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +112,10 @@ class BatchSender:
         This sender's CURVE key pair (made afresh if omitted when ``server_key`` is given).
     hwm : int
         ZeroMQ's own send high-water mark, in messages.
+    upstream_dropped : callable, optional
+        ``upstream_dropped() -> int``: the running total of records the source lost before they reached
+        :meth:`send` (e.g. ``lambda: tracer.stats["dropped"]``), carried in every header as
+        ``source_dropped``. May also be set after construction (the tracer is often made after its sender).
 
     Attributes
     ----------
@@ -118,8 +126,10 @@ class BatchSender:
     def __init__(self, endpoint: str, sender: str, kind: str = "event", queue_size: int = 256,
                  bind: bool = False, server_key: str | None = None, public_key: str | None = None,
                  secret_key: str | None = None, hwm: int = 1000,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None,
+                 upstream_dropped: Callable[[], int] | None = None) -> None:
         self.endpoint = endpoint
+        self.upstream_dropped = upstream_dropped
         self.sender = sender
         self.kind = kind
         self.sent = 0
@@ -183,6 +193,8 @@ class BatchSender:
             header, batch = item
             header["dropped_batches"] = self.dropped_batches
             header["dropped_rows"] = self.dropped_rows
+            if self.upstream_dropped is not None:
+                header["source_dropped"] = self._source_dropped()
             frames = [PROTOCOL, json.dumps(header).encode(), encode_batch(batch)]
             # Wait for the peer (or HWM room) in short steps so close() is never stuck behind it.
             while True:
@@ -197,6 +209,9 @@ class BatchSender:
                         continue
                     self.sent += 1
                     break
+
+    def _source_dropped(self) -> int:
+        return max(0, int(self.upstream_dropped())) if self.upstream_dropped is not None else 0
 
     def _count_lost(self, rows: int) -> None:
         with self._lock:
@@ -271,6 +286,8 @@ class SenderStats:
     #: The sender's own count of batches it dropped (queue full), from its latest header.
     dropped_batches: int = 0
     dropped_rows: int = 0
+    #: Records the sender's source lost before batching (e.g. full plugin rings), from its latest header.
+    source_dropped: int = 0
 
 
 class BatchReceiver:
@@ -385,6 +402,7 @@ class BatchReceiver:
         stats.rows += batch.num_rows
         stats.dropped_batches = header.get("dropped_batches", 0)
         stats.dropped_rows = header.get("dropped_rows", 0)
+        stats.source_dropped = header.get("source_dropped", 0)
         return Message(sender, seq, header["kind"], batch, header, gap)
 
     def __iter__(self) -> Any:
@@ -446,7 +464,8 @@ def _header(raw: bytes) -> dict[str, Any] | None:
     header.setdefault("kind", "")
     if not isinstance(header["kind"], str):
         return None
-    if not all(_count(header[k]) for k in ("dropped_batches", "dropped_rows", "ts_ns") if k in header):
+    if not all(_count(header[k]) for k in ("dropped_batches", "dropped_rows", "source_dropped", "ts_ns")
+               if k in header):
         return None
     return header
 

@@ -117,6 +117,8 @@ def _trace(backend: Any, vm_id: str, policy: Any, method: str, duration: float, 
         else:
             tracer = SyscallTracer(backend, vm_id, policy=policy, method=method,
                                    on_batch=sender.send if sender else None, keep=keep)
+        if sender is not None:  # records the tracer lost before batching travel in every header
+            sender.upstream_dropped = lambda: int(tracer.stats.get("dropped", 0))
         if not quiet:
             for note in tracer.notes:
                 err.print(f"[dim]{note}[/]", highlight=False)

@@ -58,6 +58,27 @@ def test_batches_round_trip_in_order() -> None:
     assert stats == {"accepted": 20, "sent": 20, "dropped_batches": 0, "dropped_rows": 0}
 
 
+def test_records_the_source_lost_travel_in_every_header() -> None:
+    """A sender given its source's drop count (the plugin tracer's full rings) carries the running total
+    as ``source_dropped``; the receiver keeps the latest per sender. A sender without one says nothing."""
+    lost = [0]
+    with BatchReceiver("tcp://127.0.0.1:*") as rx:
+        tx = BatchSender(rx.endpoint, sender="vm-a", upstream_dropped=lambda: lost[0])
+        plain = BatchSender(rx.endpoint, sender="vm-b")
+        got = []
+        for n in (0, 7, 3992):
+            lost[0] = n
+            assert tx.send(_events(1))
+            got.append(rx.recv(timeout=10))
+        assert plain.send(_events(1))
+        other = rx.recv(timeout=10)
+        tx.close()
+        plain.close()
+    assert [m.header["source_dropped"] for m in got if m] == [0, 7, 3992]
+    assert rx.senders["vm-a"].source_dropped == 3992
+    assert other is not None and "source_dropped" not in other.header and rx.senders["vm-b"].source_dropped == 0
+
+
 def test_two_senders_are_counted_apart_and_gaps_found() -> None:
     ctx = zmq.Context.instance()
     with BatchReceiver("tcp://127.0.0.1:*") as rx:
@@ -213,6 +234,8 @@ def test_malformed_messages_are_refused_and_counted_never_raised() -> None:
         ([b"vims/1", b'{"sender": "a", "seq": 1e400, "kind": "event", "rows": 2}', payload], "bad_header"),
         ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "event", "rows": "2"}', payload], "bad_header"),
         ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "event", "rows": 2, "dropped_rows": "x"}', payload],
+         "bad_header"),
+        ([b"vims/1", b'{"sender": "a", "seq": 0, "kind": "event", "rows": 2, "source_dropped": -1}', payload],
          "bad_header"),
         ([b"vims/1", b'{"seq": 0, "rows": 2}', payload], "bad_header"),
         ([b"vims/1", b'{"sender": "a", "rows": 2}', payload], "bad_header"),
