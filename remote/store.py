@@ -445,17 +445,55 @@ class Store:
         ``not_leaseholder`` (another verifier holds the lease) or ``out_of_sequence``.
         """
         with self._transaction():
-            if self._exec(self._take_lease_sql(), (avm_id, verifier_id, float(lease_s))) != 1:
-                holder = self._value("SELECT verifier_id FROM leases WHERE avm_id = ?", (avm_id,))
-                return 0, "not_leaseholder", f"A-VM {avm_id}'s lease is held by verifier {holder}"
-            if self._exec("UPDATE avms SET last_seq = ? WHERE avm_id = ? AND last_seq < ?",
-                          (seq, avm_id, seq)) != 1:
-                last = self._value("SELECT last_seq FROM avms WHERE avm_id = ?", (avm_id,))
-                return 0, "out_of_sequence", f"seq {seq} <= last accepted {last} (by any verifier)"
-            report_id = self._insert(
-                "INSERT INTO reports (received_at, avm_id, vm_id, seq, status, reason, detail, nonce, score, "
-                "verdict, digest, document, verifier_id) VALUES (?, ?, ?, ?, 'accepted', NULL, ?, ?, ?, ?, ?, ?, ?)",
-                (received_at, avm_id, vm_id, seq, detail, nonce, score, verdict, digest, document, verifier_id))
+            return self._accept(verifier_id=verifier_id, lease_s=lease_s, avm_id=avm_id, vm_id=vm_id, seq=seq,
+                                nonce=nonce, score=score, verdict=verdict, detail=detail, digest=digest,
+                                document=document, received_at=received_at)
+
+    def accept_reports(self, reports: Sequence[dict[str, Any]]) -> list[tuple[int, str | None, str] | Exception]:
+        """:meth:`accept_report` for several reports (each a dict of its arguments) in one transaction,
+        so one commit (one flush to disk) serves them all; in order, each in a savepoint of its own.
+
+        Returns one result per report, as :meth:`accept_report` gives it, or the error that report's
+        statements raised (that report is rolled back, the others stay). An error outside them (the
+        connection lost, the commit refused) raises: then none was recorded.
+        """
+        results: list[tuple[int, str | None, str] | Exception] = []
+        with self._transaction():
+            for kwargs in reports:
+                try:
+                    with self._savepoint():
+                        results.append(self._accept(**kwargs))
+                except (sqlite3.Error, StoreError) as exc:
+                    results.append(exc)
+        return results
+
+    @contextlib.contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        """A savepoint inside the current transaction: rolled back to when the block raises."""
+        self._exec("SAVEPOINT vims_one")
+        try:
+            yield
+        except BaseException:
+            self._exec("ROLLBACK TO SAVEPOINT vims_one")
+            self._exec("RELEASE SAVEPOINT vims_one")
+            raise
+        self._exec("RELEASE SAVEPOINT vims_one")
+
+    def _accept(self, *, verifier_id: str, lease_s: float, avm_id: str, vm_id: str, seq: int, nonce: str | None,
+                score: float | None, verdict: str, detail: str | None, digest: str, document: str | None,
+                received_at: float) -> tuple[int, str | None, str]:
+        """The statements of :meth:`accept_report`, in the caller's transaction."""
+        if self._exec(self._take_lease_sql(), (avm_id, verifier_id, float(lease_s))) != 1:
+            holder = self._value("SELECT verifier_id FROM leases WHERE avm_id = ?", (avm_id,))
+            return 0, "not_leaseholder", f"A-VM {avm_id}'s lease is held by verifier {holder}"
+        if self._exec("UPDATE avms SET last_seq = ? WHERE avm_id = ? AND last_seq < ?",
+                      (seq, avm_id, seq)) != 1:
+            last = self._value("SELECT last_seq FROM avms WHERE avm_id = ?", (avm_id,))
+            return 0, "out_of_sequence", f"seq {seq} <= last accepted {last} (by any verifier)"
+        report_id = self._insert(
+            "INSERT INTO reports (received_at, avm_id, vm_id, seq, status, reason, detail, nonce, score, "
+            "verdict, digest, document, verifier_id) VALUES (?, ?, ?, ?, 'accepted', NULL, ?, ?, ?, ?, ?, ?, ?)",
+            (received_at, avm_id, vm_id, seq, detail, nonce, score, verdict, digest, document, verifier_id))
         return report_id, None, ""
 
     def last_seq(self, avm_id: str) -> int:

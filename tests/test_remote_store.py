@@ -99,6 +99,61 @@ def test_only_accepted_reports_advance_the_sequence_and_replays_are_recognised(s
     assert store.counts() == {"reports": {"accepted": 2, "rejected:stale": 1}, "decisions": {}}
 
 
+def _accepted(avm_id: str, seq: int, verifier: str = "v1", **over: object) -> dict:
+    return {"verifier_id": verifier, "lease_s": 30.0, "avm_id": avm_id, "vm_id": avm_id.replace("avm", "vm"),
+            "seq": seq, "nonce": None, "score": 0.9, "verdict": "allow", "detail": "ok", "digest": f"d{seq}",
+            "document": "{}", "received_at": 1.0, **over}
+
+
+def test_accepted_reports_written_together_keep_each_ones_answer(store):
+    """``accept_reports``: one transaction, and each report the answer ``accept_report`` would give it
+    alone; a report whose statements fail is rolled back by itself, the others are recorded."""
+    for i in (1, 2, 3):
+        store.enroll(AvmIdentity.generate(f"avm-{i}").public, f"vm-{i}", 40000 + i)
+    assert store.take_lease("avm-3", "v2", 30.0)  # another verifier holds avm-3
+    results = store.accept_reports([
+        _accepted("avm-1", 1), _accepted("avm-1", 2), _accepted("avm-1", 2),  # the second seq 2: too old
+        _accepted("avm-2", 7, document=object()),  # a value no driver can store: this one fails alone
+        _accepted("avm-3", 1), _accepted("avm-2", 8)])
+    answers = [r if isinstance(r, Exception) else r[1:] for r in results]
+    assert answers[:3] == [(None, ""), (None, ""), ("out_of_sequence", "seq 2 <= last accepted 2 (by any verifier)")]
+    assert isinstance(answers[3], sqlite3.Error | StoreError)
+    assert answers[4:] == [("not_leaseholder", "A-VM avm-3's lease is held by verifier v2"), (None, "")]
+    stored = {(r["avm_id"], r["seq"]) for r in store._rows("SELECT avm_id, seq FROM reports")}
+    assert stored == {("avm-1", 1), ("avm-1", 2), ("avm-2", 8)}
+    assert {r["avm_id"]: r["last_seq"] for r in store.avms()} == {"avm-1": 2, "avm-2": 8, "avm-3": 0}
+    assert store.lease_holder("avm-2")["verifier_id"] == "v1"
+
+
+def test_the_history_writer_writes_queued_reports_in_one_transaction(location):
+    """Accepted reports queued behind each other go in one transaction; a decision queued among them is
+    written after them, in order; every report gets its own answer."""
+    import threading
+
+    from vims.remote.history import HistoryWriter
+    from vims.remote.metrics import Metrics
+
+    s = Store(location)
+    for i in range(1, 11):
+        s.enroll(AvmIdentity.generate(f"avm-{i}").public, f"vm-{i}", 41000 + i)
+    writer = HistoryWriter(location, Metrics())
+    try:
+        gate = threading.Event()  # hold the writer on a first write so that the others queue behind it
+        writer._store.hold = lambda: gate.wait(10)  # type: ignore[attr-defined]
+        held = writer.submit("hold")
+        reports = [writer.submit("accept_report", retry=False, **_accepted(f"avm-{i}", 1)) for i in range(1, 11)]
+        decision = writer.submit("record_decision", vm_id="vm-1", conn_id="vm-1#1", kind="deny", reason="test")
+        gate.set()
+        assert held.result(20) is True
+        assert [f.result(20)[1] for f in reports] == [None] * 10
+        decision.result(20)
+    finally:
+        writer.close()
+    assert writer.groups == 1  # the ten reports queued behind the held write: one transaction
+    assert s.counts() == {"reports": {"accepted": 10}, "decisions": {"deny": 1}}
+    s.close()
+
+
 def test_prune_applies_each_vms_retention(store):
     """The retention test of issue 12 item 6, on both backends."""
     now = 1_800_000_000.0
