@@ -25,6 +25,7 @@ Usage::
 
     python benchmarks/bench_remote_fleet.py --quick            # smoke run: 200 A-VMs, 1 and 2 verifiers, 10 s
     python benchmarks/bench_remote_fleet.py --avms 1000 2000 --seconds 40 --json
+    python benchmarks/bench_remote_fleet.py --avms 2000 --verifiers 1 --write-group 1 64 --no-takeover
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ def db_bytes(url: str) -> int:
 
 
 async def one_run(args: argparse.Namespace, cluster: TempCluster, folder: Path, keys: ServerKeys, n_avms: int,
-                  n_verifiers: int, kill: bool) -> dict[str, Any]:
-    dbname = f"fleet_{n_avms}_{n_verifiers}_{int(kill)}"
+                  n_verifiers: int, kill: bool, group: int) -> dict[str, Any]:
+    dbname = f"fleet_{n_avms}_{n_verifiers}_{int(kill)}_{group}"
     admin = Store(cluster.url())
     admin._exec(f"DROP DATABASE IF EXISTS {dbname}")
     admin._exec(f"CREATE DATABASE {dbname}")
@@ -224,7 +225,7 @@ async def one_run(args: argparse.Namespace, cluster: TempCluster, folder: Path, 
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "vims.cli", "remote", "serve", "--home", str(folder), "--control",
              f"tcp://127.0.0.1:{free_port()}", "--demo-service", "--metrics-port", "0", "--quiet", "--json",
-             "--verifier-id", vid, "--lease-s", str(args.lease)],
+             "--verifier-id", vid, "--lease-s", str(args.lease), "--write-group", str(group)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
     ctx = zmq.asyncio.Context()
     ctx.max_sockets = 4 * n_avms + 1024  # libzmq's default is 1023 sockets a context (EMFILE beyond)
@@ -290,7 +291,7 @@ async def one_run(args: argparse.Namespace, cluster: TempCluster, folder: Path, 
         await asyncio.sleep(1.0)
         bytes1 = db_bytes(url)
         result = measure(store, sims, first_seq, mark_report, attempts, start, killed_at)
-        result.update({"avms": n_avms, "verifiers": n_verifiers, "seconds": args.seconds,
+        result.update({"avms": n_avms, "verifiers": n_verifiers, "write_group": group, "seconds": args.seconds,
                        "report_interval_s": args.interval, "attempts_per_s": args.rate, "lease_s": args.lease,
                        "enrol_s": round(enrol_s, 1),
                        "cpu_percent_per_verifier": dict(zip(vids, cpu, strict=True)),
@@ -392,13 +393,14 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ServerKeys.write(keys, folder)
     results = []
     with TempCluster(fsync=True) as cluster:
-        plan = [] if args.only_takeover else [(n, v, False) for n in args.avms for v in args.verifiers]
+        plan = [] if args.only_takeover else [(n, v, False, g) for n in args.avms for v in args.verifiers
+                                              for g in args.write_group]
         if not args.no_takeover:
-            plan.append((args.avms[0], 2, True))
-        for n, v, kill in plan:
-            print(f"{n} A-VMs, {v} verifier(s){', v1 killed half-way' if kill else ''}, {args.seconds:g} s ...",
-                  file=sys.stderr)
-            results.append(await one_run(args, cluster, folder, keys, n, v, kill))
+            plan.append((args.avms[0], 2, True, args.write_group[-1]))
+        for n, v, kill, g in plan:
+            print(f"{n} A-VMs, {v} verifier(s), write group {g}{', v1 killed half-way' if kill else ''}, "
+                  f"{args.seconds:g} s ...", file=sys.stderr)
+            results.append(await one_run(args, cluster, folder, keys, n, v, kill, g))
             print(json.dumps(results[-1]), file=sys.stderr)
     shutil.rmtree(folder, ignore_errors=True)
     return results
@@ -414,6 +416,9 @@ def main() -> None:
     parser.add_argument("--lease", type=float, default=10.0, help="the verifiers' lease period (s)")
     parser.add_argument("--failover", type=float, default=5.0,
                         help="silence after a message before an A-VM moves to its next verifier (s)")
+    parser.add_argument("--write-group", type=int, nargs="+", default=[64],
+                        help="the verifiers' --write-group (accepted reports per transaction); give 1 64 to "
+                        "compare one commit per report (the baseline) with group commits in one run")
     parser.add_argument("--no-takeover", action="store_true", help="skip the killed-verifier run")
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which the A-VMs start")
     parser.add_argument("--only-takeover", action="store_true", help="only the killed-verifier run (at the "

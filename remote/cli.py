@@ -261,6 +261,9 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
                                                     help="Prune history older than this many days (every "
                                                     "minute), even where a VM's policy keeps it longer; "
                                                     "the latest verdicts stay."),
+          write_group: int = typer.Option(64, "--write-group", min=1, max=10000, metavar="N",
+                                          help="Write up to N accepted reports that queue up together in one "
+                                          "transaction (one commit); 1: a commit per report."),
           ) -> None:
     """Run REM-S: the control channel, one gate per enrolled VM and the metrics endpoint."""
     import asyncio
@@ -292,7 +295,8 @@ def serve(home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
         if verifier_id is not None:
             check_id(verifier_id, "verifier id")
         server = RemsServer(opened, keys, control=control, service=target, metrics_port=metrics_port,
-                            verifier_id=verifier_id, lease_s=lease_s, keep_history_days=keep_history)
+                            verifier_id=verifier_id, lease_s=lease_s, keep_history_days=keep_history,
+                            write_group=write_group)
         web = None
         if console_at is not None:  # before the server, so a console that cannot bind starts nothing
             from vims.remote.console import ConsoleServer

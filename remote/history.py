@@ -76,11 +76,16 @@ class HistoryWriter:
         A write running longer than this makes the history count as unwritable.
     retry_every_s : float
         Pause between attempts of a failed write.
+    max_group : int
+        The most accepted reports written in one transaction (1: each in its own).
     """
 
     def __init__(self, location: Path | str, metrics: Metrics, busy_timeout_s: float = 1.0, stall_s: float = 0.5,
-                 retry_every_s: float = 0.2) -> None:
+                 retry_every_s: float = 0.2, max_group: int = MAX_GROUP) -> None:
+        if max_group < 1:
+            raise ValueError(f"max_group {max_group}: at least 1")
         self.location = location
+        self.max_group = max_group
         self.metrics = metrics
         self.stall_s = stall_s
         self.retry_every_s = retry_every_s
@@ -141,7 +146,7 @@ class HistoryWriter:
                 return
             if item.method == "accept_report":
                 group = [item]
-                while len(group) < MAX_GROUP:
+                while len(group) < self.max_group:
                     try:
                         after = self._queue.get_nowait()
                     except queue.Empty:

@@ -51,7 +51,7 @@ from zmq.utils import z85
 
 from vims.errors import VimsError
 from vims.remote.gate import RECORD_WAIT_S, Gate
-from vims.remote.history import HistoryWriter
+from vims.remote.history import MAX_GROUP, HistoryWriter
 from vims.remote.keys import ServerKeys, verify_key
 from vims.remote.metrics import Metrics
 from vims.remote.policy import evaluate, one_line, retention
@@ -136,6 +136,8 @@ class RemsServer:
     keep_history_days : float, optional
         The operator's cap on every VM's retention: history older than this many days is pruned even
         when a VM's policy keeps it longer (never the latest verdicts a gate decides from).
+    write_group : int
+        The most accepted reports that queue up together written in one transaction (1: one each).
     """
 
     def __init__(self, store: Store, keys: ServerKeys, control: str = "tcp://127.0.0.1:0",
@@ -143,7 +145,7 @@ class RemsServer:
                  metrics_port: int | None = 0, poll_s: float = 0.1, prune_every_s: float = 60.0,
                  max_unattributed: int = MAX_UNATTRIBUTED, max_connections_per_vm: int = 256,
                  verifier_id: str | None = None, lease_s: float = 10.0,
-                 keep_history_days: float | None = None) -> None:
+                 keep_history_days: float | None = None, write_group: int = MAX_GROUP) -> None:
         if not lease_s > 0:
             raise VimsError(f"lease period {lease_s} s: give a positive number of seconds")
         self.store = store
@@ -178,7 +180,7 @@ class RemsServer:
         self.by_vm: dict[str, str] = {}  # vm_id -> unrevoked avm_id
         self.policies: dict[str, dict[str, Any]] = {}
         self.waiters: dict[str, tuple[str, asyncio.Future[tuple[bool, str, int | None]]]] = {}
-        self.history = HistoryWriter(store.location, self.metrics)
+        self.history = HistoryWriter(store.location, self.metrics, max_group=write_group)
         self.gate = Gate(self.history, self.metrics, self._attest, self._latest_verdict, service, gate_host,
                          max_connections=max_connections_per_vm)
         self.endpoint = ""
