@@ -1,6 +1,6 @@
 """Benchmark: the behaviour models judged where they run, on the Debian guest's own recorded data.
 
-    .venv/bin/python benchmarks/bench_detection.py [--name GUEST] [--hours H] [--quick] [--json]
+    .venv/bin/python benchmarks/bench_detection.py [--name GUEST] [--hours H] [--tracer gdb|plugin] [--quick] [--json]
 
 The data is a recording (:mod:`vims.collector.guest.recording`, cached under ``~/.cache/vims``): normal
 runs of the small-server workload and one run per attack scenario, each attack at a seeded moment of
@@ -35,9 +35,12 @@ import numpy as np
 
 
 def _knobs(args: argparse.Namespace) -> Any:
+    import dataclasses
+
     from vims.collector.guest.recording import SMALL_KNOBS, standard_knobs
 
-    return SMALL_KNOBS if args.quick else standard_knobs(args.hours)
+    knobs = SMALL_KNOBS if args.quick else standard_knobs(args.hours)
+    return dataclasses.replace(knobs, tracer=args.tracer)
 
 
 def _models(table: Any) -> dict[str, Any]:
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run on a small recording (2 normal runs of 25 s, 1 attack)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--tracer", choices=("gdb", "plugin"), default="gdb",
+                        help="what traces the recording: gdb (the watchpoint tracer; it misses calls under "
+                        "load) or plugin (QEMU 10's TCG plugin: every call)")
     args = parser.parse_args(argv)
 
     from vims.collector.guest.recording import cached_recording, scenarios_from_attacks

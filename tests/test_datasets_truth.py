@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -259,6 +260,11 @@ def test_the_knobs_plan_the_runs_and_key_the_cache() -> None:
         ("attack-reverse-shell", "attack", 2007, 30, False), ("attack-data-theft", "attack", 2008, 30, False)]
     assert knobs.key("img") == Knobs(2, 30, 0.5, ("reverse-shell", "data-theft"), 7).key("img")
     assert len({knobs.key("img"), knobs.key("other-img"), Knobs(seed=7).key("img")}) == 3
+    # The tracer is part of what a recording holds; the default's key is the one made before the knob.
+    plugin = dataclasses.replace(knobs, tracer="plugin")
+    assert plugin.key("img") != knobs.key("img") and knobs.key("img") == dataclasses.replace(knobs).key("img")
+    with pytest.raises(InputError, match="--tracer kvm: one of gdb, plugin"):
+        dataclasses.replace(knobs, tracer="kvm").check()
 
 
 @pytest.mark.parametrize(("knobs", "message"), [

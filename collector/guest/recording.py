@@ -60,6 +60,8 @@ LEAD_S = 1.0
 ATTACK_LIMIT_S = 900.0
 #: The longest round of the workload (:func:`_workload`).
 ROUND_S = 60.0
+#: What may trace a recording (:class:`Knobs`).
+TRACERS = ("gdb", "plugin")
 #: A scenario: ``(guest, seed, log) -> ground truth`` (an object with ``to_json()``, or its dict).
 Scenario = Callable[["Guest", int, Callable[[str], None] | None], Any]
 
@@ -83,7 +85,9 @@ class RunSpec:
 @dataclass(frozen=True)
 class Knobs:
     """What a recording holds: ``normal_runs`` runs of ``seconds`` each, one long normal run of ``hours``
-    (if given), and one attack run of ``seconds`` per scenario, the workload at ``rate`` actions/s."""
+    (if given), and one attack run of ``seconds`` per scenario, the workload at ``rate`` actions/s,
+    traced by ``tracer``: ``gdb`` (the GDB stub's watchpoint tracer, on any QEMU; it misses calls under
+    load) or ``plugin`` (QEMU 10's TCG plugin: every call; the guest must run with it, ``plugin=True``)."""
 
     normal_runs: int = 2
     seconds: float = 60.0
@@ -91,6 +95,7 @@ class Knobs:
     scenarios: tuple[str, ...] = ()
     seed: int = 0
     rate: float = 0.5
+    tracer: str = "gdb"
 
     def check(self) -> None:
         """Raise :class:`InputError` for knobs no recording can have."""
@@ -104,6 +109,8 @@ class Knobs:
             raise InputError(f"--rate {self.rate:g}: actions per second must be a positive number")
         if len(set(self.scenarios)) != len(self.scenarios):
             raise InputError("a scenario is named twice")
+        if self.tracer not in TRACERS:
+            raise InputError(f"--tracer {self.tracer}: one of {', '.join(TRACERS)}")
         if not self.runs():
             raise InputError("nothing to record: no normal run, no long run and no scenario")
 
@@ -119,6 +126,8 @@ class Knobs:
     def key(self, image: str) -> str:
         """The cache key of a recording of these knobs on the image with key ``image``."""
         data = {"image": image, "version": RECORDING_VERSION, **dataclasses.asdict(self)}
+        if self.tracer == "gdb":  # the keys of recordings made before the knob existed stay as they were
+            del data["tracer"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -174,8 +183,9 @@ def scenarios_from_attacks(names: tuple[str, ...] | None = None) -> dict[str, Sc
 
 
 @contextlib.contextmanager
-def running_guest(name: str, log: Callable[[str], None] | None = None) -> Iterator[Guest]:
-    """The detached guest ``name`` if it runs; else a Debian guest booted for the block and stopped after."""
+def running_guest(name: str, log: Callable[[str], None] | None = None, plugin: bool = False) -> Iterator[Guest]:
+    """The detached guest ``name`` if it runs; else a Debian guest booted for the block and stopped after
+    (``plugin``: with the QEMU syscall plugin, for recordings traced by it)."""
     from vims.collector.guest.debian import build_debian
     from vims.collector.guest.qemu import Guest
 
@@ -186,7 +196,7 @@ def running_guest(name: str, log: Callable[[str], None] | None = None) -> Iterat
             return
     if log is not None:
         log(f"no guest {name!r} runs: booting one for the recording")
-    with Guest.start(build_debian(log=log), name=name) as guest:
+    with Guest.start(build_debian(log=log), name=name, plugin=plugin) as guest:
         yield guest
 
 
@@ -323,7 +333,7 @@ def _gate_service(guest: Guest) -> Iterator[bool]:
 
 def _trace_run(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | None, interrupted: threading.Event,
                progress: Callable[[dict[str, Any]], Any] | None,
-               log: Callable[[str], None] | None) -> tuple[Any, Play, float]:
+               log: Callable[[str], None] | None, method: str = "gdb") -> tuple[Any, Play, float]:
     """Trace one run from start to end: (the tracer's result, what the run's threads produced, start)."""
     from vims.collector.backends.qemu import QemuBackend
     from vims.collector.tracer import SyscallTracer
@@ -332,7 +342,16 @@ def _trace_run(guest: Guest, spec: RunSpec, rate: float, scenario: Scenario | No
     started = time.time()
     backend = QemuBackend.from_guest(guest)
     with backend:
-        tracer = SyscallTracer(backend, guest.name)
+        tracer: Any
+        if method == "plugin":
+            from vims.collector.plugin_tracer import PluginTracer
+
+            if getattr(guest, "plugin_shm", None) is None:
+                raise InputError(f"the guest {guest.name!r} runs without the QEMU syscall plugin: a recording "
+                                 "traced by it needs a guest started with it (vims guest up --tracer plugin)")
+            tracer = PluginTracer(backend, guest.name)
+        else:
+            tracer = SyscallTracer(backend, guest.name)
         driver = threading.Thread(target=_play, args=(guest, spec, rate, scenario, play, stop, log),
                                   name=f"run-{spec.run_id}", daemon=True)
 
@@ -396,11 +415,11 @@ def _run_info(guest: Guest, spec: RunSpec, rate: float, result: Any, play: Play,
 
 def _record_run(guest: Guest, folder: Path, spec: RunSpec, rate: float, scenario: Scenario | None,
                 interrupted: threading.Event, progress: Callable[[dict[str, Any]], Any] | None,
-                log: Callable[[str], None] | None) -> dict[str, Any]:
+                log: Callable[[str], None] | None, method: str = "gdb") -> dict[str, Any]:
     """Record one run into ``folder`` (events, truth, run.json); returns its ``run.json``."""
     from vims.tables import write_table
 
-    result, play, started = _trace_run(guest, spec, rate, scenario, interrupted, progress, log)
+    result, play, started = _trace_run(guest, spec, rate, scenario, interrupted, progress, log, method)
     status = _status(guest, spec, result, play, interrupted.is_set())
     info = _run_info(guest, spec, rate, result, play, started, status)
     if spec.kind == "attack" and guest.running:
@@ -491,7 +510,7 @@ def cached_recording(knobs: Knobs, name: str, scenarios: Mapping[str, Scenario] 
         if log is not None:
             log(f"recording found in the cache: {folder}")
         return folder
-    with running_guest(name, log=log) as guest:
+    with running_guest(name, log=log, plugin=knobs.tracer == "plugin") as guest:
         return recording(guest, knobs, scenarios, progress=progress)
 
 
@@ -543,6 +562,9 @@ def record(guest: Guest, folder: Path, knobs: Knobs, scenarios: Mapping[str, Sce
     missing = [n for n in knobs.scenarios if n not in plays]
     if missing:
         raise InputError(f"unknown scenario {missing[0]!r}: one of {', '.join(plays) or '(none)'}")
+    if knobs.tracer == "plugin" and getattr(guest, "plugin_shm", None) is None:
+        raise InputError(f"the guest {guest.name!r} runs without the QEMU syscall plugin: a recording traced "
+                         "by it needs a guest started with it (vims guest up --tracer plugin)")
     _prepare(folder, force)
     began, runs, interrupted = time.time(), [], threading.Event()
     with _gate_service(guest), _sigint(interrupted):
@@ -550,7 +572,7 @@ def record(guest: Guest, folder: Path, knobs: Knobs, scenarios: Mapping[str, Sce
             show = None if progress is None else (lambda p, s=spec, i=index: progress(s, i, p))
             scenario = plays[spec.scenario] if spec.scenario else None
             runs.append(_record_run(guest, folder / spec.run_id, spec, knobs.rate, scenario, interrupted, show,
-                                    log))
+                                    log, knobs.tracer))
             manifest = _manifest(guest, knobs, runs, began)
             _write_json(folder / MANIFEST, manifest)
             if not guest.running or interrupted.is_set():
