@@ -138,6 +138,9 @@ def record(
     seed: int = typer.Option(0, "--seed", help="Seeds the workloads, the scenarios and the attacks' moments."),
     rate: float = typer.Option(0.5, "--rate", help="Workload actions per second (under tracing an action "
                                "takes seconds: more overloads the guest)."),
+    tracer: str = typer.Option("gdb", "--tracer", help="gdb: the GDB stub's watchpoint tracer (any QEMU; misses "
+                               "calls under load); plugin: QEMU 10's TCG plugin, every call (the guest booted "
+                               "for it gets the plugin; a running one needs vims guest up --tracer plugin)."),
     force: bool = typer.Option(False, "--force", metavar="", help="Record again even if the cache holds it; "
                                "record into a folder that holds other files."),
     as_json: bool = JSON,
@@ -153,13 +156,13 @@ def record(
     if no_attacks and scenario:
         raise InputError("--no-attacks and --scenario contradict each other")
     plays = {} if no_attacks else scenarios_from_attacks(tuple(scenario) or None)
-    knobs = Knobs(normal_runs, seconds, hours, tuple(plays), seed, rate)
+    knobs = Knobs(normal_runs, seconds, hours, tuple(plays), seed, rate, tracer)
     knobs.check()
     if not plays and not no_attacks and not as_json:
         err.print("[yellow]no attack scenarios available[/] (vims.collector.guest.attacks): normal runs only",
                   highlight=False)
     log = None if as_json else (lambda line: err.print(f"[dim]{line}[/]", highlight=False))
-    with running_guest(name, log=log) as guest:
+    with running_guest(name, log=log, plugin=tracer == "plugin") as guest:
         folder = output or default_folder(guest, knobs)
         manifest = None if force else cached(folder, guest, knobs)
         if manifest is None:
