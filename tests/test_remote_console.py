@@ -121,6 +121,7 @@ def test_console_json_is_the_clis(fleet):
 @pytest.mark.skipif(not Path(CHROMEDRIVER).exists(), reason="needs chromium-driver (scripts/system-packages.sh)")
 def test_the_console_in_a_real_browser(fleet):
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -133,7 +134,8 @@ def test_the_console_in_a_real_browser(fleet):
         options.binary_location = shutil.which("chromium")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    wait = WebDriverWait(driver, 30)
+    # The pages re-render every 2 s: an element read across a refresh goes stale, so reads are retried.
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
     try:
         driver.get(console.url + "/?token=" + console.token)
 
@@ -143,7 +145,7 @@ def test_the_console_in_a_real_browser(fleet):
             return got if got == {"vm-1": "allowed", "vm-2": "refused"} else None
 
         assert wait.until(states)
-        vm2 = driver.find_element(By.CSS_SELECTOR, "#fleet tr[data-vm='vm-2']").text
+        vm2 = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#fleet tr[data-vm='vm-2']").text)
         assert "cut" in vm2 and "behaviour score 0.200 < threshold 0.500" in vm2
         driver.save_screenshot(str(SHOTS / "fleet.png"))
 
@@ -151,9 +153,10 @@ def test_the_console_in_a_real_browser(fleet):
         driver.find_element(By.LINK_TEXT, "vm-2").click()
         reason = wait.until(lambda d: d.find_elements(By.ID, "reason") and d.find_element(By.ID, "reason").text)
         assert "cut" in reason and "behaviour score 0.200 < threshold 0.500" in reason
-        assert driver.find_element(By.ID, "vm-state").text == "refused"
+        assert wait.until(lambda d: d.find_element(By.ID, "vm-state").text) == "refused"
         assert driver.find_elements(By.CSS_SELECTOR, "#timeline polyline")
-        cuts = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#decisions tr") if " cut " in f" {r.text} "]
+        cuts = wait.until(lambda d: [r.text for r in d.find_elements(By.CSS_SELECTOR, "#decisions tr")
+                                     if " cut " in f" {r.text} "] or None)
         assert cuts and "0.200" in cuts[0]
         driver.save_screenshot(str(SHOTS / "vm.png"))
 

@@ -156,8 +156,11 @@ def test_qemu_backend(guest: Any) -> None:
         # CR3 is a page-table root in guest RAM (its low bits may hold a PCID); RIP is canonical.
         assert 0 < cr3 & ~0xFFF < backend.memory.end
         assert rip >> 47 in (0, (1 << 17) - 1)
-        if rip >> 47:  # stopped in the kernel: GS base is the kernel's per-cpu area (in user mode: the user's)
-            assert gs_base >> 63, hex(gs_base)  # the upper half (4- or 5-level paging)
+        entry = (backend.translate_ksym2v("__entry_text_start"), backend.translate_ksym2v("__entry_text_end"))
+        if rip >> 47 and not entry[0] <= rip < entry[1]:
+            # Stopped in the kernel past its entry code: GS base is the kernel's per-cpu area (in user mode,
+            # or in the entry code before its swapgs or after the one back, it is the user's).
+            assert gs_base >> 63, (hex(gs_base), hex(rip))  # the upper half (4- or 5-level paging)
         assert isinstance(backend.get_vcpureg("gs_base"), int)  # taken while the guest runs: halt, read, resume
         stext = backend.translate_ksym2v("_stext")
         assert backend.read_va(stext, 64) == backend.read_pa(stext - 0xFFFF_FFFF_8000_0000, 64)
