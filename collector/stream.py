@@ -194,7 +194,7 @@ class BatchSender:
             header["dropped_batches"] = self.dropped_batches
             header["dropped_rows"] = self.dropped_rows
             if self.upstream_dropped is not None:
-                header["source_dropped"] = self._source_dropped()
+                header["source_dropped"] = max(0, int(self.upstream_dropped()))
             frames = [PROTOCOL, json.dumps(header).encode(), encode_batch(batch)]
             # Wait for the peer (or HWM room) in short steps so close() is never stuck behind it.
             while True:
@@ -209,9 +209,6 @@ class BatchSender:
                         continue
                     self.sent += 1
                     break
-
-    def _source_dropped(self) -> int:
-        return max(0, int(self.upstream_dropped())) if self.upstream_dropped is not None else 0
 
     def _count_lost(self, rows: int) -> None:
         with self._lock:

@@ -60,6 +60,11 @@ class _Write:
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
 
 
+def _groups(write: _Write) -> bool:
+    """Whether ``write`` may share a transaction: an accepted report, which is never retried."""
+    return write.method == "accept_report" and not write.retry
+
+
 class HistoryWriter:
     """Run the writes of :class:`~vims.remote.store.Store` in a thread of their own.
 
@@ -144,27 +149,27 @@ class HistoryWriter:
             held = _NOTHING
             if item is None:
                 return
-            if item.method == "accept_report":
-                group = [item]
-                while len(group) < self.max_group:
-                    try:
-                        after = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if after is None or after.method != "accept_report":
-                        held = after
-                        break
-                    group.append(after)
-                group = [w for w in group if w.future.set_running_or_notify_cancel()]
-                if len(group) > 1:
-                    self._attempt_group(group)
-                    continue
-                if not group:
-                    continue
-                item = group[0]
-            elif not item.future.set_running_or_notify_cancel():
-                continue
-            self._attempt(item)
+            group = [item]
+            if _groups(item):
+                held = self._gather(group)
+            group = [w for w in group if w.future.set_running_or_notify_cancel()]
+            if len(group) > 1:
+                self._attempt_group(group)
+            elif group:
+                self._attempt(group[0])
+
+    def _gather(self, group: list[_Write]) -> Any:
+        """Add the accepted reports queued right behind ``group[0]`` (up to ``max_group``); return the
+        write taken after them that does not belong (or :data:`_NOTHING`)."""
+        while len(group) < self.max_group:
+            try:
+                after = self._queue.get_nowait()
+            except queue.Empty:
+                return _NOTHING
+            if after is None or not _groups(after):
+                return after
+            group.append(after)
+        return _NOTHING
 
     def _attempt_group(self, group: list[_Write]) -> None:
         """Accepted reports in one transaction (never retried: a report not recorded is refused)."""

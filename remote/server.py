@@ -551,31 +551,36 @@ class RemsServer:
         ``vims_gate_bind_failures_total`` and shown as ``vims_gate_listening{vm} 0``; the watch loop
         tries again every second. Its VM's clients cannot connect meanwhile: nothing is let through.
         """
-        for vm_id, avm_id in self.by_vm.items():
-            port = self.avms[avm_id].gate_port
-            if avm_id in self.foreign:  # the gate is at the verifier holding its A-VM
-                if self.gate.port_vm.get(port) == vm_id:
-                    self.gate.unlisten(vm_id)
-                self.gate_errors.pop(vm_id, None)
-                continue
-            try:
-                await self.gate.listen(port, vm_id)
-            except VimsError as exc:
-                if avm_id not in self.leased and len(self.peers) > 1:
-                    # Held by no verifier yet and others run: one of them may listen there.
-                    log.debug("%s (its A-VM is not leased here yet)", exc)
-                    continue
-                self.metrics.set("vims_gate_listening", 0, vm=vm_id)
-                if self.gate_errors.get(vm_id) != str(exc):
-                    self.gate_errors[vm_id] = str(exc)
-                    self.metrics.inc("vims_gate_bind_failures_total", vm=vm_id)
-                    log.error("%s", exc)
-                    self.history.submit("record_decision", vm_id=vm_id, conn_id="-", kind="gate_error",
-                                        reason=one_line(str(exc)))
-                continue
-            if self.gate_errors.pop(vm_id, None) is not None:
-                log.info("gate for VM %s listens again on port %d", vm_id, port)
-            self.metrics.set("vims_gate_listening", 1, vm=vm_id)
+        for vm_id, avm_id in list(self.by_vm.items()):
+            await self._listen_gate(vm_id, avm_id)
+
+    async def _listen_gate(self, vm_id: str, avm_id: str) -> None:
+        """One VM's part of :meth:`_listen_gates`: listen at its gate, or stop where another verifier
+        holds its A-VM."""
+        port = self.avms[avm_id].gate_port
+        if avm_id in self.foreign:  # the gate is at the verifier holding its A-VM
+            if self.gate.port_vm.get(port) == vm_id:
+                self.gate.unlisten(vm_id)
+            self.gate_errors.pop(vm_id, None)
+            return
+        try:
+            await self.gate.listen(port, vm_id)
+        except VimsError as exc:
+            if avm_id not in self.leased and len(self.peers) > 1:
+                # Held by no verifier yet and others run: one of them may listen there.
+                log.debug("%s (its A-VM is not leased here yet)", exc)
+                return
+            self.metrics.set("vims_gate_listening", 0, vm=vm_id)
+            if self.gate_errors.get(vm_id) != str(exc):
+                self.gate_errors[vm_id] = str(exc)
+                self.metrics.inc("vims_gate_bind_failures_total", vm=vm_id)
+                log.error("%s", exc)
+                self.history.submit("record_decision", vm_id=vm_id, conn_id="-", kind="gate_error",
+                                    reason=one_line(str(exc)))
+            return
+        if self.gate_errors.pop(vm_id, None) is not None:
+            log.info("gate for VM %s listens again on port %d", vm_id, port)
+        self.metrics.set("vims_gate_listening", 1, vm=vm_id)
 
     async def _watch_loop(self) -> None:
         """Cut connections whose VM has no fresh report; pick up changes made in the database."""
@@ -847,7 +852,7 @@ class RemsServer:
         if st.avm_id not in self.leased:  # taken here (from another verifier, or a free lease): its gate is here
             self.leased.add(st.avm_id)
             self.foreign.discard(st.avm_id)
-            self._spawn(self._listen_gates())
+            self._spawn(self._listen_gate(st.vm_id, st.avm_id))
         self.metrics.inc("vims_reports_accepted_total", vm=st.vm_id)
         st.last_seq = body["seq"]
         st.last_ok = time.monotonic()

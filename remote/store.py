@@ -55,7 +55,6 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 MAX_UNATTRIBUTED = 10000
 
 
-
 class Notifications(Protocol):
     """What :meth:`Store.notifications` gives: the store's notices, as another process commits them.
 
@@ -73,6 +72,7 @@ class Notifications(Protocol):
     def close(self) -> None:
         """Stop listening and close the connection."""
         ...
+
 
 class StoreError(VimsError, OSError):
     """The store cannot be reached, read or written now (a lost connection, a refused write).

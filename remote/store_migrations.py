@@ -192,7 +192,7 @@ _POSTGRESQL_V2 = (
 )
 
 # Version 3, PostgreSQL only: notifications on the channel ``vims_rems`` (what a verifier LISTENs to,
-# :class:`vims.remote.store_postgres.Notifications`), sent on commit by triggers: a change of enrolments,
+# :class:`vims.remote.store_postgres.PostgresNotifications`), sent on commit by triggers: a change of enrolments,
 # revocations or policies (the counter ``data_version`` reads), and a lease that changes holder or is
 # given up (a renewal says nothing). The payload is JSON and names the table's schema, so that stores in
 # several schemas of one database hear only their own. No ``%`` or ``?`` in these bodies: the store's

@@ -10,7 +10,7 @@ transactions, and what differs in PostgreSQL's dialect:
   their own transaction (SQLite's ``PRAGMA data_version`` changes on any other connection's commit);
 - :meth:`PostgresStore.notifications` LISTENs on the channel the schema's triggers notify on commit
   (migration 3): enrolments, revocations and policies changed, and leases that change holder, so a
-  verifier learns of them at once instead of polling (:class:`Notifications`);
+  verifier learns of them at once instead of polling (:class:`PostgresNotifications`);
 - text cannot hold NUL in PostgreSQL: a NUL in a stored string (only the undecodable garbage of a
   refused message has one) is stored as U+FFFD, so such a row is kept, not refused.
 
@@ -160,9 +160,9 @@ class PostgresStore(Store):
         self._lock_timeout_ms = max(1, int(seconds * 1000))
         self._exec(f"SET lock_timeout = {self._lock_timeout_ms}")
 
-    def notifications(self) -> Notifications:
-        """LISTEN on :data:`CHANNEL` on a new connection (:class:`Notifications`)."""
-        return Notifications(self)
+    def notifications(self) -> PostgresNotifications:
+        """LISTEN on :data:`CHANNEL` on a new connection (:class:`PostgresNotifications`)."""
+        return PostgresNotifications(self)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -171,7 +171,7 @@ class PostgresStore(Store):
             self._conn = None
 
 
-class Notifications:
+class PostgresNotifications:
     """The notices of one store (its schema), on a connection of their own that LISTENs.
 
     PostgreSQL delivers a notification when the transaction that sent it commits, in commit order.
