@@ -230,3 +230,40 @@ def test_fitted_traces_among_others_are_found_trace_by_trace(tmp_path: Path, fit
                          tmp_path / "copies.parquet", TRACE_SCHEMA)
     r = vims("evaluate", "-m", tmp_path / "u.skops", "-d", copies, "-o", tmp_path / "rep2", "--json")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_score_table_marks_the_fitted_traces_for_evaluate(tmp_path: Path, fitted: tuple[Path, Path]) -> None:
+    """`vims score` marks the normal traces the model was fitted on, so `evaluate --scores` can refuse them as
+    `evaluate --data` does; a table that cannot say (no `fitted` column) is evaluated with the doubt stated."""
+    data, model = fitted
+    assert vims("score", "-m", model, "-d", data, "-o", tmp_path / "s.parquet").returncode == 0
+    from vims.schemas import SCORE_SCHEMA
+    from vims.tables import read_table
+
+    s = read_table(tmp_path / "s.parquet", SCORE_SCHEMA)
+    marks = {(r["split"], r["label"], r["fitted"]) for r in s.to_pylist()}
+    assert marks == {("train", "normal", True), ("validation", "normal", False), ("attack", "attack", False)}
+    refused(vims("evaluate", "--scores", tmp_path / "s.parquet", "-o", tmp_path / "rep"),
+            "the model was fitted on")
+    assert not (tmp_path / "rep").exists()
+    r = vims("evaluate", "--scores", tmp_path / "s.parquet", "--exclude-fitted", "-o", tmp_path / "rep", "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    n_train = sum(1 for r in s.to_pylist() if r["split"] == "train")
+    assert metrics["excluded_fitted"] == n_train and metrics["fitted_known"] is True
+    assert metrics["overall"]["n_normal"] == 45
+    # an older table, without the column: read as unknown, evaluated, and the report says so
+    old = write_table(s.drop_columns(["fitted"]).filter(pa.array([r != "train" for r in
+                                                                  s.column("split").to_pylist()])),
+                      tmp_path / "old.parquet")
+    r = vims("evaluate", "--scores", old, "-o", tmp_path / "rep-old")
+    assert r.returncode == 0, r.stderr
+    assert "cannot be ruled out" in r.stderr
+    assert json.loads((tmp_path / "rep-old" / "metrics.json").read_text())["fitted_known"] is False
+    assert "unknown overlap with training" in (tmp_path / "rep-old" / "report.md").read_text()
+
+
+def test_evaluate_refuses_a_file_name_for_its_report_folder(tmp_path: Path, fitted: tuple[Path, Path]) -> None:
+    data, model = fitted
+    refused(vims("evaluate", "-m", model, "-d", data, "-o", tmp_path / "scores2.parquet"), "is the report folder")
+    assert not (tmp_path / "scores2.parquet").exists()

@@ -110,10 +110,10 @@ def _score(
     if output.is_dir():
         raise InputError("is a folder; --output is the score table (Parquet) to write, e.g. scores.parquet",
                          where=output)
-    det, _ = open_model(model)
+    det, card = open_model(model)
     chosen = chosen_threshold(det, far, threshold)
     table = load_traces(data)
-    scores = score_table(det, table, where=str(data), threshold=chosen)
+    scores = score_table(det, table, where=str(data), threshold=chosen, card=card)
     write_table(scores, output, SCORE_SCHEMA)
     n_anom = int(sum(scores.column("anomalous").to_pylist()))
     summary = {"output": str(output), "n_traces": scores.num_rows, "n_anomalous": n_anom, "threshold": chosen}
@@ -161,6 +161,10 @@ def _splits(table: pa.Table, split: list[str], where: Path) -> pa.Table:
     return select(table, split)
 
 
+#: Suffixes of the files VIMS reads and writes: an --output report folder named so is a mistake.
+_FILE_SUFFIXES = {".parquet", ".json", ".md", ".png", ".csv", ".skops", ".txt"}
+
+
 def _evaluate(
     model: list[Path] = typer.Option(None, "--model", "-m", help="A model file written by `vims train` (not "
                                      "needed with --scores); repeat it to compare models in one table."),
@@ -174,7 +178,8 @@ def _evaluate(
                                     "every split except the one the model was trained on)."),
     exclude_fitted: bool = typer.Option(False, "--exclude-fitted", help="Leave out the normal traces the "
                                         "model was fitted on (training or `vims update`; the card keeps their "
-                                        "keys) instead of refusing; the report says how many."),
+                                        "keys, a score table marks them) instead of refusing; the report says "
+                                        "how many."),
     as_json: bool = JSON,
 ) -> None:
     """ROC AUC, detection at 1/5/10% false alarms, per family and program, figures and a report."""
@@ -185,6 +190,9 @@ def _evaluate(
     if output.exists() and not output.is_dir():
         raise InputError("exists and is not a folder; --output is the report folder (metrics.json, roc.png, "
                          "report.md)", where=output)
+    if not output.exists() and output.suffix.lower() in _FILE_SUFFIXES:
+        raise InputError(f"names a {output.suffix} file; --output is the report folder (metrics.json, roc.png, "
+                         "report.md); a score table is written by `vims score -o`", where=output)
     if (scores_path is None) == (data is None) or (data is not None and not models):
         raise InputError("give --model and --data (score the traces), or --scores (a score table)")
     if scores_path is not None and len(models) > 1:
@@ -212,13 +220,13 @@ def _evaluate(
 def _evaluate_one(model: Path | None, data: Path | None, scores_path: Path | None, output: Path,
                   split: list[str] | None, exclude_fitted: bool = False) -> dict:
     """One model's evaluation (or one score table's) into the report folder ``output``; its metrics."""
+    import numpy as np
     import pyarrow as pa
 
     from vims.errors import InputError
     from vims.models.modelset import ModelSet
     from vims.training.core import (
         check_evaluable,
-        check_labels,
         fitted_mask,
         load_traces,
         open_model,
@@ -234,8 +242,15 @@ def _evaluate_one(model: Path | None, data: Path | None, scores_path: Path | Non
         card = open_model(model)[1] if model is not None else {}
         scored = read_table(scores_path, SCORE_SCHEMA)
         scored = _splits(scored, split, scores_path) if split else scored
-        check_labels(scored, where=str(scores_path))
-        return write_report(scored, card, output, str(scores_path), None)
+        marks = scored.column("fitted").to_pylist()
+        known = any(m is not None for m in marks)
+        fitted = np.array([m is True for m in marks], dtype=bool)
+        if exclude_fitted and fitted.any():
+            scored = scored.filter(pa.array(~fitted))
+        check_evaluable(scored, card, where=str(scores_path),
+                        fitted=np.zeros(scored.num_rows, bool) if exclude_fitted else fitted)
+        return write_report(scored, card, output, str(scores_path), None,
+                            excluded_fitted=int(fitted.sum()) if exclude_fitted else None, fitted_known=known)
     assert model is not None and data is not None
     det, card = open_model(model)
     table = load_traces(data)
@@ -254,7 +269,7 @@ def _evaluate_one(model: Path | None, data: Path | None, scores_path: Path | Non
         raise InputError("no traces left to evaluate on (check --split)", where=data)
     check_evaluable(table, card, where=str(data))
     threshold = None if isinstance(det, ModelSet) else threshold_of(det)
-    return write_report(score_table(det, table, where=str(data)), card, output, str(data), threshold,
+    return write_report(score_table(det, table, where=str(data), card=card), card, output, str(data), threshold,
                         excluded_fitted=excluded if exclude_fitted else None)
 
 
@@ -263,6 +278,9 @@ def _print_metrics(metrics: dict, output: Path) -> None:
 
     o = metrics["overall"]
     auc = "n/a" if o["auc"] is None else f"{o['auc']:.4f}"
+    if metrics.get("fitted_known") is False:
+        err.print("warning: the score table does not say which traces the model was fitted on (scored without "
+                  "its card, or by an older VIMS): an overlap with its training cannot be ruled out", highlight=False)
     check = metrics.get("target_check")
     if check and check["missed"]:
         err.print(f"warning: {check['actual']:.1%} false alarms at the calibrated threshold, target "

@@ -223,10 +223,15 @@ def training_overlap(table: pa.Table, card: dict[str, Any], where: str = "data")
     return int(fitted_mask(table, card, where=where).sum())
 
 
-def check_evaluable(table: pa.Table, card: dict[str, Any], where: str = "data") -> None:
-    """Refuse an evaluation that would mislead: bad labels, one class only, or the model's own training traces."""
+def check_evaluable(table: pa.Table, card: dict[str, Any], where: str = "data",
+                    fitted: np.ndarray | None = None) -> None:
+    """Refuse an evaluation that would mislead: bad labels, one class only, or the model's own training traces.
+
+    ``fitted`` marks those traces where they are already known (a score table's ``fitted`` column);
+    else they are found from the card (:func:`fitted_mask`).
+    """
     check_labels(table, where=where)
-    overlap = training_overlap(table, card, where=where)
+    overlap = training_overlap(table, card, where=where) if fitted is None else int(np.sum(fitted))
     if overlap:
         n = (table.column("label").to_pylist()).count("normal")
         raise InputError(f"{overlap:,} of the {n:,} normal traces to evaluate on are traces the model was fitted "
@@ -263,11 +268,14 @@ def chosen_threshold(det: Detector, far: float | None = None, threshold: float |
     return threshold_of(det)
 
 
-def score_table(det: Detector, table: pa.Table, where: str = "data", threshold: float | None = None) -> pa.Table:
+def score_table(det: Detector, table: pa.Table, where: str = "data", threshold: float | None = None,
+                card: dict[str, Any] | None = None) -> pa.Table:
     """Score every trace of ``table``: a table in :data:`~vims.schemas.SCORE_SCHEMA`.
 
     ``anomalous`` is the score above ``threshold`` (default: the model's calibrated one). A model set
-    scores each trace with its program's detector and threshold (``program`` column).
+    scores each trace with its program's detector and threshold (``program`` column). Given the model's
+    ``card``, ``fitted`` says which rows are normal traces it was fitted on (:func:`fitted_mask`), so a
+    later evaluation of the score table alone can refuse them; without it ``fitted`` is null.
     """
     from vims.models.modelset import ModelSet
 
@@ -285,6 +293,7 @@ def score_table(det: Detector, table: pa.Table, where: str = "data", threshold: 
     trace_id = table.column("trace_id") if "trace_id" in table.column_names else [str(i) for i in range(n)]
     return pa.table(
         {"trace_id": trace_id, "split": col("split"), "label": col("label"), "family": col("family"),
-         "program": col("program"), "score": scores, "anomalous": anomalous},
+         "program": col("program"), "score": scores, "anomalous": anomalous,
+         "fitted": [None] * n if card is None else fitted_mask(table, card, where=where)},
         schema=SCORE_SCHEMA,
     )

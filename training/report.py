@@ -128,6 +128,9 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
         f"- threshold {_num(metrics['model']['threshold'])} for a target false-alarm rate of {_pct(card.get('far'))}",
         *([f"- left out: {metrics['excluded_fitted']:,} normal traces the model was fitted on (--exclude-fitted)"]
           if metrics.get("excluded_fitted") is not None else []),
+        *(["- **unknown overlap with training**: the score table does not say which traces the model was fitted "
+           "on (scored without its card, or by an older VIMS); if some are among these normals the figures "
+           "are inflated"] if metrics.get("fitted_known") is False else []),
         "",
         f"**ROC AUC {auc}**; detection at 1/5/10% false alarms: "
         + ", ".join(_pct(o["dr"][k]) for k in ("1%", "5%", "10%")) + ".",
@@ -155,11 +158,14 @@ def _markdown(metrics: dict[str, Any], card: dict[str, Any], data: str) -> str:
 
 
 def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, data: str,
-                 threshold: float | None = None, excluded_fitted: int | None = None) -> dict[str, Any]:
+                 threshold: float | None = None, excluded_fitted: int | None = None,
+                 fitted_known: bool = True) -> dict[str, Any]:
     """Write ``metrics.json``, the figures and ``report.md`` to ``out_dir``; return the metrics.
 
     ``threshold`` is the one the scores were flagged with (default: the card's); ``excluded_fitted``
-    the normal traces left out because the model was fitted on them (``--exclude-fitted``).
+    the normal traces left out because the model was fitted on them (``--exclude-fitted``);
+    ``fitted_known`` False for a score table that does not say which traces those are (its ``fitted``
+    column is null), which the report then says.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +180,7 @@ def write_report(scores: pa.Table, card: dict[str, Any], out_dir: str | Path, da
     metrics["data"] = data
     if excluded_fitted is not None:
         metrics["excluded_fitted"] = excluded_fitted
+    metrics["fitted_known"] = fitted_known
     (out / "metrics.json").write_text(to_json(metrics) + "\n")
     auc = metrics["overall"]["auc"]
     roc_png(scores, out / "roc.png", f"{card.get('detector')} on {Path(data).name}"

@@ -70,6 +70,9 @@ SCORE_SCHEMA = _named(
         pa.field("program", pa.string()),
         pa.field("score", pa.float64(), nullable=False),
         pa.field("anomalous", pa.bool_(), nullable=False),
+        # A normal trace the model was fitted on (its training or an update, by the card's trace keys);
+        # null where the scorer could not tell (no card, or a table written before this column).
+        pa.field("fitted", pa.bool_()),
     ],
 )
 
