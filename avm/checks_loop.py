@@ -49,7 +49,7 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
                                                            "the new one runs")])
                     stop.wait(min(every, 1.0))
                     continue
-                if profile.symbol("_text") != backend.profile.symbol("_text"):
+                if not _same_kernel(profile, backend.profile):
                     backend.close()
                     backend = QemuBackend.from_guest(backend.guest, profile)  # the kernel of the new boot
                     ctx = Context.of_guest(backend)
@@ -69,6 +69,32 @@ def check_loop(agent: Agent, guest: Any, stop: threading.Event, every: float, de
             stop.wait(wait)
     finally:
         backend.close()
+
+
+def _place(profile: Any) -> tuple[int, int | None]:
+    """Where ``profile`` puts the kernel: ``_text``'s virtual address and KASLR's ``phys_base`` (None when
+    the profile was not relocated in guest RAM)."""
+    kaslr = (getattr(profile, "metadata", None) or {}).get("kaslr") or {}
+    return int(profile.symbol("_text")), None if "phys_base" not in kaslr else int(kaslr["phys_base"])
+
+
+def _same_kernel(a: Any, b: Any) -> bool:
+    """Whether two profiles place the kernel alike, virtually and physically: a new boot may draw the
+    same virtual offset and another physical one (KASLR draws them apart), and the checks must then
+    move to it.
+
+    >>> from vims.collector.profile import KernelProfile, example_profile
+    >>> d = example_profile()
+    >>> d["symbols"]["_text"] = {"address": 0xFFFFFFFF81000000, "type": "T"}
+    >>> p = KernelProfile.from_dict({**d, "metadata": {"relocatable": True}})
+    >>> _same_kernel(p.relocated(0x200000, 0x1000000), p.relocated(0x200000, 0x1000000))
+    True
+    >>> _same_kernel(p.relocated(0x200000, 0x1000000), p.relocated(0x200000, 0x3000000))
+    False
+    >>> _same_kernel(p.relocated(0x200000, 0x1000000), p.relocated(0x400000, 0x1000000))
+    False
+    """
+    return _place(a) == _place(b)
 
 
 def _schedule(plan: list[dict[str, Any]] | None, deep: bool, every: float) -> dict[str, float]:
