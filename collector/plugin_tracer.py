@@ -27,8 +27,13 @@ a batch's wait behind, ``stats["lag_ms_max"]``), where a buffer the program reus
 holds now and cannot be told from the original.
 
 Policy: the duty cycle switches the plugin on and off through the control area (no trap to put in,
-no restart); the per-second cap is applied in the plugin too (per vCPU, cap / vCPUs) when the policy
-filters no program; the program filter (include/exclude) is applied here, by the recorder.
+no restart); the program filter (include/exclude) is written there too and applied by the plugin at
+the call, on the comm it reads (a program it does not keep takes no ring slot and no share of the cap:
+``stats["plugin_filtered"]``), where its patterns are ones C's ``fnmatch`` reads as Python does (plain
+characters, ``*``, ``?``: :func:`~vims.collector.plugin.plugin_filters`); the per-second cap is applied
+in the plugin (per vCPU, cap / vCPUs) whenever the plugin applies the whole filter. The recorder
+applies the policy again to what arrives, so a filter the plugin cannot apply, or a caller it could not
+read, is still filtered, and a policy change is exact from the next call on.
 Events delivered / calls seen (``stats["seen"]``, counted by the plugin while on) is
 ``stats["delivered_share"]``.
 
@@ -50,7 +55,7 @@ from typing import Any
 import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
-from vims.collector.plugin import FLAG_ARGV, FLAG_IDENTITY, FLAG_PATH, FLAG_TASK_UNREAD, Rings
+from vims.collector.plugin import FLAG_ARGV, FLAG_IDENTITY, FLAG_PATH, FLAG_TASK_UNREAD, Rings, plugin_filters
 from vims.collector.recorder import EXECVE, EventRecorder, GuestUnreadableError, RecordingTracer, TraceResult
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
@@ -125,20 +130,22 @@ class PluginTracer(RecordingTracer):
                                  *self.recorder.notes]
         self.names = self.recorder.names
         self.stats = self.recorder.stats
-        self.stats.update(seen=0, dropped=0, plugin_capped=0, task_unread=0, lag_ms_max=0.0,
+        self.stats.update(seen=0, dropped=0, plugin_capped=0, plugin_filtered=0, task_unread=0, lag_ms_max=0.0,
                           dropped_per_vcpu=[0] * self.rings.vcpus)
         self._base = {name: [self.rings.counter(v, name) for v in range(self.rings.vcpus)]
-                      for name in ("seen", "dropped", "capped")}
+                      for name in ("seen", "dropped", "capped", "filtered")}
 
     def _policy_switched(self) -> None:
-        self._write_cap()
+        self._write_policy()
 
-    def _write_cap(self) -> None:
+    def _write_policy(self) -> None:
+        """The policy's program filter and cap into the plugin's control area, where it can apply them."""
         p = self.policy
+        in_plugin = plugin_filters(p.include, p.exclude)
         cap = 0
-        if p.max_events_per_s is not None and not p.include and not p.exclude:
+        if p.max_events_per_s is not None and (in_plugin or not (p.include or p.exclude)):
             cap = max(1, math.ceil(p.max_events_per_s / self.rings.vcpus))
-        self.rings.control(cap_per_s=cap)
+        self.rings.control(cap_per_s=cap, programs=(p.include, p.exclude) if in_plugin else ((), ()))
 
     def run(self, duration: float | None = None, stop: threading.Event | None = None,
             max_events: int | None = None, progress: Callable[[dict[str, Any]], Any] | None = None,
@@ -154,7 +161,7 @@ class PluginTracer(RecordingTracer):
         argv_args = {nr: 1 if nr == EXECVE else 2 for nr in EXECVE_CALLS}
         self.rings.control(task_offset=self._task_offset, task_fields=self._task_fields,
                            strings=(rec.path_args, argv_args))
-        self._write_cap()
+        self._write_policy()
         # Records left from an earlier trace of this guest are not this one's.
         for v in range(rings.vcpus):
             rings.take(v)
@@ -241,7 +248,7 @@ class PluginTracer(RecordingTracer):
         return taken
 
     def _count(self) -> None:
-        """The plugin's counters since this tracer started: seen, dropped (per vCPU), capped."""
+        """The plugin's counters since this tracer started: seen, dropped (per vCPU), capped, filtered."""
         rings, base = self.rings, self._base
         per = [rings.counter(v, "dropped") - base["dropped"][v] for v in range(rings.vcpus)]
         s = self.stats
@@ -249,6 +256,7 @@ class PluginTracer(RecordingTracer):
         s["dropped"] = sum(per)
         s["seen"] = sum(rings.counter(v, "seen") - base["seen"][v] for v in range(rings.vcpus))
         s["plugin_capped"] = sum(rings.counter(v, "capped") - base["capped"][v] for v in range(rings.vcpus))
+        s["plugin_filtered"] = sum(rings.counter(v, "filtered") - base["filtered"][v] for v in range(rings.vcpus))
         s["delivered_share"] = round(s["events"] / s["seen"], 4) if s["seen"] else 0.0
 
     def close(self) -> None:

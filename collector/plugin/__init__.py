@@ -8,7 +8,7 @@ shared-memory rings.
 
 The shared memory (one file in ``/dev/shm``, created by the plugin at QEMU's start) is laid out as the
 C file says: a 4096-byte header with the control area, then per vCPU a 64-byte ring header (``head``
-written by the plugin, ``tail`` by the collector, ``dropped``, ``seen``, ``capped``) and ``slots``
+written by the plugin, ``tail`` by the collector, ``dropped``, ``seen``, ``capped``, ``filtered``) and ``slots``
 records of 376 bytes (:data:`RECORD_DTYPE`).
 """
 
@@ -27,10 +27,10 @@ import numpy as np
 from vims.errors import MissingDependencyError, VimsError
 from vims.paths import cache_dir
 
-__all__ = ["RECORD_DTYPE", "PluginInstall", "Rings", "find_plugin"]
+__all__ = ["RECORD_DTYPE", "PluginInstall", "Rings", "find_plugin", "plugin_filters"]
 
 MAGIC = 0x31474C50534D4956  # "VIMSPLG1"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 4096
 RING_HEADER = 64
 #: One record, as the plugin writes it (``struct record``).
@@ -46,8 +46,12 @@ _ENABLED, _REGS_OK, _TASK_OFFSET, _CAP, _GENERATION, _MISSING = (24, "<I"), (28,
 _PID_OFFSET, _TGID_OFFSET, _COMM_OFFSET = (120, "<Q"), (128, "<Q"), (136, "<Q")
 #: Per call number (0-511): 1 + the argument holding a path / argv (0: none).
 _PATH_ARG, _ARGV_ARG = 144, 656
+#: The program filter: a sequence number (odd while written), the include and exclude counts, then
+#: MAX_PATTERNS patterns of PATTERN_SIZE bytes (the include ones first).
+_FILTER_SEQ, _N_INCLUDE, _N_EXCLUDE, _PATTERNS = (1168, "<I"), (1172, "<I"), (1176, "<I"), 1184
+MAX_PATTERNS, PATTERN_SIZE = 48, 32
 #: Ring header fields (offset in the ring header).
-_HEAD, _TAIL, _DROPPED, _SEEN, _CAPPED = 0, 8, 16, 24, 32
+_HEAD, _TAIL, _DROPPED, _SEEN, _CAPPED, _FILTERED = 0, 8, 16, 24, 32, 40
 #: The plugin's record flag: the task could not be read at the call.
 FLAG_TASK_UNREAD = 1
 #: The plugin's record flag: pid, tgid and comm were read at the call.
@@ -84,6 +88,21 @@ def find_plugin() -> PluginInstall:
     out = subprocess.run([str(qemu), "--version"], capture_output=True, text=True, check=False).stdout
     version = out.split("version", 1)[1].split()[0] if "version" in out else "unknown"
     return PluginInstall(library, qemu, version)
+
+
+def plugin_filters(include: tuple[str, ...] | list[str], exclude: tuple[str, ...] | list[str]) -> bool:
+    """Whether the plugin can apply these program patterns exactly as the collector's
+    :meth:`~vims.tracing_policy.Policy.wants` does: at most :data:`MAX_PATTERNS`, each printable ASCII
+    of fewer than :data:`PATTERN_SIZE` bytes made of plain characters, ``*`` and ``?`` (C's ``fnmatch``
+    and Python's differ on brackets and backslashes, so those stay with the collector).
+
+    >>> plugin_filters(["httpd", "kworker/*", "s?"], []), plugin_filters([], ["[ab]*"]), plugin_filters(["x" * 40], [])
+    (True, False, False)
+    """
+    patterns = [*include, *exclude]
+    return len(patterns) <= MAX_PATTERNS and all(
+        0 < len(p) < PATTERN_SIZE and p.isascii() and p.isprintable() and not set(p) & {"[", "]", "\\"}
+        for p in patterns)
 
 
 class Rings:
@@ -129,13 +148,28 @@ class Rings:
 
     def control(self, *, enabled: bool | None = None, task_offset: int | None = None,
                 cap_per_s: int | None = None, task_fields: tuple[int, int, int] | None = None,
-                strings: tuple[dict[int, int], dict[int, int]] | None = None) -> None:
+                strings: tuple[dict[int, int], dict[int, int]] | None = None,
+                programs: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> None:
         """Write the control area (read by the plugin at every call: it takes effect at once).
 
         ``task_fields``: the offsets of ``pid``, ``tgid`` and ``comm`` in ``task_struct``.
         ``strings``: per call number, the argument (0-5) holding a path, and the one holding ``argv``:
         the plugin copies them at the call.
+        ``programs``: the include and exclude patterns the plugin filters callers by; give only
+        patterns :func:`plugin_filters` accepts (empty lists: no filter in the plugin).
         """
+        if programs is not None:
+            include, exclude = programs
+            if not plugin_filters(include, exclude):
+                raise VimsError("the plugin cannot apply these program patterns: filter them in the collector")
+            seq = self._get(_FILTER_SEQ)
+            self._put(_FILTER_SEQ, seq | 1)  # odd: the plugin keeps every call while the filter changes
+            for i, pattern in enumerate((*include, *exclude)):
+                at = _PATTERNS + i * PATTERN_SIZE
+                self._map[at:at + PATTERN_SIZE] = pattern.encode("ascii").ljust(PATTERN_SIZE, b"\0")
+            self._put(_N_INCLUDE, len(include))
+            self._put(_N_EXCLUDE, len(exclude))
+            self._put(_FILTER_SEQ, (seq | 1) + 1)
         if strings is not None:
             for where, table in zip((_PATH_ARG, _ARGV_ARG), strings, strict=True):
                 row = bytearray(512)
@@ -161,8 +195,9 @@ class Rings:
         return bool(self._get(_ENABLED))
 
     def counter(self, vcpu: int, name: str) -> int:
-        """A ring counter of ``vcpu``: head, tail, dropped, seen or capped."""
-        off = {"head": _HEAD, "tail": _TAIL, "dropped": _DROPPED, "seen": _SEEN, "capped": _CAPPED}[name]
+        """A ring counter of ``vcpu``: head, tail, dropped, seen, capped or filtered."""
+        off = {"head": _HEAD, "tail": _TAIL, "dropped": _DROPPED, "seen": _SEEN, "capped": _CAPPED,
+               "filtered": _FILTERED}[name]
         return int(struct.unpack_from("<Q", self._map, self._ring(vcpu) + off)[0])
 
     def take(self, vcpu: int, limit: int | None = None) -> np.ndarray:

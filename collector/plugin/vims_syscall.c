@@ -19,14 +19,17 @@
  *   header, 4096 bytes: magic "VIMSPLG1", version, vCPUs, slots per ring, record size, and the
  *   control area the collector writes: enabled, current_task offset, a per-vCPU cap of records per
  *   second (0: none), a generation counter, the task_struct offsets of pid, tgid and comm (read at
- *   the call, so that a row's identity is the caller's even if it exec'd or exited since).
+ *   the call, so that a row's identity is the caller's even if it exec'd or exited since), the
+ *   policy's program filter (include / exclude shell patterns on comm, matched with fnmatch at the
+ *   call: a program it does not keep is counted in `filtered` and takes no slot and no cap).
  *   then per vCPU: a 64-byte ring header (head: written here; tail: written by the collector;
- *   dropped; seen = syscall instructions executed while enabled; capped) and `slots` records.
+ *   dropped; seen = syscall instructions executed while enabled; capped; filtered) and `slots` records.
  *
  * No QEMU header is used: the few API functions (QEMU_PLUGIN_VERSION 4, QEMU 10.0) are declared
  * below, as are the two glib types the API hands over.
  */
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -84,7 +87,9 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 4;
 
 /* ---- the shared memory layout (mirrored in collector/plugin_tracer.py) ---- */
 #define VIMS_MAGIC 0x31474c50534d4956ULL /* "VIMSPLG1" little-endian */
-#define VIMS_VERSION 1
+#define VIMS_VERSION 2
+#define MAX_PATTERNS 48
+#define PATTERN_SIZE 32
 #define HEADER_SIZE 4096
 #define RING_HEADER 64
 #define MAX_VCPUS 64
@@ -104,6 +109,11 @@ struct header {
     uint64_t comm_offset;      /* control: offsetof(task_struct, comm) */
     uint8_t path_arg[512];     /* control: per call number, 1 + the argument holding a path (0: none) */
     uint8_t argv_arg[512];     /* control: per call number, 1 + the argument holding argv (execve) */
+    uint32_t filter_seq;       /* control: odd while the collector rewrites the program filter */
+    uint32_t n_include;        /* control: patterns[0..n_include) keep a program (none: every program) */
+    uint32_t n_exclude;        /* control: the next n_exclude patterns drop one (after include) */
+    uint32_t filter_pad;
+    char patterns[MAX_PATTERNS][PATTERN_SIZE]; /* control: shell patterns on comm (fnmatch, NUL-terminated) */
 };
 
 struct ring {
@@ -112,7 +122,8 @@ struct ring {
     uint64_t dropped;          /* records not written: ring full */
     uint64_t seen;             /* syscall instructions executed while enabled */
     uint64_t capped;           /* records not written: over the cap */
-    uint64_t reserved[3];
+    uint64_t filtered;         /* records not written: a program the filter does not keep */
+    uint64_t reserved[2];
 };
 
 struct record {                /* 16 x u64 = 128 bytes */
@@ -241,6 +252,34 @@ static void read_argv(struct vcpu_state *st, uint64_t argv, char *out, size_t n)
     out[used < n ? used : n - 1] = 0;
 }
 
+/* Whether the program filter keeps the program `comm` (NUL-terminated). A filter the collector is
+ * rewriting keeps everything: the collector filters what arrives as well, so nothing is lost. */
+static bool keeps(const char *comm)
+{
+    uint32_t seq = __atomic_load_n(&hdr->filter_seq, __ATOMIC_ACQUIRE);
+    if (seq & 1) {
+        return true;
+    }
+    uint32_t inc = hdr->n_include, exc = hdr->n_exclude;
+    if (inc > MAX_PATTERNS || exc > MAX_PATTERNS - inc) {
+        return true;
+    }
+    for (const char *c = comm; *c; c++) {
+        if ((unsigned char)*c >= 0x80) {
+            return true;  /* not ASCII: how a pattern's `?` counts it is the collector's to decide */
+        }
+    }
+    bool keep = inc == 0;
+    for (uint32_t i = 0; i < inc && !keep; i++) {
+        keep = fnmatch(hdr->patterns[i], comm, FNM_NOESCAPE) == 0;
+    }
+    for (uint32_t i = inc; i < inc + exc && keep; i++) {
+        keep = fnmatch(hdr->patterns[i], comm, FNM_NOESCAPE) != 0;
+    }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return keep || __atomic_load_n(&hdr->filter_seq, __ATOMIC_RELAXED) != seq;
+}
+
 static void on_syscall(unsigned int vcpu, void *udata)
 {
     (void)udata;
@@ -250,6 +289,37 @@ static void on_syscall(unsigned int vcpu, void *udata)
     struct ring *ring = ring_of(vcpu);
     struct vcpu_state *st = &vcpus[vcpu];
     ring->seen++;
+    /* Who calls, read at the call: the program filter needs it before anything is kept. */
+    uint64_t kgs = read_reg(st, R_KGS), task = 0, flags = 0, pid_tgid = 0;
+    char comm[16] = {0};
+    uint64_t off = __atomic_load_n(&hdr->task_offset, __ATOMIC_RELAXED);
+    if (off && kgs) {
+        g_byte_array_set_size(st->buf, 0);
+        if (qemu_plugin_read_memory_vaddr(kgs + off, st->buf, 8) && st->buf->len >= 8) {
+            memcpy(&task, st->buf->data, 8);
+            uint64_t pid_off = __atomic_load_n(&hdr->pid_offset, __ATOMIC_RELAXED);
+            if (pid_off && task) {
+                uint32_t pid = 0, tgid = 0;
+                bool ok = qemu_plugin_read_memory_vaddr(task + pid_off, st->buf, 4) && st->buf->len >= 4;
+                if (ok) memcpy(&pid, st->buf->data, 4);
+                ok = ok && qemu_plugin_read_memory_vaddr(task + hdr->tgid_offset, st->buf, 4);
+                if (ok) memcpy(&tgid, st->buf->data, 4);
+                ok = ok && qemu_plugin_read_memory_vaddr(task + hdr->comm_offset, st->buf, 16);
+                if (ok) {
+                    memcpy(comm, st->buf->data, 16);
+                    comm[15] = 0;
+                    pid_tgid = (uint64_t)pid | ((uint64_t)tgid << 32);
+                    flags |= 2;
+                }
+            }
+        } else {
+            flags |= 1;
+        }
+    }
+    if ((flags & 2) && !keeps(comm)) {  /* a caller not read is kept: the collector decides */
+        ring->filtered++;
+        return;
+    }
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     uint64_t ts = (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
@@ -281,32 +351,11 @@ static void on_syscall(unsigned int vcpu, void *udata)
     rec->ip = read_reg(st, R_RIP) + 2;
     rec->sp = read_reg(st, R_RSP);
     rec->cr3 = read_reg(st, R_CR3);
-    rec->kgs = read_reg(st, R_KGS);
-    rec->task = 0;
-    rec->flags = 0;
-    uint64_t off = __atomic_load_n(&hdr->task_offset, __ATOMIC_RELAXED);
-    if (off && rec->kgs) {
-        g_byte_array_set_size(st->buf, 0);
-        if (qemu_plugin_read_memory_vaddr(rec->kgs + off, st->buf, 8) && st->buf->len >= 8) {
-            memcpy(&rec->task, st->buf->data, 8);
-            uint64_t pid_off = __atomic_load_n(&hdr->pid_offset, __ATOMIC_RELAXED);
-            if (pid_off && rec->task) {
-                uint32_t pid = 0, tgid = 0;
-                bool ok = qemu_plugin_read_memory_vaddr(rec->task + pid_off, st->buf, 4) && st->buf->len >= 4;
-                if (ok) memcpy(&pid, st->buf->data, 4);
-                ok = ok && qemu_plugin_read_memory_vaddr(rec->task + hdr->tgid_offset, st->buf, 4);
-                if (ok) memcpy(&tgid, st->buf->data, 4);
-                ok = ok && qemu_plugin_read_memory_vaddr(rec->task + hdr->comm_offset, st->buf, 16);
-                if (ok) {
-                    memcpy(rec->comm, st->buf->data, 16);
-                    rec->pid_tgid = (uint64_t)pid | ((uint64_t)tgid << 32);
-                    rec->flags |= 2;
-                }
-            }
-        } else {
-            rec->flags |= 1;
-        }
-    }
+    rec->kgs = kgs;
+    rec->task = task;
+    rec->flags = flags;
+    rec->pid_tgid = pid_tgid;
+    memcpy(rec->comm, comm, 16);
     if (rec->nr < 512) {
         unsigned int pa = hdr->path_arg[rec->nr], aa = hdr->argv_arg[rec->nr];
         if (pa && pa <= 6 && read_string(st, rec->args[pa - 1], rec->path, sizeof(rec->path))) {

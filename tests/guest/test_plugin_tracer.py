@@ -22,6 +22,7 @@ from vims.collector.recorder import TraceResult
 from vims.collector.tracer import SyscallTracer
 from vims.errors import MissingDependencyError
 from vims.schemas import EVENT_SCHEMA
+from vims.tracing_policy import Policy
 
 READ, WRITE, EXECVE = 0, 1, 59
 
@@ -124,6 +125,39 @@ def test_agrees_with_watchpoint_tracer(pguest: Guest) -> None:
     assert plugin[0] == watch[0] == {"cat", "ls"}
     assert plugin[1] == watch[1], plugin[1] ^ watch[1]
     assert plugin[2] and watch[2]
+
+
+def test_program_filter_is_applied_in_the_plugin_and_changes_live(pguest: Guest) -> None:
+    """The policy's program filter is written into the plugin's control area: an excluded program's calls
+    take no ring slot (counted as filtered by the plugin); a new policy given mid-trace applies from then
+    on, with QEMU untouched."""
+    n = 1500
+    with QemuBackend.from_guest(pguest) as backend:
+        tracer = PluginTracer(backend, "test-vm", policy=Policy(exclude=("d?",)))
+        failures: list[BaseException] = []
+
+        def play() -> None:
+            try:
+                time.sleep(0.5)
+                pguest.run(f"dd if=/dev/zero of=/dev/null bs=1 count={n}")  # excluded, in the plugin
+                tracer.set_policy(Policy(include=("dd",)))
+                time.sleep(1.0)  # the loop takes the new policy at its next turn (every few ms)
+                pguest.run(f"dd if=/dev/zero of=/dev/null bs=1 count={n + 7}")  # now the only one kept
+            except BaseException as exc:
+                failures.append(exc)
+
+        player = threading.Thread(target=play)
+        player.start()
+        result = tracer.run(duration=8.0)
+        player.join()
+    assert not failures, failures
+    rows = result.events.to_pylist()
+    reads = [r for r in rows if r["comm"] == "dd" and r["nr"] == READ and r["args"][2] == 1]
+    assert n + 7 <= len(reads) < 2 * n, len(reads)  # the second dd's reads, none of the first's
+    assert result.stats["plugin_filtered"] >= 2 * n, result.stats  # the first dd's reads and writes
+    after = min(r["ts_ns"] for r in reads)
+    assert {r["comm"] for r in rows if r["ts_ns"] >= after} == {"dd"}
+    assert "sh" in {r["comm"] for r in rows if r["ts_ns"] < after}  # everything but dd before the change
 
 
 def test_tiny_ring_drops_and_counts(guest_image: GuestImage) -> None:
