@@ -29,7 +29,9 @@ holds now and cannot be told from the original.
 Policy: the duty cycle switches the plugin on and off through the control area (no trap to put in,
 no restart); the program filter (include/exclude) is written there too and applied by the plugin at
 the call, on the comm it reads (a program it does not keep takes no ring slot and no share of the cap:
-``stats["plugin_filtered"]``), where its patterns are ones C's ``fnmatch`` reads as Python does (plain
+``stats["plugin_filtered"]``), and so is the call filter, on the call number, before the plugin reads
+anything else (a bitmap of the numbers below 512; a larger number, an x32 call, passes it and is
+filtered here), where its patterns are ones C's ``fnmatch`` reads as Python does (plain
 characters, ``*``, ``?``: :func:`~vims.collector.plugin.plugin_filters`); the per-second cap is applied
 in the plugin (per vCPU, cap / vCPUs) whenever the plugin applies the whole filter. The recorder
 applies the policy again to what arrives, so a filter the plugin cannot apply, or a caller it could not
@@ -55,7 +57,15 @@ from typing import Any
 import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
-from vims.collector.plugin import FLAG_ARGV, FLAG_IDENTITY, FLAG_PATH, FLAG_TASK_UNREAD, Rings, plugin_filters
+from vims.collector.plugin import (
+    CALL_NUMBERS,
+    FLAG_ARGV,
+    FLAG_IDENTITY,
+    FLAG_PATH,
+    FLAG_TASK_UNREAD,
+    Rings,
+    plugin_filters,
+)
 from vims.collector.recorder import EXECVE, EventRecorder, GuestUnreadableError, RecordingTracer, TraceResult
 from vims.collector.tracer import TracerError
 from vims.errors import VimsError
@@ -139,13 +149,16 @@ class PluginTracer(RecordingTracer):
         self._write_policy()
 
     def _write_policy(self) -> None:
-        """The policy's program filter and cap into the plugin's control area, where it can apply them."""
+        """The policy's program and call filters and its cap into the plugin's control area, where it
+        can apply them (the call filter always: it is a bitmap of the call numbers below 512)."""
         p = self.policy
         in_plugin = plugin_filters(p.include, p.exclude)
         cap = 0
         if p.max_events_per_s is not None and (in_plugin or not (p.include or p.exclude)):
             cap = max(1, math.ceil(p.max_events_per_s / self.rings.vcpus))
-        self.rings.control(cap_per_s=cap, programs=(p.include, p.exclude) if in_plugin else ((), ()))
+        calls = frozenset(nr for nr in range(CALL_NUMBERS) if p.wants_call(nr)) if p.filters_calls else None
+        self.rings.control(cap_per_s=cap, programs=(p.include, p.exclude) if in_plugin else ((), ()),
+                           calls=calls, call_filter=p.filters_calls)
 
     def run(self, duration: float | None = None, stop: threading.Event | None = None,
             max_events: int | None = None, progress: Callable[[dict[str, Any]], Any] | None = None,

@@ -295,7 +295,7 @@ class EventRecorder:
         elif callsites is not None and nr in REMAP_CALLS:
             callsites.invalidate(ident.mm)
         pid, tgid, comm = who if who is not None else (ident.pid, ident.tgid, ident.comm)
-        if not self.sampler.admit(comm, time.monotonic_ns()):
+        if not self.sampler.admit(comm, time.monotonic_ns(), nr):
             return False
         path = path_text
         arg = self.path_args.get(nr)

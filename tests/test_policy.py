@@ -40,6 +40,10 @@ def test_defaults_trace_everything() -> None:
         ({"max_events_per_s": -5}, "max_events_per_s"),
         ({"version": 2}, "version"),
         ({"colour": "red"}, "colour"),
+        ({"include_calls": ["open_at"]}, "include_calls"),
+        ({"exclude_calls": [5000]}, "exclude_calls"),
+        ({"exclude_calls": [True]}, "exclude_calls"),
+        ({"include_calls": {"read": 1}}, "include_calls"),
     ],
 )
 def test_errors_name_the_field(doc: dict, field: str) -> None:
@@ -90,6 +94,23 @@ def test_program_filters() -> None:
     s = Sampler(p, start_ns=0)
     kept = [c for c in ["httpd", "sh", "busybox", "cat"] if s.admit(c, 1)]
     assert kept == ["httpd", "busybox"] and s.filtered == 2
+
+
+def test_call_filters_by_name_or_number() -> None:
+    p = Policy.from_dict({"include_calls": ["read", "openat", 1, "sys_335"], "exclude_calls": "write"})
+    assert p.filters_calls and not Policy().filters_calls
+    assert [nr for nr in range(400) if p.wants_call(nr)] == [0, 257, 335]
+    assert Policy.from_dict(p.to_dict()) == p and p.to_dict()["include_calls"] == ["read", "openat", 1, "sys_335"]
+    s = Sampler(p, start_ns=0)
+    kept = [nr for nr in (0, 1, 2, 257, 0) if s.admit("sh", 1, nr)]
+    assert kept == [0, 257, 0] and s.filtered == 2
+    assert s.admit("sh", 1)  # a caller that gives no number is judged on its program only
+
+
+def test_unknown_call_names_the_call() -> None:
+    with pytest.raises(InputError, match=r"unknown system call 'opne'.*x86_64 names") as info:
+        Policy.from_dict({"exclude_calls": ["read", "opne"]}, where="remote")
+    assert str(info.value).startswith("remote: field 'exclude_calls'")
 
 
 def test_duty_cycle_clock() -> None:

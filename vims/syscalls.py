@@ -13,6 +13,8 @@ traces use the 32-bit x86 numbering (``abi="i386"``); UNM's SunOS numbers have t
 ('openat', 'sys_9999')
 >>> name(11, abi="i386"), name(102, abi="i386"), name(11)
 ('execve', 'socketcall', 'munmap')
+>>> number("openat"), number("sys_257"), number(59)
+(257, 257, 59)
 """
 
 from __future__ import annotations
@@ -41,6 +43,31 @@ def name(nr: int, abi: str = "x86_64") -> str:
     table = names(abi)
     nr = int(nr)
     return (table[nr] if 0 <= nr < len(table) else None) or f"sys_{nr}"
+
+
+def number(call: str | int, abi: str = "x86_64") -> int:
+    """The number of system call ``call``: a name of ``abi`` (``"openat"``, or ``"sys_257"`` as
+    :func:`name` writes a number it has no name for) or a number (0-4095); an
+    :class:`~vims.errors.InputError` names a call it does not know.
+
+    >>> number("open_at")
+    Traceback (most recent call last):
+    ...
+    vims.errors.InputError: unknown system call 'open_at' (x86_64 names such as 'openat', or numbers)
+    """
+    if isinstance(call, bool) or not isinstance(call, int | str):
+        raise InputError(f"a system call is a name or a number, not {call!r}")
+    if isinstance(call, str):
+        table = names(abi)
+        if call in table:
+            return table.index(call)
+        digits = call.removeprefix("sys_")
+        if not (call.startswith("sys_") and digits.isdigit()):
+            raise InputError(f"unknown system call {call!r} ({abi} names such as 'openat', or numbers)")
+        call = int(digits)
+    if not 0 <= call < 4096:
+        raise InputError(f"system call number {call} is out of range (0-4095)")
+    return call
 
 
 #: x86-64 numbers of the calls that start a program (execve, execveat) and that end a task

@@ -13,12 +13,20 @@ channel (:meth:`Policy.from_dict` / :meth:`Policy.to_dict`), an operator passes 
       "include": ["httpd", "sh"],  # program names (the task's comm), shell-style patterns;
                                    # empty or absent = every program
       "exclude": ["kworker/*"],    # applied after include
+      "include_calls": ["execve", "openat", "connect"],  # system calls by x86-64 name or number;
+                                   # empty or absent = every call
+      "exclude_calls": ["futex"],  # applied after include_calls
       "max_events_per_s": 2000     # cap on events kept per second; 0 or null = no cap
     }
 
 Outside the duty-cycle window the tracer removes its watchpoint, so the guest runs at full speed;
-the program filters act on each trapped event (the trap itself cannot tell programs apart), and
-when the per-second cap is reached the tracer also disarms until the next second.
+the program and call filters act on each trapped event (the watchpoint cannot tell programs or calls
+apart; the QEMU plugin applies both at the call where it can, before a record takes a ring slot), and when the
+per-second cap is reached the tracer also disarms until the next second.
+
+A call filter is for captures that need only some calls (``vims collect``: who opens what, who
+connects where): the behaviour models are fitted on every call of a program, so an A-VM that scores a
+filtered stream sees sequences no normal trace had, and its reports turn anomalous (never normal).
 
 >>> p = Policy.from_dict({"mode": "duty-cycle", "window_ms": 100, "period_ms": 1000})
 >>> p.duty
@@ -41,10 +49,12 @@ from typing import Any
 
 from vims.errors import InputError
 from vims.jsonfile import read_json
+from vims.syscalls import number
 
 POLICY_VERSION = 1
 MODES = ("full", "duty-cycle")
-_FIELDS = ("version", "mode", "window_ms", "period_ms", "include", "exclude", "max_events_per_s")
+_FIELDS = ("version", "mode", "window_ms", "period_ms", "include", "exclude", "include_calls", "exclude_calls",
+           "max_events_per_s")
 
 
 def _number(data: Mapping[str, Any], name: str, default: float | None, where: str,
@@ -71,6 +81,16 @@ def _patterns(data: Mapping[str, Any], name: str, where: str) -> tuple[str, ...]
     return tuple(value)
 
 
+def _calls(data: Mapping[str, Any], name: str, where: str) -> tuple[str | int, ...]:
+    value = data.get(name) or []
+    if isinstance(value, str | int):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise InputError(f"field {name!r}: must be a list of system call names or numbers, not {value!r}",
+                         where=where)
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class Policy:
     """What the tracer traces. Build it from a document with :meth:`from_dict` or :meth:`load`.
@@ -84,6 +104,9 @@ class Policy:
     include, exclude : tuple of str
         Shell-style patterns on the program name (the kernel's ``comm``, at most 15 characters).
         An empty ``include`` keeps every program; ``exclude`` wins over ``include``.
+    include_calls, exclude_calls : tuple of str or int
+        System calls by x86-64 name (``"openat"``) or number; an empty ``include_calls`` keeps every
+        call, ``exclude_calls`` wins over it. Kept as given (:meth:`to_dict` writes them back so).
     max_events_per_s : float or None
         Keep at most this many events per second (``None``: no cap).
 
@@ -94,6 +117,9 @@ class Policy:
     (True, False, True, False)
     >>> Policy().to_dict()["mode"]
     'full'
+    >>> c = Policy(include_calls=("openat", 59), exclude_calls=("execve",))
+    >>> c.wants_call(257), c.wants_call(59), c.wants_call(0), Policy().wants_call(0)
+    (True, False, False, True)
     """
 
     mode: str = "full"
@@ -101,9 +127,13 @@ class Policy:
     period_ms: float = 1000.0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    include_calls: tuple[str | int, ...] = ()
+    exclude_calls: tuple[str | int, ...] = ()
     max_events_per_s: float | None = None
     _include_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _kept_calls: frozenset[int] | None = field(default=None, init=False, repr=False, compare=False)
+    _dropped_calls: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +142,9 @@ class Policy:
         exc = re.compile("|".join(fnmatch.translate(p) for p in self.exclude)) if self.exclude else None
         object.__setattr__(self, "_include_re", inc)
         object.__setattr__(self, "_exclude_re", exc)
+        kept = frozenset(map(number, self.include_calls)) if self.include_calls else None
+        object.__setattr__(self, "_kept_calls", kept)
+        object.__setattr__(self, "_dropped_calls", frozenset(map(number, self.exclude_calls)))
 
     def validate(self, where: str = "policy") -> None:
         """Raise :class:`~vims.errors.InputError` naming the first field that is wrong."""
@@ -124,6 +157,12 @@ class Policy:
             if not 0 < self.window_ms <= self.period_ms:
                 raise InputError(f"field 'window_ms': must be > 0 and <= period_ms ({self.period_ms:g}), "
                                  f"not {self.window_ms!r}", where=where)
+        for name in ("include_calls", "exclude_calls"):
+            for call in getattr(self, name):
+                try:
+                    number(call)
+                except InputError as exc:
+                    raise InputError(f"field {name!r}: {exc.message}", where=where) from None
         if self.max_events_per_s is not None and not self.max_events_per_s > 0:
             raise InputError(f"field 'max_events_per_s': must be > 0 or null, not {self.max_events_per_s!r}",
                              where=where)
@@ -138,6 +177,17 @@ class Policy:
         if self._include_re is not None and not self._include_re.match(comm):
             return False
         return not (self._exclude_re is not None and self._exclude_re.match(comm))
+
+    @property
+    def filters_calls(self) -> bool:
+        """Whether the policy keeps only some system calls."""
+        return bool(self.include_calls or self.exclude_calls)
+
+    def wants_call(self, nr: int) -> bool:
+        """Whether events of system call number ``nr`` are kept."""
+        if self._kept_calls is not None and nr not in self._kept_calls:
+            return False
+        return nr not in self._dropped_calls
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "policy") -> Policy:
@@ -169,6 +219,8 @@ class Policy:
                 period_ms=_number(data, "period_ms", 1000.0, where) or 0.0,
                 include=_patterns(data, "include", where),
                 exclude=_patterns(data, "exclude", where),
+                include_calls=_calls(data, "include_calls", where),
+                exclude_calls=_calls(data, "exclude_calls", where),
                 max_events_per_s=cap or None,
             )
         except InputError as exc:
@@ -188,6 +240,8 @@ class Policy:
             "period_ms": self.period_ms,
             "include": list(self.include),
             "exclude": list(self.exclude),
+            "include_calls": list(self.include_calls),
+            "exclude_calls": list(self.exclude_calls),
             "max_events_per_s": self.max_events_per_s,
         }
 
@@ -224,6 +278,9 @@ class Sampler:
     [True, True, False, True]
     >>> c.capped, c.filtered
     (1, 0)
+    >>> f = Sampler(Policy(exclude_calls=("futex",)), start_ns=0)
+    >>> f.admit("sh", 1, nr=202), f.admit("sh", 2, nr=0), f.filtered
+    (False, True, 1)
     """
 
     def __init__(self, policy: Policy, start_ns: int) -> None:
@@ -260,9 +317,10 @@ class Sampler:
     def _second_of(self, now_ns: int) -> int:
         return (now_ns - self.start_ns) // 1_000_000_000
 
-    def admit(self, comm: str, now_ns: int) -> bool:
-        """Whether to keep an event of program ``comm`` trapped at ``now_ns`` (counts what it drops)."""
-        if not self.policy.wants(comm):
+    def admit(self, comm: str, now_ns: int, nr: int | None = None) -> bool:
+        """Whether to keep an event of program ``comm`` (system call ``nr``, if given) trapped at
+        ``now_ns``; counts what it drops (the program and call filters in :attr:`filtered`)."""
+        if not self.policy.wants(comm) or (nr is not None and not self.policy.wants_call(nr)):
             self.filtered += 1
             return False
         if self._cap is None:

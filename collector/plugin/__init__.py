@@ -27,10 +27,10 @@ import numpy as np
 from vims.errors import MissingDependencyError, VimsError
 from vims.paths import cache_dir
 
-__all__ = ["RECORD_DTYPE", "PluginInstall", "Rings", "find_plugin", "plugin_filters"]
+__all__ = ["CALL_NUMBERS", "RECORD_DTYPE", "PluginInstall", "Rings", "find_plugin", "plugin_filters"]
 
 MAGIC = 0x31474C50534D4956  # "VIMSPLG1"
-VERSION = 2
+VERSION = 3
 HEADER_SIZE = 4096
 RING_HEADER = 64
 #: One record, as the plugin writes it (``struct record``).
@@ -50,6 +50,9 @@ _PATH_ARG, _ARGV_ARG = 144, 656
 #: MAX_PATTERNS patterns of PATTERN_SIZE bytes (the include ones first).
 _FILTER_SEQ, _N_INCLUDE, _N_EXCLUDE, _PATTERNS = (1168, "<I"), (1172, "<I"), (1176, "<I"), 1184
 MAX_PATTERNS, PATTERN_SIZE = 48, 32
+#: The call filter (written under the same sequence number): on/off, then a bitmap of the call numbers
+#: 0 to CALL_NUMBERS - 1 to keep (a larger number is kept by the plugin and filtered by the collector).
+_CALL_FILTER, _CALL_KEEP, CALL_NUMBERS = (2720, "<I"), 2728, 512
 #: Ring header fields (offset in the ring header).
 _HEAD, _TAIL, _DROPPED, _SEEN, _CAPPED, _FILTERED = 0, 8, 16, 24, 32, 40
 #: The plugin's record flag: the task could not be read at the call.
@@ -149,7 +152,8 @@ class Rings:
     def control(self, *, enabled: bool | None = None, task_offset: int | None = None,
                 cap_per_s: int | None = None, task_fields: tuple[int, int, int] | None = None,
                 strings: tuple[dict[int, int], dict[int, int]] | None = None,
-                programs: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> None:
+                programs: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+                calls: frozenset[int] | set[int] | None = None, call_filter: bool | None = None) -> None:
         """Write the control area (read by the plugin at every call: it takes effect at once).
 
         ``task_fields``: the offsets of ``pid``, ``tgid`` and ``comm`` in ``task_struct``.
@@ -157,18 +161,31 @@ class Rings:
         the plugin copies them at the call.
         ``programs``: the include and exclude patterns the plugin filters callers by; give only
         patterns :func:`plugin_filters` accepts (empty lists: no filter in the plugin).
+        ``calls`` and ``call_filter``: the call numbers (below :data:`CALL_NUMBERS`) the plugin keeps,
+        and whether it filters by call at all (``call_filter=False``: every call).
         """
+        if calls is not None and not all(0 <= nr < CALL_NUMBERS for nr in calls):
+            raise VimsError(f"the plugin filters call numbers 0-{CALL_NUMBERS - 1} only")
+        if programs is not None and not plugin_filters(*programs):
+            raise VimsError("the plugin cannot apply these program patterns: filter them in the collector")
+        filters = programs is not None or calls is not None or call_filter is not None
+        seq = self._get(_FILTER_SEQ)
+        if filters:
+            self._put(_FILTER_SEQ, seq | 1)  # odd: the plugin keeps every call while the filters change
+        if calls is not None:
+            bits = np.zeros(CALL_NUMBERS, dtype=bool)
+            bits[list(calls)] = True
+            self._map[_CALL_KEEP:_CALL_KEEP + CALL_NUMBERS // 8] = np.packbits(bits, bitorder="little").tobytes()
+        if call_filter is not None:
+            self._put(_CALL_FILTER, int(call_filter))
         if programs is not None:
             include, exclude = programs
-            if not plugin_filters(include, exclude):
-                raise VimsError("the plugin cannot apply these program patterns: filter them in the collector")
-            seq = self._get(_FILTER_SEQ)
-            self._put(_FILTER_SEQ, seq | 1)  # odd: the plugin keeps every call while the filter changes
             for i, pattern in enumerate((*include, *exclude)):
                 at = _PATTERNS + i * PATTERN_SIZE
                 self._map[at:at + PATTERN_SIZE] = pattern.encode("ascii").ljust(PATTERN_SIZE, b"\0")
             self._put(_N_INCLUDE, len(include))
             self._put(_N_EXCLUDE, len(exclude))
+        if filters:
             self._put(_FILTER_SEQ, (seq | 1) + 1)
         if strings is not None:
             for where, table in zip((_PATH_ARG, _ARGV_ARG), strings, strict=True):

@@ -21,7 +21,9 @@
  *   second (0: none), a generation counter, the task_struct offsets of pid, tgid and comm (read at
  *   the call, so that a row's identity is the caller's even if it exec'd or exited since), the
  *   policy's program filter (include / exclude shell patterns on comm, matched with fnmatch at the
- *   call: a program it does not keep is counted in `filtered` and takes no slot and no cap).
+ *   call: a program it does not keep is counted in `filtered` and takes no slot and no cap) and its
+ *   call filter (a bitmap of the call numbers 0-511 to keep, tested before anything is read: a call
+ *   it does not keep is counted in `filtered` too; a number past 511 is kept, for the collector).
  *   then per vCPU: a 64-byte ring header (head: written here; tail: written by the collector;
  *   dropped; seen = syscall instructions executed while enabled; capped; filtered) and `slots` records.
  *
@@ -87,12 +89,13 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 4;
 
 /* ---- the shared memory layout (mirrored in collector/plugin_tracer.py) ---- */
 #define VIMS_MAGIC 0x31474c50534d4956ULL /* "VIMSPLG1" little-endian */
-#define VIMS_VERSION 2
+#define VIMS_VERSION 3
 #define MAX_PATTERNS 48
 #define PATTERN_SIZE 32
 #define HEADER_SIZE 4096
 #define RING_HEADER 64
 #define MAX_VCPUS 64
+#define CALL_NUMBERS 512
 
 struct header {
     uint64_t magic;
@@ -114,7 +117,16 @@ struct header {
     uint32_t n_exclude;        /* control: the next n_exclude patterns drop one (after include) */
     uint32_t filter_pad;
     char patterns[MAX_PATTERNS][PATTERN_SIZE]; /* control: shell patterns on comm (fnmatch, NUL-terminated) */
+    uint32_t call_filter;      /* control (under filter_seq): 1 = keep only the calls set in call_keep */
+    uint32_t call_pad;
+    uint8_t call_keep[CALL_NUMBERS / 8]; /* control: bit nr = keep call nr (0-511) */
 };
+/* The offsets collector/plugin/__init__.py writes at. */
+_Static_assert(offsetof(struct header, filter_seq) == 1168, "filter_seq moved");
+_Static_assert(offsetof(struct header, patterns) == 1184, "patterns moved");
+_Static_assert(offsetof(struct header, call_filter) == 2720, "call_filter moved");
+_Static_assert(offsetof(struct header, call_keep) == 2728, "call_keep moved");
+_Static_assert(sizeof(struct header) <= HEADER_SIZE, "the header outgrew its page");
 
 struct ring {
     uint64_t head;             /* written here (release) */
@@ -280,6 +292,18 @@ static bool keeps(const char *comm)
     return keep || __atomic_load_n(&hdr->filter_seq, __ATOMIC_RELAXED) != seq;
 }
 
+/* Whether the call filter keeps call number nr; as for programs, a filter being rewritten keeps all. */
+static bool keeps_call(uint64_t nr)
+{
+    uint32_t seq = __atomic_load_n(&hdr->filter_seq, __ATOMIC_ACQUIRE);
+    if ((seq & 1) || !hdr->call_filter || nr >= CALL_NUMBERS) {
+        return true;
+    }
+    bool keep = (hdr->call_keep[nr / 8] >> (nr % 8)) & 1;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return keep || __atomic_load_n(&hdr->filter_seq, __ATOMIC_RELAXED) != seq;
+}
+
 static void on_syscall(unsigned int vcpu, void *udata)
 {
     (void)udata;
@@ -289,6 +313,11 @@ static void on_syscall(unsigned int vcpu, void *udata)
     struct ring *ring = ring_of(vcpu);
     struct vcpu_state *st = &vcpus[vcpu];
     ring->seen++;
+    uint64_t nr = read_reg(st, R_RAX);
+    if (!keeps_call(nr)) {
+        ring->filtered++;
+        return;
+    }
     /* Who calls, read at the call: the program filter needs it before anything is kept. */
     uint64_t kgs = read_reg(st, R_KGS), task = 0, flags = 0, pid_tgid = 0;
     char comm[16] = {0};
@@ -344,7 +373,7 @@ static void on_syscall(unsigned int vcpu, void *udata)
     }
     struct record *rec = (struct record *)((uint8_t *)ring + RING_HEADER) + (head & (slots - 1));
     rec->ts_ns = ts;
-    rec->nr = read_reg(st, R_RAX);
+    rec->nr = nr;
     for (int i = 0; i < 6; i++) {
         rec->args[i] = read_reg(st, R_RDI + i);
     }

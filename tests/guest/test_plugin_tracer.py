@@ -160,6 +160,43 @@ def test_program_filter_is_applied_in_the_plugin_and_changes_live(pguest: Guest)
     assert "sh" in {r["comm"] for r in rows if r["ts_ns"] < after}  # everything but dd before the change
 
 
+def test_call_filter_is_applied_in_the_plugin_and_changes_live(pguest: Guest) -> None:
+    """The policy's call filter is a bitmap in the plugin's control area: an excluded call takes no ring
+    slot (counted as filtered by the plugin, before it reads the caller); a new policy given mid-trace
+    keeps only the calls it names from then on."""
+    n = 1200
+    with QemuBackend.from_guest(pguest) as backend:
+        tracer = PluginTracer(backend, "test-vm", policy=Policy(exclude_calls=("read",)))
+        failures: list[BaseException] = []
+
+        def play() -> None:
+            try:
+                time.sleep(0.5)
+                pguest.run(f"dd if=/dev/zero of=/dev/null bs=1 count={n}")  # its reads excluded, in the plugin
+                tracer.set_policy(Policy(include_calls=("read", "execve")))
+                time.sleep(1.0)  # the loop takes the new policy at its next turn (every few ms)
+                # now only reads, and the exec of cat (the shell runs dd as an applet, without one)
+                pguest.run(f"/bin/cat /proc/version >/dev/null; dd if=/dev/zero of=/dev/null bs=1 count={n + 5}")
+            except BaseException as exc:
+                failures.append(exc)
+
+        player = threading.Thread(target=play)
+        player.start()
+        result = tracer.run(duration=8.0)
+        player.join()
+    assert not failures, failures
+    rows = result.events.to_pylist()
+    dd = [r for r in rows if r["comm"] == "dd" and r["args"][2] == 1]
+    writes = [r for r in dd if r["nr"] == WRITE]
+    reads = [r for r in dd if r["nr"] == READ]
+    assert n <= len(writes) < n + 5, len(writes)  # the first dd's writes only
+    assert n + 5 <= len(reads) < 2 * n, len(reads)  # the second dd's reads only
+    assert result.stats["plugin_filtered"] >= 2 * n, result.stats  # first dd's reads, second's writes
+    after = min(r["ts_ns"] for r in reads)
+    assert {r["nr"] for r in rows if r["ts_ns"] >= after} <= {READ, EXECVE}
+    assert any(r["nr"] == EXECVE and r["argv"] == "/bin/cat /proc/version" for r in rows)  # kept by both
+
+
 def test_tiny_ring_drops_and_counts(guest_image: GuestImage) -> None:
     """With 8 slots and a collector that does not read, the ring fills: drops counted, the guest goes on."""
     small = _plugin_guest(guest_image, 8)
