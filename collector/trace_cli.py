@@ -23,7 +23,10 @@ def collect(
     output: Path | None = typer.Option(None, "-o", "--output",
                                        help="Parquet file of events to write (written atomically)."),
     policy_file: Path | None = typer.Option(None, "--policy",
-                                            help="Sampling policy, JSON or TOML (see vims.tracing_policy)."),
+                                            help="Sampling policy, JSON or TOML: mode (full, duty-cycle), "
+                                                 "window_ms, period_ms, include / exclude (programs), "
+                                                 "include_calls / exclude_calls (x86-64 names or numbers), "
+                                                 "max_events_per_s (see vims.tracing_policy)."),
     push: str | None = typer.Option(None, "--push",
                                     help="Also stream Arrow batches to this ZeroMQ endpoint (PUSH, connects), "
                                          "e.g. tcp://127.0.0.1:5555."),
