@@ -95,6 +95,7 @@ from typing import Any
 import pyarrow as pa
 
 from vims.avm.stamp import LocalStamp
+from vims.runs import program_at
 
 
 @dataclass
@@ -162,6 +163,8 @@ class ReportBuilder:
         self._last_counts: dict[str, int] = {}
         self._names: OrderedDict[int, tuple[str, int | None]] = OrderedDict()  # pid -> (program, ppid)
         self._starters: OrderedDict[tuple[int, str], str] = OrderedDict()  # (pid, program) -> the one it replaced
+        self._began: OrderedDict[tuple[int, str], int] = OrderedDict()  # (pid, program) -> seq of its first event
+        self._runs: OrderedDict[int, tuple[list[int], list[str]]] = OrderedDict()  # pid -> its programs, from seq
         self._lock = threading.Lock()
         self._stamp = LocalStamp(vm_id, avm_id, lambda: self.interval_s)  # report()'s, not an agent's
 
@@ -178,6 +181,8 @@ class ReportBuilder:
                 if p is None:
                     p = self._interval[key] = _Interval(cols["tgid"][i], cols["program"][i])
                 ppid = self._parent(cols["pid"][i], cols["name"][i], cols["ppid"][i])
+                self._began.setdefault(key, cols["first_seq"][i])
+                self._ran(cols["pid"][i], cols["name"][i], cols["first_seq"][i])
                 before = self._names.get(cols["pid"][i])
                 if before is not None and before[0] != cols["name"][i] and cols["cmdline"][i] is not None:
                     self._starters[key] = before[0]  # an execve put this program in place of that one
@@ -199,8 +204,23 @@ class ReportBuilder:
                 self._scores.popitem(last=False)
             while len(self._names) > 65536:
                 self._names.popitem(last=False)
-            while len(self._starters) > 65536:
-                self._starters.popitem(last=False)
+            for kept in (self._starters, self._began, self._runs):
+                while len(kept) > 65536:
+                    kept.popitem(last=False)
+
+    def _ran(self, pid: int, name: str, first_seq: int) -> None:
+        """Note that task ``pid`` runs ``name`` from event ``first_seq`` on (its program runs, for
+        :func:`~vims.runs.program_at`); a seq lower than the last one known starts the pid afresh
+        (a new collector session numbers its events from 0 again)."""
+        runs = self._runs.get(pid)
+        if runs is None or first_seq < runs[0][-1]:
+            runs = self._runs[pid] = ([], [])
+        self._runs.move_to_end(pid)
+        if not runs[1] or runs[1][-1] != name:
+            runs[0].append(first_seq)
+            runs[1].append(name)
+            if len(runs[0]) > 64:  # a task that runs one program after another: its first ones are old news
+                del runs[0][0], runs[1][0]
 
     def _parent(self, pid: int, name: str, ppid: int | None) -> int | None:
         """The parent a process is reported with: the one that started it.
@@ -217,19 +237,30 @@ class ReportBuilder:
                 return known[1]
         return ppid
 
-    def _unseen_starts(self, interval: Mapping[tuple[int, str], _Interval],
-                       names: Mapping[int, tuple[str, int | None]],
-                       starters: Mapping[tuple[int, str], str]) -> dict[tuple[int, str], str]:
-        """The processes of ``interval`` whose start the model's lineage rules out, with the reason.
+    def _starts(self, interval: Mapping[tuple[int, str], _Interval]) -> dict[tuple[int, str], str]:
+        """What started each process of ``interval`` (the lock held), as the capture importer names a
+        trace's ``parent``: the program its task ran before an ``execve`` put it in place, else the
+        program its parent ran when it began (:func:`~vims.runs.program_at`): a shell's fork is
+        started by the shell, also once the shell has run its last command in its own task."""
+        out = {}
+        for key, p in interval.items():
+            starter = self._starters.get(key)
+            runs = self._runs.get(p.ppid) if starter is None and p.ppid is not None else None
+            if runs is not None:
+                starter = program_at(runs[0], runs[1], self._began.get(key, runs[0][-1] + 1))
+            if starter is not None:
+                out[key] = starter
+        return out
 
-        What started a process: the program its task ran before an ``execve`` put it in place, else
-        the program of its parent (as the capture importer names a trace's ``parent``)."""
+    def _unseen_starts(self, interval: Mapping[tuple[int, str], _Interval],
+                       starters: Mapping[tuple[int, str], str]) -> dict[tuple[int, str], str]:
+        """The processes of ``interval`` whose start the model's lineage rules out, with the reason
+        (``starters``: what started each, :meth:`_starts`)."""
         if self.lineage is None:
             return {}
         out = {}
-        for (pid, name), p in interval.items():
-            known = names.get(p.ppid) if p.ppid is not None else None
-            starter = starters.get((pid, name), known[0] if known is not None else None)
+        for (pid, name) in interval:
+            starter = starters.get((pid, name))
             reason = self.lineage(starter, name) if starter is not None else None
             if reason is not None:
                 out[(pid, name)] = reason
@@ -266,8 +297,8 @@ class ReportBuilder:
         if short:
             groups.append(1.0 - sum(p.above for p in short) / sum(p.windows for p in short))
         with self._lock:
-            names, starters = dict(self._names), dict(self._starters)
-        unseen = self._unseen_starts(interval, names, starters)
+            names, starters = dict(self._names), self._starts(interval)
+        unseen = self._unseen_starts(interval, starters)
         if unseen:
             groups.append(0.0)
         score = min(groups) if groups else None  # no scored windows: no evidence, never "normal"

@@ -412,6 +412,7 @@ def _rows(cols: _Columns, seg: _Segments, w: _Windows, scores: np.ndarray, evide
         "max_window": pa.array(w.top.astype(np.float64)),
         "threshold": pa.array(seg.thresholds),
         "score": pa.array(scores),
+        "first_seq": pa.array(cols.seq[starts]),
         "last_seq": pa.array(cols.seq[last]),
         "evidence": pa.array(evidence, pa.list_(pa.string())),
     }, schema=RESULT_SCHEMA)

@@ -221,10 +221,10 @@ class KernelView:
         return self._current_task
 
     @property
-    def task_id_offsets(self) -> tuple[int, int, int]:
-        """The offsets of ``pid``, ``tgid`` and ``comm`` in ``task_struct``."""
+    def task_id_offsets(self) -> tuple[int, int, int, int]:
+        """The offsets of ``pid``, ``tgid``, ``comm`` and ``real_parent`` in ``task_struct``."""
         o = self._offsets
-        return (o.pid, o.tgid, o.comm)
+        return (o.pid, o.tgid, o.comm, o.real_parent)
 
     def per_cpu_base(self, cpu: int) -> int:
         """The per-cpu area of ``cpu`` (``__per_cpu_offset[cpu]``), for when no GS base is at hand."""

@@ -19,8 +19,10 @@ so a row names its caller as it was then, also when it ``execve``'d or exited be
 The path argument of the calls that take one (up to 95 bytes) and the command line of an ``execve``
 (up to 127 bytes) are copied by the plugin at the call too (the guest's call numbers and argument
 positions are written into the control area), so they are what the program passed, and an
-``execve``'s argv is there although a successful exec replaces the memory it was in. Read later
-than the call, from the task pointer (cached per task): the ppid and ``mm``; and a path the plugin
+``execve``'s argv is there although a successful exec replaces the memory it was in. The parent
+(``real_parent``'s tgid) is read at the call too: read later, a task that had exited by then could
+have left its ``task_struct`` to another task, whose parent the row would have named. Read later
+than the call, from the task pointer (cached per task): ``mm``; and a path the plugin
 could not read at the call (its page not present then) or longer than its 95 bytes is not re-read:
 the plugin's copy, cut, is kept; only when the plugin read nothing is it read after the fact (up to
 a batch's wait behind, ``stats["lag_ms_max"]``), where a buffer the program reused shows what it
@@ -54,6 +56,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from vims.collector.backends.qemu import QemuBackend
@@ -62,6 +65,7 @@ from vims.collector.plugin import (
     FLAG_ARGV,
     FLAG_IDENTITY,
     FLAG_PATH,
+    FLAG_PPID,
     FLAG_TASK_UNREAD,
     Rings,
     plugin_filters,
@@ -241,19 +245,21 @@ class PluginTracer(RecordingTracer):
             self.stats["task_unread"] += int(unread.astype(bool).sum())
             record = rec.record
             known = (records["flags"] & FLAG_IDENTITY).astype(bool).tolist()
+            parents = np.where(records["flags"] & FLAG_PPID, records["ppid"].astype(np.int64), -1).tolist()
             comms = [c.split(b"\0", 1)[0].decode("utf-8", "replace") for c in records["comm"].tolist()]
             flags = records["flags"]
             paths = [p.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if f & FLAG_PATH else None
                      for p, f in zip(records["path"].tolist(), flags.tolist(), strict=True)]
             argvs = [a.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if f & FLAG_ARGV else None
                      for a, f in zip(records["argv"].tolist(), flags.tolist(), strict=True)]
-            for ts, nr, args, ip, sp, cr3, task, kgs, pid, tgid, comm, ok, path, argv in zip(
+            for ts, nr, args, ip, sp, cr3, task, kgs, pid, tgid, comm, ok, path, argv, ppid in zip(
                     records["ts_ns"].tolist(), records["nr"].tolist(), records["args"].tolist(),
                     records["ip"].tolist(), records["sp"].tolist(), records["cr3"].tolist(),
                     records["task"].tolist(), records["kgs"].tolist(), records["pid"].tolist(),
-                    records["tgid"].tolist(), comms, known, paths, argvs, strict=True):
+                    records["tgid"].tolist(), comms, known, paths, argvs, parents, strict=True):
                 record(vcpu, nr, tuple(args), ip, kgs, cr3, ts, sp, task=task,
-                       who=(pid, tgid, comm) if ok else None, path_text=path, argv_text=argv)
+                       who=(pid, tgid, comm) if ok else None, path_text=path, argv_text=argv,
+                       ppid=ppid if ok and ppid >= 0 else None)
                 if max_events is not None and self.stats["events"] >= max_events:
                     break
             rec.due(time.monotonic_ns())

@@ -249,7 +249,7 @@ class EventRecorder:
     def record(self, vcpu: int, nr: int, args: tuple[int, ...], ip: int, gs_base: int, cr3: int,
                ts_ns: int, user_sp: int = 0, task: int | None = None,
                who: tuple[int, int, str] | None = None, path_text: str | None = None,
-               argv_text: str | None = None) -> bool:
+               argv_text: str | None = None, ppid: int | None = None) -> bool:
         """Turn one trapped call into a row; ``False`` if it was not kept (filter, cap, unreadable task).
 
         ``gs_base`` and ``cr3`` are those of the vCPU that made the call (its kernel GS base names
@@ -260,7 +260,8 @@ class EventRecorder:
         could not), else it is read now from ``gs_base``. ``who``: the task's (pid, tgid, comm) when
         the trap read them at the call; the row then says those (the cached identity gives ppid and
         mm). ``path_text`` and ``argv_text``: the path argument and command line when the trap read
-        them at the call (else they are read now).
+        them at the call (else they are read now). ``ppid``: the parent's tgid when the trap read it at
+        the call (else the cached identity's, read at the task's first call).
 
         Raises :class:`GuestUnreadableError` after :data:`MAX_UNREADABLE` unreadable stops in a row.
         """
@@ -310,7 +311,7 @@ class EventRecorder:
                                    else read_argv(view, cr3, args[1] if nr == EXECVE else args[2])))
         else:
             rows.argv.append(None)
-        rows.ppid.append(ident.ppid)
+        rows.ppid.append(ident.ppid if ppid is None else ppid)
         rows.seq.append(self._seq)
         self._seq += 1
         rows.ts.append(ts_ns)

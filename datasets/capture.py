@@ -18,7 +18,6 @@ keep the ``label``, ``split`` and ``family`` given.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ import pyarrow.compute as pc
 
 from vims.datasets.traces import Trace, trace_table
 from vims.datasets.truth import GRACE_NS, Truth, attack_marks
-from vims.runs import Runs, cut_runs, program_name
+from vims.runs import Runs, cut_runs, program_at, program_name
 from vims.schemas import EVENT_SCHEMA, TRACE_SCHEMA, conform
 
 __all__ = ["traces_from_events"]
@@ -132,6 +131,5 @@ def _parents(runs: Runs, vm: np.ndarray, pid: np.ndarray, seq: np.ndarray, ppid:
         if known is None:
             out.append(None)
             continue
-        i = bisect.bisect_right(known[0], s) - 1
-        out.append(known[1][max(i, 0)])
+        out.append(program_at(known[0], known[1], s))
     return out

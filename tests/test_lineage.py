@@ -111,3 +111,25 @@ def test_a_report_scores_the_out_of_line_start_zero_and_says_why(tmp_path: Path)
         assert first["unseen_start"].startswith("php-fpm started no program in training")
         assert first["evidence"][0] == f"started out of line: {first['unseen_start']}"
     assert [p["pid"] for p in execed["top_processes"] if p["unseen_start"]] == [12]
+
+
+def test_a_fork_is_started_by_what_its_parent_ran_when_it_began_not_by_what_it_runs_now(tmp_path: Path) -> None:
+    """A login shell forks a subshell, then runs its last command (``ls``, which starts nothing in
+    training) in its own task: the subshell was started by bash, not by ls (a report read the parent's
+    latest program and called a third of an hour's intervals out of line for it); a child forked
+    after the shell became ls was started by ls."""
+    model_set, card = fit_model_set(_training(), detector="stide", params=["k=3"], min_traces=5)
+    save_model(model_set, tmp_path / "m.skops", card)
+    rng = np.random.default_rng(2)
+    login = [(20, "bash", int(c), None) for c in 10 + rng.integers(0, 4, size=200)]
+    subshell = [(22, "bash", int(c), None) for c in 10 + rng.integers(0, 4, size=100)]
+    last = [(20, "bash", 59, "/usr/bin/ls")] + [(20, "ls", int(c), None) for c in 20 + rng.integers(0, 4, size=50)]
+    later = [(22, "bash", int(c), None) for c in 10 + rng.integers(0, 4, size=100)]
+    by_ls = [(23, "sh", int(c), None) for c in 30 + rng.integers(0, 4, size=50)]
+    ppid = {20: 5, 22: 20, 23: 20}
+    with Agent(str(tmp_path / "m.skops"), workers=1, interval_s=1.0) as agent:
+        replay(agent, _events(login + subshell + last + later + by_ls, ppid))
+        report = agent.report()["behaviour"]
+    unseen = {p["pid"]: p["unseen_start"] for p in report["top_processes"] if p["unseen_start"]}
+    assert unseen == {23: "ls started no program in training (3,600 of its calls seen); here it started sh"}, unseen
+    assert report["top_processes"][0]["pid"] == 23 and report["score"] == 0.0

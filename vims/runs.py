@@ -21,6 +21,8 @@ start its applets) by its ``argv[0]``; any other run by the task's ``comm``.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,3 +101,16 @@ def program_name(comm: str, path: str | None, argv: str | None) -> str:
     if path == "/proc/self/exe" and argv:
         name = base_name(argv.split(" ", 1)[0]) or name
     return name or comm
+
+
+def program_at(starts: Sequence[int], names: Sequence[str], seq: int) -> str:
+    """The program a task ran at event ``seq``: of its program runs (their first events' ``starts``,
+    ascending, and ``names``), the latest that began before ``seq``; the first if all began later.
+
+    What started a forked process is the program its parent ran when the child began, not the one
+    the parent runs now (a shell that forks a child and then runs its last command in its own task).
+
+    >>> program_at([0, 5], ["bash", "wc"], 3), program_at([0, 5], ["bash", "wc"], 9), program_at([4], ["sh"], 1)
+    ('bash', 'wc', 'sh')
+    """
+    return names[max(bisect.bisect_right(starts, seq) - 1, 0)]

@@ -108,6 +108,7 @@ AVM_RESULT_SCHEMA = _named(
         pa.field("max_window", pa.float64(), nullable=False),  # the rarest window of this batch (mean surprise)
         pa.field("threshold", pa.float64(), nullable=False),  # the window threshold applied
         pa.field("score", pa.float64(), nullable=False),  # trace score so far, as batch scoring gives it
+        pa.field("first_seq", pa.uint64(), nullable=False),  # the collector's seq of its first event in the batch
         pa.field("last_seq", pa.uint64(), nullable=False),
         pa.field("evidence", pa.list_(pa.string()), nullable=False),  # the rarest window's calls, when above
     ],

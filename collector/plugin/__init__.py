@@ -30,14 +30,14 @@ from vims.paths import cache_dir
 __all__ = ["CALL_NUMBERS", "RECORD_DTYPE", "PluginInstall", "Rings", "find_plugin", "plugin_filters"]
 
 MAGIC = 0x31474C50534D4956  # "VIMSPLG1"
-VERSION = 3
+VERSION = 4
 HEADER_SIZE = 4096
 RING_HEADER = 64
 #: One record, as the plugin writes it (``struct record``).
 RECORD_DTYPE = np.dtype([
     ("ts_ns", "<u8"), ("nr", "<u8"), ("args", "<u8", (6,)), ("ip", "<u8"), ("sp", "<u8"), ("cr3", "<u8"),
     ("task", "<u8"), ("kgs", "<u8"), ("flags", "<u8"), ("pid", "<u4"), ("tgid", "<u4"), ("comm", "S16"),
-    ("reserved", "<u8", (2,)), ("path", "S96"), ("argv", "S128"),
+    ("ppid", "<u4"), ("ppid_pad", "<u4"), ("reserved", "<u8"), ("path", "S96"), ("argv", "S128"),
 ])  # fmt: skip
 assert RECORD_DTYPE.itemsize == 376
 #: Header fields: (offset, struct format).
@@ -53,6 +53,8 @@ MAX_PATTERNS, PATTERN_SIZE = 48, 32
 #: The call filter (written under the same sequence number): on/off, then a bitmap of the call numbers
 #: 0 to CALL_NUMBERS - 1 to keep (a larger number is kept by the plugin and filtered by the collector).
 _CALL_FILTER, _CALL_KEEP, CALL_NUMBERS = (2720, "<I"), 2728, 512
+#: offsetof(task_struct, real_parent): the plugin reads the caller's parent at the call (0: it does not).
+_PARENT_OFFSET = (2792, "<Q")
 #: Ring header fields (offset in the ring header).
 _HEAD, _TAIL, _DROPPED, _SEEN, _CAPPED, _FILTERED = 0, 8, 16, 24, 32, 40
 #: The plugin's record flag: the task could not be read at the call.
@@ -61,6 +63,8 @@ FLAG_TASK_UNREAD = 1
 FLAG_IDENTITY = 2
 #: Record flags: the path / argv were read at the call (the ``path`` / ``argv`` fields).
 FLAG_PATH, FLAG_ARGV = 4, 8
+#: The plugin's record flag: the parent's tgid was read at the call (the ``ppid`` field).
+FLAG_PPID = 16
 
 
 @dataclass(frozen=True)
@@ -150,13 +154,13 @@ class Rings:
         return bytes(self._map[_MISSING:_MISSING + 64]).split(b"\0", 1)[0].decode()
 
     def control(self, *, enabled: bool | None = None, task_offset: int | None = None,
-                cap_per_s: int | None = None, task_fields: tuple[int, int, int] | None = None,
+                cap_per_s: int | None = None, task_fields: tuple[int, int, int, int] | None = None,
                 strings: tuple[dict[int, int], dict[int, int]] | None = None,
                 programs: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
                 calls: frozenset[int] | set[int] | None = None, call_filter: bool | None = None) -> None:
         """Write the control area (read by the plugin at every call: it takes effect at once).
 
-        ``task_fields``: the offsets of ``pid``, ``tgid`` and ``comm`` in ``task_struct``.
+        ``task_fields``: the offsets of ``pid``, ``tgid``, ``comm`` and ``real_parent`` in ``task_struct``.
         ``strings``: per call number, the argument (0-5) holding a path, and the one holding ``argv``:
         the plugin copies them at the call.
         ``programs``: the include and exclude patterns the plugin filters callers by; give only
@@ -197,6 +201,7 @@ class Rings:
         if task_fields is not None:
             self._put(_TGID_OFFSET, task_fields[1])
             self._put(_COMM_OFFSET, task_fields[2])
+            self._put(_PARENT_OFFSET, task_fields[3])
             self._put(_PID_OFFSET, task_fields[0])
         if task_offset is not None:
             self._put(_TASK_OFFSET, task_offset)

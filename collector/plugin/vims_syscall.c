@@ -18,8 +18,9 @@
  * Shared memory (one file, path from the `shm=` argument, created here):
  *   header, 4096 bytes: magic "VIMSPLG1", version, vCPUs, slots per ring, record size, and the
  *   control area the collector writes: enabled, current_task offset, a per-vCPU cap of records per
- *   second (0: none), a generation counter, the task_struct offsets of pid, tgid and comm (read at
- *   the call, so that a row's identity is the caller's even if it exec'd or exited since), the
+ *   second (0: none), a generation counter, the task_struct offsets of pid, tgid, comm and
+ *   real_parent (read at the call, so that a row's identity and parent are the caller's even if it
+ *   exec'd or exited since, and its task_struct was freed and given to another task), the
  *   policy's program filter (include / exclude shell patterns on comm, matched with fnmatch at the
  *   call: a program it does not keep is counted in `filtered` and takes no slot and no cap) and its
  *   call filter (a bitmap of the call numbers 0-511 to keep, tested before anything is read: a call
@@ -89,7 +90,7 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 4;
 
 /* ---- the shared memory layout (mirrored in collector/plugin_tracer.py) ---- */
 #define VIMS_MAGIC 0x31474c50534d4956ULL /* "VIMSPLG1" little-endian */
-#define VIMS_VERSION 3
+#define VIMS_VERSION 4
 #define MAX_PATTERNS 48
 #define PATTERN_SIZE 32
 #define HEADER_SIZE 4096
@@ -120,12 +121,14 @@ struct header {
     uint32_t call_filter;      /* control (under filter_seq): 1 = keep only the calls set in call_keep */
     uint32_t call_pad;
     uint8_t call_keep[CALL_NUMBERS / 8]; /* control: bit nr = keep call nr (0-511) */
+    uint64_t parent_offset;    /* control: offsetof(task_struct, real_parent); 0 = do not read the ppid */
 };
 /* The offsets collector/plugin/__init__.py writes at. */
 _Static_assert(offsetof(struct header, filter_seq) == 1168, "filter_seq moved");
 _Static_assert(offsetof(struct header, patterns) == 1184, "patterns moved");
 _Static_assert(offsetof(struct header, call_filter) == 2720, "call_filter moved");
 _Static_assert(offsetof(struct header, call_keep) == 2728, "call_keep moved");
+_Static_assert(offsetof(struct header, parent_offset) == 2792, "parent_offset moved");
 _Static_assert(sizeof(struct header) <= HEADER_SIZE, "the header outgrew its page");
 
 struct ring {
@@ -147,10 +150,12 @@ struct record {                /* 16 x u64 = 128 bytes */
     uint64_t cr3;
     uint64_t task;             /* current task, read at the call; 0 if not read */
     uint64_t kgs;              /* K_GS_BASE: the kernel per-cpu base of this CPU */
-    uint64_t flags;            /* bit 0: task read failed; bit 1: pid/tgid/comm read */
+    uint64_t flags;            /* bit 0: task read failed; bit 1: pid/tgid/comm read; bit 4: ppid read */
     uint64_t pid_tgid;         /* pid | tgid << 32, read at the call */
     char comm[16];             /* the task's comm, read at the call */
-    uint64_t reserved[2];
+    uint32_t ppid;             /* flags bit 4: the tgid of the task's real_parent, read at the call */
+    uint32_t ppid_pad;
+    uint64_t reserved;
     char path[96];             /* flags bit 2: the path argument, read at the call (NUL-terminated, cut) */
     char argv[128];            /* flags bit 3: argv joined by spaces, read at the call (cut) */
 };                             /* 152 + 224 = 376 bytes */
@@ -320,6 +325,7 @@ static void on_syscall(unsigned int vcpu, void *udata)
     }
     /* Who calls, read at the call: the program filter needs it before anything is kept. */
     uint64_t kgs = read_reg(st, R_KGS), task = 0, flags = 0, pid_tgid = 0;
+    uint32_t ppid = 0;
     char comm[16] = {0};
     uint64_t off = __atomic_load_n(&hdr->task_offset, __ATOMIC_RELAXED);
     if (off && kgs) {
@@ -339,6 +345,17 @@ static void on_syscall(unsigned int vcpu, void *udata)
                     comm[15] = 0;
                     pid_tgid = (uint64_t)pid | ((uint64_t)tgid << 32);
                     flags |= 2;
+                }
+                uint64_t parent_off = __atomic_load_n(&hdr->parent_offset, __ATOMIC_RELAXED), parent = 0;
+                if (ok && parent_off && qemu_plugin_read_memory_vaddr(task + parent_off, st->buf, 8)) {
+                    memcpy(&parent, st->buf->data, 8);
+                    /* the kernel's own tasks (pid 0, or their own parent) have none: 0, as the collector reads it */
+                    if (!pid || !parent || parent == task) {
+                        flags |= 16;
+                    } else if (qemu_plugin_read_memory_vaddr(parent + hdr->tgid_offset, st->buf, 4)) {
+                        memcpy(&ppid, st->buf->data, 4);
+                        flags |= 16;
+                    }
                 }
             }
         } else {
@@ -384,6 +401,7 @@ static void on_syscall(unsigned int vcpu, void *udata)
     rec->task = task;
     rec->flags = flags;
     rec->pid_tgid = pid_tgid;
+    rec->ppid = ppid;
     memcpy(rec->comm, comm, 16);
     if (rec->nr < 512) {
         unsigned int pa = hdr->path_arg[rec->nr], aa = hdr->argv_arg[rec->nr];

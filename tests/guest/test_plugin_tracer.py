@@ -109,6 +109,29 @@ def test_every_execve_appears(pguest: Guest) -> None:
     assert {r["pid"] for r in runs} <= cats
 
 
+def test_the_parent_is_read_at_the_call(pguest: Guest) -> None:
+    """A background subshell outlives the shell that started it: its calls name that shell as their
+    parent while it runs and init once the kernel has handed the orphan over, as the plugin read
+    ``real_parent`` at each call (a parent read once and cached, or read after the task had exited,
+    names a task that is not the caller's parent then)."""
+    out: dict[str, str] = {}
+
+    def orphan() -> None:
+        out["text"] = pguest.run("sh -c 'echo pid=$$; (sleep 1; cat /proc/version) >/dev/null 2>&1 & "
+                                 "echo child=$!; sleep 0.3'")
+
+    result = trace(pguest, 5.0, orphan)
+    parent = int(out["text"].split("pid=", 1)[1].split()[0])
+    child = int(out["text"].split("child=", 1)[1].split()[0])
+    rows = result.events.to_pylist()
+    exits = [r["ts_ns"] for r in rows if r["pid"] == parent and r["nr"] in (60, 231)]
+    assert exits, "the shell's exit was not traced"
+    mine = [r for r in rows if r["pid"] == child]
+    before = {r["ppid"] for r in mine if r["ts_ns"] < exits[0]}
+    after = {r["ppid"] for r in mine if r["ts_ns"] > exits[0]}
+    assert before == {parent} and after == {1}, (parent, before, after)
+
+
 def test_agrees_with_watchpoint_tracer(pguest: Guest) -> None:
     """The same workload under both tracers: the same programs, call numbers and identities."""
 
