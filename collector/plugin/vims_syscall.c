@@ -309,6 +309,61 @@ static bool keeps_call(uint64_t nr)
     return keep || __atomic_load_n(&hdr->filter_seq, __ATOMIC_RELAXED) != seq;
 }
 
+/* Copy `len` bytes of guest memory at `addr` (a kernel address) into `out`; false if unreadable. */
+static bool read_kernel(struct vcpu_state *st, uint64_t addr, void *out, size_t len)
+{
+    if (!qemu_plugin_read_memory_vaddr(addr, st->buf, len) || st->buf->len < len) {
+        return false;
+    }
+    memcpy(out, st->buf->data, len);
+    return true;
+}
+
+#define SPAN_MAX 64
+
+/* The caller's pid, tgid and comm (flags bit 1) and its parent's tgid (bit 4), read from its
+ * task_struct at the call. pid, tgid and real_parent lie within a few words of each other in
+ * task_struct: where they do, one read takes the three (a read is a page walk: the cost per call). */
+static void read_identity(struct vcpu_state *st, uint64_t task, uint64_t *flags, uint64_t *pid_tgid,
+                          char comm[16], uint32_t *ppid)
+{
+    uint64_t pid_off = __atomic_load_n(&hdr->pid_offset, __ATOMIC_RELAXED), tgid_off = hdr->tgid_offset;
+    uint64_t parent_off = __atomic_load_n(&hdr->parent_offset, __ATOMIC_RELAXED), parent = 0;
+    uint64_t lo = pid_off < tgid_off ? pid_off : tgid_off;
+    uint64_t hi = (pid_off > tgid_off ? pid_off : tgid_off) + 4;
+    if (parent_off) {
+        lo = parent_off < lo ? parent_off : lo;
+        hi = parent_off + 8 > hi ? parent_off + 8 : hi;
+    }
+    uint32_t pid = 0, tgid = 0;
+    bool ok, parent_ok = false;
+    if (hi - lo <= SPAN_MAX) {
+        uint8_t span[SPAN_MAX];
+        ok = read_kernel(st, task + lo, span, hi - lo);
+        if (ok) {
+            memcpy(&pid, span + (pid_off - lo), 4);
+            memcpy(&tgid, span + (tgid_off - lo), 4);
+            if (parent_off) {
+                memcpy(&parent, span + (parent_off - lo), 8);
+                parent_ok = true;
+            }
+        }
+    } else {
+        ok = read_kernel(st, task + pid_off, &pid, 4) && read_kernel(st, task + tgid_off, &tgid, 4);
+        parent_ok = ok && parent_off && read_kernel(st, task + parent_off, &parent, 8);
+    }
+    if (!ok || !read_kernel(st, task + hdr->comm_offset, comm, 16)) {
+        return;
+    }
+    comm[15] = 0;
+    *pid_tgid = (uint64_t)pid | ((uint64_t)tgid << 32);
+    *flags |= 2;
+    /* the kernel's own tasks (pid 0, or their own parent) have none: 0, as the collector reads it */
+    if (parent_ok && (!pid || !parent || parent == task || read_kernel(st, parent + tgid_off, ppid, 4))) {
+        *flags |= 16;
+    }
+}
+
 static void on_syscall(unsigned int vcpu, void *udata)
 {
     (void)udata;
@@ -332,31 +387,8 @@ static void on_syscall(unsigned int vcpu, void *udata)
         g_byte_array_set_size(st->buf, 0);
         if (qemu_plugin_read_memory_vaddr(kgs + off, st->buf, 8) && st->buf->len >= 8) {
             memcpy(&task, st->buf->data, 8);
-            uint64_t pid_off = __atomic_load_n(&hdr->pid_offset, __ATOMIC_RELAXED);
-            if (pid_off && task) {
-                uint32_t pid = 0, tgid = 0;
-                bool ok = qemu_plugin_read_memory_vaddr(task + pid_off, st->buf, 4) && st->buf->len >= 4;
-                if (ok) memcpy(&pid, st->buf->data, 4);
-                ok = ok && qemu_plugin_read_memory_vaddr(task + hdr->tgid_offset, st->buf, 4);
-                if (ok) memcpy(&tgid, st->buf->data, 4);
-                ok = ok && qemu_plugin_read_memory_vaddr(task + hdr->comm_offset, st->buf, 16);
-                if (ok) {
-                    memcpy(comm, st->buf->data, 16);
-                    comm[15] = 0;
-                    pid_tgid = (uint64_t)pid | ((uint64_t)tgid << 32);
-                    flags |= 2;
-                }
-                uint64_t parent_off = __atomic_load_n(&hdr->parent_offset, __ATOMIC_RELAXED), parent = 0;
-                if (ok && parent_off && qemu_plugin_read_memory_vaddr(task + parent_off, st->buf, 8)) {
-                    memcpy(&parent, st->buf->data, 8);
-                    /* the kernel's own tasks (pid 0, or their own parent) have none: 0, as the collector reads it */
-                    if (!pid || !parent || parent == task) {
-                        flags |= 16;
-                    } else if (qemu_plugin_read_memory_vaddr(parent + hdr->tgid_offset, st->buf, 4)) {
-                        memcpy(&ppid, st->buf->data, 4);
-                        flags |= 16;
-                    }
-                }
+            if (task && __atomic_load_n(&hdr->pid_offset, __ATOMIC_RELAXED)) {
+                read_identity(st, task, &flags, &pid_tgid, comm, &ppid);
             }
         } else {
             flags |= 1;
